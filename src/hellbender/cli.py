@@ -1,0 +1,94 @@
+"""The command line: parse arguments, call one function, print the result.
+
+Heavy libraries (torch, transformers, datasets) are imported inside the commands that need them,
+so ``hellbender --help`` and ``hellbender validate`` answer in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from hellbender import __version__
+from hellbender.config.normalize import configure_allocator_env
+
+CONFIG = click.argument("config", type=click.Path(exists=True, dir_okay=False))
+OVERRIDES = click.argument("overrides", nargs=-1)
+
+
+def _load(config: str, overrides: tuple[str, ...]):
+    """Load a config for a command that runs; print findings; exit 1 on errors."""
+    from hellbender.config.findings import ConfigError
+    from hellbender.config.normalize import load_config
+
+    try:
+        cfg, findings = load_config(config, list(overrides))
+    except ConfigError as exc:
+        for finding in exc.findings:
+            click.echo(finding.render(), err=True)
+        sys.exit(1)
+    for finding in findings:
+        if finding.severity != "info" or finding.code == "HB190":
+            click.echo(finding.render(), err=True)
+    return cfg
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="hellbender")
+def main() -> None:
+    """Fine-tune open LLMs from one YAML file (Axolotl-compatible keys).
+
+    Every command takes a CONFIG file and optional key=value overrides (dotted paths for nested
+    keys, values parsed as YAML), e.g. `hellbender train cfg.yaml lora_r=16 datasets.0.path=x.jsonl`.
+    """
+    # Must happen before torch is imported anywhere in this process.
+    configure_allocator_env()
+
+
+@main.command()
+@CONFIG
+@OVERRIDES
+@click.option("--resolved", is_flag=True, help="Also print the fully resolved config as YAML.")
+@click.option("--fix", is_flag=True, help="Rewrite the YAML in place for findings with a mechanical fix.")
+def validate(config: str, overrides: tuple[str, ...], resolved: bool, fix: bool) -> None:
+    """Check CONFIG: print findings; exit 0 without errors, 1 with."""
+    import yaml
+
+    from hellbender.config.findings import ConfigError, has_errors
+    from hellbender.config.normalize import load_config
+
+    try:
+        cfg, findings = load_config(config, list(overrides), strict=False)
+    except ConfigError as exc:
+        for finding in exc.findings:
+            click.echo(finding.render())
+        sys.exit(1)
+    if fix:
+        from hellbender.config.fix import fix_file
+
+        for change in fix_file(config, cfg):
+            click.echo(f"fixed: {change}")
+        cfg, findings = load_config(config, list(overrides), strict=False)
+    for finding in findings:
+        click.echo(finding.render())
+    errors = sum(f.severity == "error" for f in findings)
+    warnings = sum(f.severity == "warning" for f in findings)
+    if resolved:
+        click.echo("# resolved config")
+        click.echo(yaml.safe_dump(cfg.model_dump(mode="json", exclude_none=True), sort_keys=False))
+    click.echo(f"{config}: {errors} error(s), {warnings} warning(s)")
+    sys.exit(1 if has_errors(findings) else 0)
+
+
+@main.command("config-schema")
+def config_schema() -> None:
+    """Print the JSON schema of the config."""
+    from hellbender.config.schema import HellbenderConfig
+
+    click.echo(json.dumps(HellbenderConfig.model_json_schema(), indent=2))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

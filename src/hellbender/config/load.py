@@ -1,0 +1,302 @@
+"""YAML → validated :class:`HellbenderConfig`, with errors a user can act on.
+
+Three kinds of mistakes get three kinds of messages:
+
+* YAML syntax errors name the line and column (PyYAML's marks, 1-based).
+* Unknown keys name the key path, its line, and a "did you mean" from the known keys. Keys that
+  Axolotl has but hellbender does not support yet are named as such, so an Axolotl user learns
+  exactly which of their keys are the problem rather than being told they misspelled them.
+* Type errors name the key path, the value given and the type expected.
+
+Command-line overrides are ``key=value`` with dotted paths (``datasets.0.path=x.jsonl``); the value
+is parsed as YAML, so ``lora_r=16`` is an int and ``bf16=auto`` a string.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from hellbender.config.findings import ConfigError, Finding
+from hellbender.config.schema import DatasetConfig, HellbenderConfig
+
+# Keys Axolotl accepts that hellbender recognises but does not implement (yet). Loading one is an
+# error that says so, instead of a misleading "did you mean".
+AXOLOTL_KEYS_NOT_SUPPORTED: dict[str, str] = {
+    "rl": "preference training (DPO/KTO/ORPO/GRPO) is not supported yet",
+    "rl_beta": "preference training is not supported yet",
+    "reward_model": "reward-model training is not supported yet",
+    "process_reward_model": "reward-model training is not supported yet",
+    "pretraining_dataset": "streaming pre-training datasets are not supported yet",
+    "streaming": "streaming datasets are not supported yet",
+    "hub_model_id": "pushing to the hub is not supported (hellbender works offline-first)",
+    "hub_strategy": "pushing to the hub is not supported",
+    "push_dataset_to_hub": "pushing to the hub is not supported",
+    "hf_use_auth_token": "hub authentication is taken from the environment (HF_TOKEN)",
+    "unfrozen_parameters": "partial freezing by parameter pattern is not supported yet",
+    "relora_steps": "ReLoRA is not supported yet",
+    "relora_warmup_steps": "ReLoRA is not supported yet",
+    "relora_cpu_offload": "ReLoRA is not supported yet",
+    "lisa_n_layers": "LISA is not supported yet",
+    "lisa_step_interval": "LISA is not supported yet",
+    "loraplus_lr_ratio": "LoRA+ is not supported yet",
+    "loraplus_lr_embedding": "LoRA+ is not supported yet",
+    "neftune_noise_alpha": "NEFTune is not supported yet",
+    "noisy_embedding_alpha": "NEFTune is not supported yet",
+    "s2_attention": "shifted-sparse attention is not supported",
+    "flash_attn_cross_entropy": "use chunked_cross_entropy or cut_cross_entropy",
+    "flash_attn_rms_norm": "use liger_rms_norm",
+    "flash_attn_fuse_qkv": "use lora_qkv_kernel",
+    "flash_attn_fuse_mlp": "use lora_mlp_kernel",
+    "plugins": "Axolotl plugins do not apply to hellbender; its kernels are config keys",
+    "lr_quadratic_warmup": "quadratic warm-up is not supported yet",
+    "auto_find_batch_size": "use `hellbender plan` to find a batch size that fits",
+    "gpu_memory_limit": "use `hellbender plan` to check memory before launching",
+    "lora_on_cpu": "not needed: the adapter lives where the model lives",
+    "multipack_real_batches": "the packer always builds real batches",
+    "chat_template_jinja": "put the jinja string in `chat_template`",
+    "evaluation_strategy": "use eval_strategy",
+    "local_rank": "set by the launcher (torchrun), not in the config",
+}
+
+# Keys that normalization derives; users must not set them.
+DERIVED_KEYS = {"compute_dtype", "world_size"}
+
+
+def _yaml_error(exc: yaml.YAMLError, source: str) -> ConfigError:
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc)
+    where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "unknown position"
+    return ConfigError(
+        [
+            Finding(
+                "HB001",
+                "error",
+                f"{source}: YAML syntax error at {where}: {problem}",
+                fix="Fix the YAML at that position (indentation, a missing ':' or quote).",
+            )
+        ]
+    )
+
+
+def _key_lines(text: str) -> dict[str, int]:
+    """Map dotted key paths to their 1-based line in the YAML text (for error messages)."""
+    lines: dict[str, int] = {}
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return lines
+
+    def walk(node: yaml.Node, prefix: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                path = f"{prefix}.{key_node.value}" if prefix else str(key_node.value)
+                lines[path] = key_node.start_mark.line + 1
+                walk(value_node, path)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                path = f"{prefix}.{i}"
+                lines[path] = item.start_mark.line + 1
+                walk(item, path)
+
+    if root is not None:
+        walk(root, "")
+    return lines
+
+
+def parse_yaml(text: str, source: str = "<config>") -> dict[str, Any]:
+    """Parse YAML text into a mapping, with line/column on syntax errors."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise _yaml_error(exc, source) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            [Finding("HB002", "error", f"{source}: the top level must be a mapping of keys, got {type(data).__name__}")]
+        )
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key=value`` overrides (dotted paths, numeric parts index lists; values are YAML)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(
+                [Finding("HB003", "error", f"override {item!r} is not key=value", fix="Write e.g. lora_r=16")]
+            )
+        path, _, raw_value = item.partition("=")
+        try:
+            value = yaml.safe_load(raw_value) if raw_value != "" else None
+        except yaml.YAMLError as exc:
+            raise _yaml_error(exc, f"override {path}") from None
+        parts = path.strip().split(".")
+        node: Any = data
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(
+                        [Finding("HB003", "error", f"override {path}: {part!r} is not an index of a list of {len(node)}")]
+                    )
+                if last:
+                    node[int(part)] = value
+                else:
+                    node = node[int(part)]
+            elif isinstance(node, dict):
+                if last:
+                    node[part] = value
+                else:
+                    if node.get(part) is None:
+                        node[part] = {}
+                    node = node[part]
+            else:
+                raise ConfigError(
+                    [Finding("HB003", "error", f"override {path}: {'.'.join(parts[:i])} is not a mapping or list")]
+                )
+    return data
+
+
+def _known_keys(model: type[BaseModel]) -> list[str]:
+    return list(model.model_fields)
+
+
+def _nested_model(model: type[BaseModel], key: str) -> type[BaseModel] | None:
+    """The pydantic model a key's value should be (for walking unknown keys), if any."""
+    if model is HellbenderConfig and key in ("datasets", "test_datasets"):
+        return DatasetConfig
+    field = model.model_fields.get(key)
+    if field is None:
+        return None
+    annotation = field.annotation
+    for candidate in getattr(annotation, "__args__", (annotation,)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def unknown_key_findings(data: dict[str, Any], lines: dict[str, int] | None = None) -> list[Finding]:
+    """Every unknown key in the config, with a suggestion, checked before pydantic sees it."""
+    lines = lines or {}
+    findings: list[Finding] = []
+
+    def check(mapping: dict[str, Any], model: type[BaseModel], prefix: str) -> None:
+        known = _known_keys(model)
+        for key, value in mapping.items():
+            key_str = str(key)
+            path = f"{prefix}.{key_str}" if prefix else key_str
+            line = f" (line {lines[path]})" if path in lines else ""
+            if key_str not in known:
+                if model is HellbenderConfig and key_str in AXOLOTL_KEYS_NOT_SUPPORTED:
+                    findings.append(
+                        Finding(
+                            "HB005",
+                            "error",
+                            f"`{path}`{line} is an Axolotl option hellbender does not support yet: "
+                            f"{AXOLOTL_KEYS_NOT_SUPPORTED[key_str]}.",
+                            fix=f"Remove `{key_str}` from the config.",
+                            key=path,
+                        )
+                    )
+                    continue
+                close = difflib.get_close_matches(key_str, known, n=3, cutoff=0.6)
+                hint = f" Did you mean {', '.join(f'`{c}`' for c in close)}?" if close else ""
+                findings.append(
+                    Finding(
+                        "HB004",
+                        "error",
+                        f"unknown key `{path}`{line}.{hint}",
+                        fix=f"Rename it to `{close[0]}`." if close else "Remove it; see docs/config.md.",
+                        key=path,
+                    )
+                )
+                continue
+            if model is HellbenderConfig and key_str in DERIVED_KEYS:
+                findings.append(
+                    Finding(
+                        "HB006",
+                        "error",
+                        f"`{path}`{line} is derived by hellbender and cannot be set.",
+                        fix=f"Remove `{key_str}`.",
+                        key=path,
+                    )
+                )
+                continue
+            sub = _nested_model(model, key_str)
+            if sub is None:
+                continue
+            if isinstance(value, dict):
+                check(value, sub, path)
+            elif isinstance(value, list):
+                for i, item in enumerate(value):
+                    if isinstance(item, dict):
+                        check(item, sub, f"{path}.{i}")
+
+    check(data, HellbenderConfig, "")
+    # dataset `type:` given as a mapping is a user-defined format: check its keys too
+    for list_key in ("datasets", "test_datasets"):
+        for i, ds in enumerate(data.get(list_key) or []):
+            if isinstance(ds, dict) and isinstance(ds.get("type"), dict):
+                from hellbender.config.schema import UserDefinedFormat
+
+                check(ds["type"], UserDefinedFormat, f"{list_key}.{i}.type")
+    return findings
+
+
+def _type_findings(exc: ValidationError, data: dict[str, Any], lines: dict[str, int]) -> list[Finding]:
+    findings: list[Finding] = []
+    seen: set[str] = set()
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"]]
+        # pydantic reports each member of a union; the path up to the model field is what matters
+        clean = [p for p in loc if not (p.startswith(("literal[", "function-")) or ("[" in p and p.endswith("]")))]
+        path = ".".join(clean) or "<root>"
+        if path in seen:
+            continue
+        seen.add(path)
+        line = f" (line {lines[path]})" if path in lines else ""
+        if err["type"] == "missing":
+            findings.append(
+                Finding("HB007", "error", f"`{path}`{line} is required.", fix=f"Add `{clean[-1]}:`.", key=path)
+            )
+            continue
+        given = err.get("input")
+        findings.append(
+            Finding(
+                "HB008",
+                "error",
+                f"`{path}`{line} = {given!r} ({type(given).__name__}): {err['msg']}.",
+                fix=f"Give `{path}` a value of the expected type.",
+                key=path,
+            )
+        )
+    return findings
+
+
+def validate_mapping(data: dict[str, Any], source: str = "<config>", text: str | None = None) -> HellbenderConfig:
+    """Turn a parsed mapping into a config object (not yet normalized); raises ConfigError."""
+    lines = _key_lines(text) if text else {}
+    findings = unknown_key_findings(data, lines)
+    if findings:
+        raise ConfigError(findings)
+    try:
+        return HellbenderConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_type_findings(exc, data, lines)) from None
+
+
+def read_config(path: str | Path, overrides: list[str] | None = None) -> tuple[HellbenderConfig, dict[str, Any]]:
+    """Read a YAML file and overrides into an un-normalized config and the raw mapping."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([Finding("HB000", "error", f"cannot read config {path}: {exc.strerror}")]) from None
+    data = parse_yaml(text, str(path))
+    data = apply_overrides(data, list(overrides or []))
+    return validate_mapping(data, str(path), text), data

@@ -1,0 +1,489 @@
+"""Config rules: one small function per rule, each returning findings with a stable code.
+
+Rules read the *normalized* config (derived values resolved) and, where it matters what the user
+wrote rather than what was derived, the raw config. They never load model weights; a rule that
+needs the model's config reads ``config.json`` (or GGUF metadata) and says it was skipped when it
+cannot.
+
+Codes: HB1xx are config rules. Every rule has a test that triggers it and one that does not.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from hellbender.config.findings import Finding
+from hellbender.config.normalize import Hardware
+from hellbender.config.schema import HellbenderConfig
+
+Rule = Callable[[HellbenderConfig, Hardware, HellbenderConfig], list[Finding]]
+RULES: list[Rule] = []
+
+# Backends that can keep packed documents from attending to each other (see models/attention.py).
+DOCUMENT_ISOLATING_BACKENDS = {"eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3", "xformers"}
+GPU_ONLY_BACKENDS = {"flash_attention_2", "flash_attention_3", "xformers"}
+
+# Options that exist in the schema (so Axolotl configs parse) but whose implementation has not
+# landed yet. Setting one is an error naming it: a config never silently trains without a
+# feature it asked for. Remove a key from here in the change that implements it.
+NOT_YET_IMPLEMENTED: dict[str, str] = {
+    "gptq": "GPTQ bases",
+    "qat": "quantization-aware training",
+    "fp8": "FP8 training",
+    "deepspeed": "DeepSpeed",
+    "fsdp": "FSDP",
+    "fsdp_config": "FSDP",
+    "fsdp_version": "FSDP",
+    "tensor_parallel_size": "tensor parallelism",
+    "context_parallel_size": "context parallelism",
+    "sequence_parallel_degree": "context parallelism",
+    "dp_shard_size": "N-D parallelism",
+    "dp_replicate_size": "N-D parallelism",
+    "activation_offloading": "activation offloading",
+    "chunked_cross_entropy": "chunked cross-entropy",
+    "cut_cross_entropy": "cut cross-entropy",
+    "liger_rms_norm": "Liger kernels",
+    "liger_glu_activation": "Liger kernels",
+    "liger_rope": "Liger kernels",
+    "liger_layer_norm": "Liger kernels",
+    "liger_cross_entropy": "Liger kernels",
+    "liger_fused_linear_cross_entropy": "Liger kernels",
+    "tiled_mlp": "TiledMLP",
+    "lora_mlp_kernel": "fused LoRA kernels",
+    "lora_qkv_kernel": "fused LoRA kernels",
+    "lora_o_kernel": "fused LoRA kernels",
+    "torch_compile": "torch.compile",
+    "group_by_length": "length-grouped batching",
+    "early_stopping_patience": "early stopping",
+}
+
+
+def rule(fn: Rule) -> Rule:
+    RULES.append(fn)
+    return fn
+
+
+def _err(code: str, message: str, fix: str, key: str | None = None) -> list[Finding]:
+    return [Finding(code, "error", message, fix, key)]
+
+
+def _warn(code: str, message: str, fix: str, key: str | None = None) -> list[Finding]:
+    return [Finding(code, "warning", message, fix, key)]
+
+
+@rule
+def fp16_full_finetune_packing(cfg: HellbenderConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
+    if cfg.fp16 and cfg.adapter is None and cfg.sample_packing and not str(cfg.attn_implementation).startswith("flash"):
+        return _warn(
+            "HB103",
+            "full fine-tuning in fp16 with sample packing but without flash attention: fp16 master "
+            "weights overflow easily and the padded mask path is slow.",
+            "Use a LoRA adapter (adapter: lora) or attn_implementation: flash_attention_2, or bf16.",
+            "fp16",
+        )
+    return []
+
+
+@rule
+def fp8_without_compile(cfg: HellbenderConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
+    if cfg.fp8 and not cfg.torch_compile:
+        return _warn(
+            "HB104",
+            "fp8 without torch_compile: the casts are not fused and fp8 is usually slower than bf16.",
+            "Set torch_compile: true.",
+            "fp8",
+        )
+    return []
+
+
+@rule
+def fp8_hardware(cfg: HellbenderConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
+    if cfg.fp8 and not hw.cuda_fp8:
+        return _err(
+            "HB105",
+            f"fp8 needs a GPU with fp8 tensor cores (compute capability ≥ 8.9); this machine is {hw.description}.",
+            "Remove fp8 (use bf16) or run on an Ada/Hopper/Blackwell GPU.",
+            "fp8",
+        )
+    return []
+
+
+@rule
+def quantized_base_needs_adapter(cfg: HellbenderConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
+    if (cfg.load_in_4bit or cfg.load_in_8bit) and cfg.adapter is None:
+        return _err(
+            "HB106",
+            "a quantized base (load_in_4bit/load_in_8bit) cannot be fine-tuned in full: its weights are frozen.",
+            "Set adapter: qlora (4 bit) or adapter: lora (8 bit).",
+            "adapter",
+        )
+    return []
+
+
+@rule
+def qlora_needs_4bit(cfg: HellbenderConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
+    if cfg.adapter == "qlora" and not cfg.load_in_4bit:
+        return _err("HB107", "adapter: qlora needs load_in_4bit: true.", "Set load_in_4bit: true.", "load_in_4bit")
+    return []
+
+
+@rule
+def both_quantizations(cfg: HellbenderConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
+    if cfg.load_in_4bit and cfg.load_in_8bit:
+        return _err("HB112", "load_in_4bit and load_in_8bit are both set.", "Keep one.", "load_in_4bit")
+    return []
+
+
+@rule
+def offload_needs_checkpointing(cfg: HellbenderConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
+    if cfg.activation_offloading and not cfg.gradient_checkpointing:
+        return _err(
+            "HB108",
+            "activation_offloading moves the activations that gradient checkpointing keeps; without "
+            "checkpointing there is nothing to offload.",
+            "Set gradient_checkpointing: true.",
+            "activation_offloading",
+        )
+    return []
+
+
+@rule
+def eval_without_data(cfg: HellbenderConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
+    has_eval_data = cfg.val_set_size > 0 or bool(cfg.test_datasets)
+    asked = [
+        k
+        for k in ("eval_steps", "evals_per_epoch")
+        if getattr(cfg, k) is not None
+    ]
+    if cfg.eval_strategy in ("steps", "epoch"):
+        asked.append("eval_strategy")
+    if raw.eval_batch_size is not None:
+        asked.append("eval_batch_size")
+    if asked and not has_eval_data:
+        return _err(
+            "HB109",
+            f"{', '.join(asked)} set but there is no evaluation data.",
+            "Set val_set_size (a fraction or a row count) or test_datasets, or remove the eval settings.",
+            asked[0],
+        )
+    return []
+
+
+@rule
+def warmup_both(cfg: HellbenderConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
+    if cfg.warmup_steps is not None and cfg.warmup_ratio is not None:
+        return _err("HB110", "warmup_steps and warmup_ratio are both set.", "Keep one of them.", "warmup_steps")
+    return []
+
+
+@rule
+def deepspeed_and_fsdp(cfg: HellbenderConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
+    if cfg.deepspeed and (cfg.fsdp or cfg.fsdp_config):
+        return _err("HB111", "deepspeed and fsdp are both set; they shard the model differently.", "Keep one.", "deepspeed")
+    return []
+
+
+@rule
+def dtype_conflict(cfg: HellbenderConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
+    if raw.bf16 is True and raw.fp16:
+        return _err("HB113", "bf16 and fp16 are both true.", "Keep one (bf16: auto picks for you).", "bf16")
+    return []
+
+
+@rule
+def bf16_hardware(cfg: HellbenderConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
+    if raw.bf16 is not True:
+        return []
+    if hw.cuda and not hw.cuda_bf16:
+        return _err("HB114", f"bf16: true but {hw.description} has no bf16.", "Use bf16: auto (falls back to fp16).", "bf16")
+    if not hw.cuda and not hw.cpu_bf16:
+        return _warn(
+            "HB114",
+            "bf16: true on a CPU without AVX-512-BF16/AMX: bf16 is emulated and slower than fp32.",
+            "Use bf16: auto.",
+            "bf16",
+        )
+    return []
+
+
+@rule
+def fp16_on_cpu(cfg: HellbenderConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
+    if cfg.fp16 and not hw.cuda:
+        return _err("HB115", "fp16 training needs a GPU (no fp16 matmul path or loss scaling on CPU).", "Use bf16: auto.", "fp16")
+    return []
+
+
+@rule
+def tf32_on_cpu(cfg: HellbenderConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
+    if cfg.tf32 and not hw.cuda:
+        return _warn("HB116", "tf32 has no effect without an NVIDIA GPU.", "Remove tf32.", "tf32")
+    return []
+
+
+@rule
+def one_loss_replacement(cfg: HellbenderConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
+    on = [
+        k
+        for k in ("chunked_cross_entropy", "cut_cross_entropy", "liger_cross_entropy", "liger_fused_linear_cross_entropy")
+        if getattr(cfg, k)
+    ]
+    if len(on) > 1:
+        return _err("HB117", f"more than one loss replacement is on: {', '.join(on)}.", "Keep one.", on[0])
+    return []
+
+
+@rule
+def attention_on_cpu(cfg: HellbenderConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
+    if hw.cuda:
+        return []
+    if cfg.attn_implementation in GPU_ONLY_BACKENDS:
+        return _err(
+            "HB130",
+            f"attn_implementation {cfg.attn_implementation} needs a CUDA GPU; this machine is {hw.description}.",
+            "Use attn_implementation: sdpa on CPU.",
+            "attn_implementation",
+        )
+    if cfg.attn_implementation == "flex_attention":
+        return _err(
+            "HB131",
+            "flex_attention has no backward pass on CPU (torch 2.13): it cannot train here.",
+            "Use attn_implementation: sdpa on CPU (it isolates packed documents exactly too).",
+            "attn_implementation",
+        )
+    return []
+
+
+@rule
+def packing_isolation(cfg: HellbenderConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
+    if cfg.sample_packing and cfg.attn_implementation not in DOCUMENT_ISOLATING_BACKENDS:
+        return _err(
+            "HB132",
+            f"sample_packing with attn_implementation {cfg.attn_implementation}: this backend cannot keep "
+            "packed documents from attending to each other.",
+            "Use sdpa, eager, flex_attention or flash_attention_2.",
+            "sample_packing",
+        )
+    return []
+
+
+@rule
+def packing_without_padding(cfg: HellbenderConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
+    if cfg.sample_packing and raw.pad_to_sequence_len is False:
+        return _warn(
+            "HB133",
+            "sample_packing with pad_to_sequence_len: false gives batches of varying shape "
+            "(allocator fragmentation, recompilation with torch_compile).",
+            "Remove pad_to_sequence_len (it defaults to true with packing).",
+            "pad_to_sequence_len",
+        )
+    return []
+
+
+@rule
+def liger_on_cpu(cfg: HellbenderConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
+    on = [k for k in HellbenderConfig.model_fields if k.startswith("liger_") and getattr(cfg, k)]
+    if on and not hw.cuda:
+        return _err(
+            "HB134",
+            f"{', '.join(on)}: Liger kernels are Triton GPU kernels; this machine is {hw.description}.",
+            "Remove the liger_* keys on CPU (chunked_cross_entropy saves the same loss memory).",
+            on[0],
+        )
+    return []
+
+
+@rule
+def lora_keys_without_adapter(cfg: HellbenderConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
+    lora_keys = [
+        k
+        for k in raw.model_fields_set
+        if (k.startswith("lora_") or k.startswith("peft_")) and k != "lora_model_dir"
+    ]
+    if lora_keys and cfg.adapter is None:
+        return _warn(
+            "HB135",
+            f"{', '.join(sorted(lora_keys))} set but adapter is not: this is a full fine-tune and they are ignored.",
+            "Set adapter: lora, or remove the LoRA keys.",
+            sorted(lora_keys)[0],
+        )
+    return []
+
+
+@rule
+def adapter_without_targets(cfg: HellbenderConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
+    if cfg.adapter and not cfg.lora_target_modules and not cfg.lora_target_linear and not cfg.lora_model_dir:
+        return _warn(
+            "HB136",
+            "adapter set without lora_target_modules or lora_target_linear: peft's per-architecture "
+            "default targets are used (often only q_proj and v_proj).",
+            "Set lora_target_linear: true to adapt every linear layer.",
+            "lora_target_modules",
+        )
+    return []
+
+
+@rule
+def no_datasets(cfg: HellbenderConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
+    if not cfg.datasets:
+        return _err("HB137", "no training datasets (`datasets:` is empty).", "Add at least one entry under datasets:.", "datasets")
+    return []
+
+
+@rule
+def two_eval_sources(cfg: HellbenderConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
+    if cfg.val_set_size > 0 and cfg.test_datasets:
+        return _err(
+            "HB138",
+            "val_set_size and test_datasets are both set: which one is the evaluation set is ambiguous.",
+            "Keep one of them.",
+            "val_set_size",
+        )
+    return []
+
+
+@rule
+def steps_and_per_epoch(cfg: HellbenderConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
+    out: list[Finding] = []
+    if cfg.save_steps is not None and cfg.saves_per_epoch is not None:
+        out += _err("HB139", "save_steps and saves_per_epoch are both set.", "Keep one.", "save_steps")
+    if cfg.eval_steps is not None and cfg.evals_per_epoch is not None:
+        out += _err("HB139", "eval_steps and evals_per_epoch are both set.", "Keep one.", "eval_steps")
+    return out
+
+
+@rule
+def max_steps_and_epochs(cfg: HellbenderConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
+    if cfg.max_steps is not None and "num_epochs" in raw.model_fields_set:
+        return _warn(
+            "HB140",
+            "max_steps and num_epochs are both set: training stops at whichever comes first.",
+            "Keep one to make the run length obvious.",
+            "max_steps",
+        )
+    return []
+
+
+@rule
+def deprecated_aliases(cfg: HellbenderConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
+    out: list[Finding] = []
+    if raw.dataset_processes is not None:
+        out += _warn("HB141", "dataset_processes is deprecated.", "Rename it to dataset_num_proc.", "dataset_processes")
+    if raw.sequence_parallel_degree is not None:
+        out += _warn(
+            "HB141", "sequence_parallel_degree is deprecated.", "Rename it to context_parallel_size.", "sequence_parallel_degree"
+        )
+    return out
+
+
+@rule
+def save_limit_without_saving(cfg: HellbenderConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
+    if cfg.save_total_limit is not None and cfg.save_strategy == "no":
+        return _warn("HB142", "save_total_limit with save_strategy: no has no effect.", "Remove one.", "save_total_limit")
+    return []
+
+
+@rule
+def resume_both(cfg: HellbenderConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
+    if cfg.resume_from_checkpoint and cfg.auto_resume_from_checkpoints:
+        return _warn(
+            "HB143",
+            "resume_from_checkpoint and auto_resume_from_checkpoints are both set; the explicit path wins.",
+            "Keep one.",
+            "resume_from_checkpoint",
+        )
+    return []
+
+
+@rule
+def adamw_8bit_needs_bnb(cfg: HellbenderConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
+    if cfg.optimizer == "adamw_8bit" or cfg.load_in_4bit or cfg.load_in_8bit:
+        from importlib.util import find_spec
+
+        if find_spec("bitsandbytes") is None:
+            return _err(
+                "HB144",
+                "this config needs bitsandbytes (adamw_8bit or a 4/8-bit base), which is not installed.",
+                "pip install 'hellbender[quant]'",
+                "optimizer" if cfg.optimizer == "adamw_8bit" else "load_in_4bit",
+            )
+    return []
+
+
+@rule
+def not_yet_implemented(cfg: HellbenderConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
+    defaults = HellbenderConfig.model_fields
+    out: list[Finding] = []
+    for key, feature in NOT_YET_IMPLEMENTED.items():
+        if key in raw.model_fields_set and getattr(raw, key) != defaults[key].default:
+            out += _err(
+                "HB199",
+                f"`{key}` ({feature}) is recognised but not supported by this hellbender release yet.",
+                f"Remove `{key}`.",
+                key,
+            )
+    return out
+
+
+# ------------------------------------------------------------------ rules that read the model config
+
+
+def read_model_config(base_model: str) -> dict[str, Any] | None:
+    """The model's config as a dict without loading weights, or None if it cannot be read here."""
+    path = Path(base_model).expanduser()
+    if path.is_dir() and (path / "config.json").is_file():
+        return json.loads((path / "config.json").read_text())
+    if path.is_file() and path.suffix == ".gguf":
+        try:
+            from gguf import GGUFReader
+        except ImportError:
+            return None
+        reader = GGUFReader(str(path))
+        arch_field = reader.fields.get("general.architecture")
+        if arch_field is None:
+            return None
+        arch = bytes(arch_field.parts[arch_field.data[0]]).decode()
+        ctx = reader.fields.get(f"{arch}.context_length")
+        out: dict[str, Any] = {"model_type": arch}
+        if ctx is not None:
+            out["max_position_embeddings"] = int(ctx.parts[ctx.data[0]][0])
+        return out
+    return None
+
+
+@rule
+def sequence_len_vs_model(cfg: HellbenderConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
+    model_cfg = read_model_config(cfg.base_model_config or cfg.base_model)
+    if model_cfg is None:
+        return [
+            Finding(
+                "HB150",
+                "info",
+                f"model config of {cfg.base_model!r} not readable here (hub id offline, or private): "
+                "model-dependent checks skipped.",
+                key="base_model",
+            )
+        ]
+    overrides = cfg.overrides_of_model_config or {}
+    limit = overrides.get("max_position_embeddings", model_cfg.get("max_position_embeddings"))
+    scaled = overrides.get("rope_scaling") or model_cfg.get("rope_scaling")
+    if limit and cfg.sequence_len > int(limit) and not scaled:
+        return _warn(
+            "HB145",
+            f"sequence_len {cfg.sequence_len} exceeds the model's max_position_embeddings {limit} "
+            "and no rope_scaling is set: quality degrades past the trained length.",
+            "Lower sequence_len, or set overrides_of_model_config.rope_scaling.",
+            "sequence_len",
+        )
+    return []
+
+
+def check(cfg: HellbenderConfig, hw: Hardware, raw: HellbenderConfig | None = None) -> list[Finding]:
+    """Run every rule. ``raw`` is the config as the user wrote it (defaults to ``cfg``)."""
+    raw = raw if raw is not None else cfg
+    findings: list[Finding] = []
+    for fn in RULES:
+        findings += fn(cfg, hw, raw)
+    return findings

@@ -1,0 +1,327 @@
+"""Every hellbender option: its name, type, default and meaning — in one place.
+
+Names are Axolotl's wherever Axolotl has the same option, so an Axolotl user's YAML loads
+unchanged. Defaults live here and nowhere else: other modules read the (normalized) config and
+never invent a fallback of their own. Values that are *derived* from other keys (batch size, the
+resolved dtype, the attention backend) are computed in :mod:`hellbender.config.normalize`, never
+here, so this module stays a plain description of what a user may write.
+
+Keep this module import-light: ``hellbender validate`` and ``hellbender --help`` must answer in
+well under a second, so nothing here may import torch or transformers.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+AttnImplementation = Literal[
+    "eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3", "xformers"
+]
+DatasetType = Literal["alpaca", "completion", "input_output", "chat_template", "user_defined"]
+Optimizer = Literal["adamw_torch", "adamw_torch_fused", "adamw_8bit", "sgd"]
+Scheduler = Literal["cosine", "linear", "constant"]
+
+
+class _Strict(BaseModel):
+    """Unknown keys are errors (reported with a "did you mean" by :mod:`hellbender.config.load`)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=False, protected_namespaces=())
+
+
+class MessagePropertyMappings(_Strict):
+    """Which field of a message dict holds the role and the content."""
+
+    role: str = Field("role", description="Field of a message that holds its role.")
+    content: str = Field("content", description="Field of a message that holds its text.")
+
+
+class UserDefinedFormat(_Strict):
+    """A prompt format given by format strings (Axolotl's ``type: {field_instruction: ...}``)."""
+
+    system_prompt: str = Field("", description="System prompt inserted as `{system}`.")
+    field_system: str = Field("system", description="Row field holding a per-row system prompt.")
+    field_instruction: str = Field("instruction", description="Row field holding the instruction.")
+    field_input: str = Field("input", description="Row field holding the optional input.")
+    field_output: str = Field("output", description="Row field holding the trained answer.")
+    format: str = Field(
+        "{instruction}\n{input}\n",
+        description="Prompt format when the row has an input; fields in braces.",
+    )
+    no_input_format: str = Field(
+        "{instruction}\n", description="Prompt format when the row's input is empty."
+    )
+
+
+class DatasetConfig(_Strict):
+    """One entry of ``datasets:`` / ``test_datasets:``."""
+
+    path: str = Field(..., description="Local file, folder (save_to_disk or data files) or hub id.")
+    type: DatasetType | UserDefinedFormat = Field(
+        "alpaca",
+        description="Prompt format: alpaca, completion, input_output, chat_template, or a "
+        "user-defined format given as a mapping of format strings.",
+    )
+    ds_type: Literal["json", "jsonl", "parquet", "csv", "txt", "arrow"] | None = Field(
+        None, description="File type when it cannot be told from the extension."
+    )
+    data_files: str | list[str] | None = Field(None, description="Files inside `path` to load.")
+    split: str = Field("train", description="Split to load.")
+    name: str | None = Field(None, description="Dataset configuration name (hub datasets).")
+    revision: str | None = Field(None, description="Dataset revision (hub datasets).")
+    field: str | None = Field(None, description="Top-level key of a JSON file holding the rows.")
+    # completion
+    text_column: str = Field("text", description="`completion`: the field holding the text.")
+    # input_output
+    field_segments: str = Field("segments", description="`input_output`: the list of segments.")
+    # chat_template
+    field_messages: str = Field("messages", description="`chat_template`: the list of messages.")
+    message_property_mappings: MessagePropertyMappings = Field(
+        default_factory=MessagePropertyMappings,
+        description="`chat_template`: message fields holding role and content.",
+    )
+    message_field_training: str = Field(
+        "training",
+        description="`chat_template`: per-message boolean field that overrides the role rule.",
+    )
+    roles_to_train: list[str] = Field(
+        default_factory=lambda: ["assistant"], description="`chat_template`: roles whose turns are trained."
+    )
+    train_on_eos: Literal["turn", "all", "last", "none"] = Field(
+        "turn",
+        description="`chat_template`: train the end-of-turn token after trained turns (turn), "
+        "after every turn (all), only the last turn (last), or never (none).",
+    )
+    roles: dict[str, list[str]] | None = Field(
+        None, description="`chat_template`: map of canonical role → names used in the data."
+    )
+    chat_template: str | None = Field(
+        None,
+        description="`chat_template`: 'tokenizer_default', a known template name, or a jinja "
+        "string; defaults to the top-level `chat_template`.",
+    )
+    train_on_inputs: bool | None = Field(None, description="Override the top-level train_on_inputs.")
+    shards: int | None = Field(None, description="Use only 1/shards of the rows (quick experiments).")
+
+
+class SpecialTokens(_Strict):
+    bos_token: str | None = None
+    eos_token: str | None = None
+    pad_token: str | None = None
+    unk_token: str | None = None
+
+
+class HellbenderConfig(_Strict):
+    """The whole configuration of a run. See docs/config.md for the generated reference."""
+
+    # ---------------------------------------------------------------- model
+    base_model: str = Field(..., description="Hub id, local Hugging Face folder, or a local .gguf file.")
+    base_model_config: str | None = Field(None, description="Where to read the model config from.")
+    model_type: str | None = Field(None, description="Model class name (informational; Auto* is used).")
+    tokenizer_type: str | None = Field(None, description="Tokenizer class name (informational).")
+    tokenizer_config: str | None = Field(None, description="Where to load the tokenizer from.")
+    tokenizer_use_fast: bool = Field(True, description="Use the fast (Rust) tokenizer.")
+    trust_remote_code: bool = Field(False, description="Run model code shipped with the weights.")
+    revision_of_model: str | None = Field(None, description="Model revision (hub models).")
+    allow_pickle_weights: bool = Field(
+        False,
+        description="Allow loading pickled (.bin/.pt) weights. Off: safetensors only, because "
+        "unpickling can run arbitrary code.",
+    )
+    model_cache_dir: str | None = Field(
+        None, description="Where GGUF conversions are cached (default ~/.cache/hellbender/models)."
+    )
+    overrides_of_model_config: dict[str, Any] | None = Field(
+        None, description="Values set on the model config before loading (e.g. rope_scaling)."
+    )
+    special_tokens: SpecialTokens | None = Field(None, description="bos/eos/pad/unk tokens to set.")
+    tokens: list[str] | None = Field(None, description="New tokens to add to the tokenizer.")
+    chat_template: str | None = Field(
+        None,
+        description="Chat template: 'tokenizer_default', a known name (chatml, llama3, mistral) "
+        "or a jinja string.",
+    )
+    default_system_message: str | None = Field(None, description="System message for chat templates.")
+    resize_token_embeddings_to_32x: bool = Field(False, description="Pad the vocabulary to a multiple of 32.")
+
+    # ---------------------------------------------------------------- quantized bases
+    load_in_8bit: bool = Field(False, description="Load the base weights in 8 bit (bitsandbytes).")
+    load_in_4bit: bool = Field(False, description="Load the base weights in 4 bit (bitsandbytes, QLoRA).")
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
+    bnb_4bit_use_double_quant: bool = Field(True, description="Quantize the 4-bit scales too.")
+    gptq: bool = Field(False, description="The base model is GPTQ-quantized.")
+
+    # ---------------------------------------------------------------- adapters
+    adapter: Literal["lora", "qlora"] | None = Field(None, description="Adapter; none = full fine-tune.")
+    lora_model_dir: str | None = Field(None, description="Existing adapter to continue training.")
+    lora_r: int = Field(8, ge=1, description="LoRA rank.")
+    lora_alpha: int = Field(16, ge=1, description="LoRA scaling numerator (scale = alpha / r).")
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    lora_target_modules: list[str] | str | None = Field(
+        None, description="Module names (or a regex) to adapt."
+    )
+    lora_target_linear: bool = Field(False, description="Adapt every linear layer except the head.")
+    lora_modules_to_save: list[str] | None = Field(None, description="Modules trained in full and saved.")
+    lora_fan_in_fan_out: bool = Field(False, description="Weights stored as (fan_in, fan_out).")
+    peft_use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
+    peft_use_rslora: bool = Field(False, description="Rank-stabilized LoRA scaling (alpha / sqrt(r)).")
+    peft_layers_to_transform: list[int] | None = Field(None, description="Only adapt these layers.")
+    lora_mlp_kernel: bool = Field(False, description="Fused LoRA MLP forward/backward.")
+    lora_qkv_kernel: bool = Field(False, description="Fused LoRA q/k/v forward/backward.")
+    lora_o_kernel: bool = Field(False, description="Fused LoRA output-projection forward/backward.")
+
+    # ---------------------------------------------------------------- data
+    datasets: list[DatasetConfig] | None = Field(None, description="Training datasets.")
+    test_datasets: list[DatasetConfig] | None = Field(None, description="Evaluation datasets.")
+    val_set_size: float = Field(
+        0.0, ge=0.0, description="Evaluation split: a fraction (< 1) or a row count (>= 1)."
+    )
+    dataset_prepared_path: str | None = Field(
+        None, description="Cache folder for prepared datasets (default ./last_run_prepared)."
+    )
+    shuffle_merged_datasets: bool = Field(True, description="Shuffle the merged datasets with `seed`.")
+    dataset_exact_deduplication: bool = Field(False, description="Drop exact duplicate rows.")
+    dataset_num_proc: int | None = Field(
+        None, ge=1, description="Processes for tokenization (default: the CPU count)."
+    )
+    dataset_processes: int | None = Field(None, ge=1, description="Deprecated alias of dataset_num_proc.")
+    sequence_len: int = Field(2048, ge=8, description="Maximum tokens per sample (and per packed row).")
+    min_sample_len: int = Field(2, ge=1, description="Samples shorter than this are dropped.")
+    excess_length_strategy: Literal["drop", "truncate"] = Field(
+        "drop", description="What to do with samples longer than sequence_len."
+    )
+    train_on_inputs: bool = Field(False, description="Also train on prompt tokens.")
+    on_bad_row: Literal["error", "skip"] = Field(
+        "error", description="Malformed rows stop with an error (default) or are skipped and written to a rejects file."
+    )
+    skip_prepare_dataset: bool = Field(False, description="Prepare the dataset lazily (not supported: always prepared).")
+    sample_packing: bool = Field(False, description="Pack several samples per row, isolated by attention.")
+    eval_sample_packing: bool | None = Field(None, description="Pack evaluation data (default: sample_packing).")
+    pad_to_sequence_len: bool | None = Field(
+        None, description="Pad every batch to sequence_len (constant shapes; default: sample_packing)."
+    )
+    sample_packing_bin_size: int = Field(200, ge=1, description="Accepted for compatibility; the packer is exact.")
+    sample_packing_group_size: int = Field(100000, ge=1, description="Accepted for compatibility; the packer is exact.")
+    group_by_length: bool = Field(False, description="Batch samples of similar length together.")
+
+    # ---------------------------------------------------------------- batch and schedule
+    micro_batch_size: int = Field(1, ge=1, description="Rows per forward pass on one device.")
+    gradient_accumulation_steps: int | None = Field(
+        None, ge=1, description="Micro-batches per optimizer step (default 1)."
+    )
+    batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="Derived: micro_batch_size × gradient_accumulation_steps × data-parallel ranks. "
+        "Setting it is deprecated.",
+    )
+    eval_batch_size: int | None = Field(None, ge=1, description="Rows per eval forward (default micro_batch_size).")
+    num_epochs: float = Field(1.0, gt=0, description="Passes over the training data.")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
+    learning_rate: float = Field(2e-5, gt=0, description="Peak learning rate.")
+    optimizer: Optimizer = Field("adamw_torch", description="Optimizer.")
+    lr_scheduler: Scheduler = Field("cosine", description="Learning-rate schedule after warm-up.")
+    cosine_min_lr_ratio: float | None = Field(None, ge=0, le=1, description="Cosine floor as a fraction of the peak.")
+    warmup_steps: int | None = Field(None, ge=0, description="Linear warm-up steps.")
+    warmup_ratio: float | None = Field(None, ge=0, lt=1, description="Warm-up as a fraction of all steps.")
+    weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay.")
+    adam_beta1: float = Field(0.9, gt=0, lt=1, description="Adam beta1.")
+    adam_beta2: float = Field(0.999, gt=0, lt=1, description="Adam beta2.")
+    adam_epsilon: float = Field(1e-8, gt=0, description="Adam epsilon.")
+    max_grad_norm: float | None = Field(1.0, ge=0, description="Clip gradients to this norm (0 or null: off).")
+    seed: int = Field(42, description="Seed for data order, initialisation and dropout.")
+
+    # ---------------------------------------------------------------- precision
+    bf16: bool | Literal["auto"] = Field(
+        "auto", description="bfloat16: true, false or auto (from the hardware)."
+    )
+    fp16: bool = Field(False, description="float16 mixed precision (GPU).")
+    tf32: bool = Field(False, description="Allow TF32 matmuls (Ampere+ GPUs).")
+    fp8: bool = Field(False, description="FP8 matmuls (Ada/Hopper GPUs; wants torch_compile).")
+    torch_compile: bool = Field(False, description="Compile the model with torch.compile.")
+    torch_compile_backend: str | None = Field(None, description="torch.compile backend (default inductor).")
+    qat: dict[str, Any] | None = Field(None, description="Quantization-aware training settings (torchao).")
+
+    # ---------------------------------------------------------------- attention
+    attn_implementation: AttnImplementation | None = Field(
+        None, description="Attention backend (default sdpa). One at a time."
+    )
+    flash_attention: bool | None = Field(None, description="Legacy: attn_implementation: flash_attention_2.")
+    flex_attention: bool | None = Field(None, description="Legacy: attn_implementation: flex_attention.")
+    sdp_attention: bool | None = Field(None, description="Legacy: attn_implementation: sdpa.")
+    xformers_attention: bool | None = Field(None, description="Legacy: attn_implementation: xformers.")
+    eager_attention: bool | None = Field(None, description="Legacy: attn_implementation: eager.")
+
+    # ---------------------------------------------------------------- memory and kernels
+    gradient_checkpointing: bool | Literal["selective"] = Field(
+        False, description="Recompute activations in the backward (true, or selective: keep matmul outputs)."
+    )
+    gradient_checkpointing_kwargs: dict[str, Any] | None = Field(
+        None, description="Passed to checkpointing (default use_reentrant: false)."
+    )
+    activation_offloading: bool | Literal["disk"] = Field(
+        False, description="Move saved activations to CPU memory (true) or to disk (disk)."
+    )
+    chunked_cross_entropy: bool = Field(False, description="Loss computed chunk by chunk without full logits.")
+    chunked_cross_entropy_num_chunks: int = Field(8, ge=1, description="Chunks for chunked_cross_entropy.")
+    cut_cross_entropy: bool = Field(False, description="Apple's cut-cross-entropy loss.")
+    liger_rms_norm: bool = Field(False, description="Liger RMSNorm kernel (GPU).")
+    liger_glu_activation: bool = Field(False, description="Liger SwiGLU kernel (GPU).")
+    liger_rope: bool = Field(False, description="Liger RoPE kernel (GPU).")
+    liger_layer_norm: bool = Field(False, description="Liger LayerNorm kernel (GPU).")
+    liger_cross_entropy: bool = Field(False, description="Liger cross-entropy kernel (GPU).")
+    liger_fused_linear_cross_entropy: bool = Field(False, description="Liger fused head + loss (GPU).")
+    tiled_mlp: bool = Field(False, description="Compute the MLP in sequence shards (long sequences).")
+    tiled_mlp_num_shards: int | None = Field(None, ge=1, description="Shards for tiled_mlp (default: auto).")
+
+    # ---------------------------------------------------------------- distributed
+    deepspeed: str | dict[str, Any] | None = Field(None, description="DeepSpeed config (path or mapping).")
+    fsdp: list[str] | None = Field(None, description="Legacy FSDP options (use fsdp_config).")
+    fsdp_config: dict[str, Any] | None = Field(None, description="FSDP settings.")
+    fsdp_version: int | None = Field(None, description="FSDP version (2 recommended).")
+    ddp: bool | None = Field(None, description="Force DistributedDataParallel.")
+    context_parallel_size: int = Field(1, ge=1, description="Ranks that split one sequence.")
+    sequence_parallel_degree: int | None = Field(None, ge=1, description="Legacy alias of context_parallel_size.")
+    tensor_parallel_size: int = Field(1, ge=1, description="Ranks that split each layer.")
+    dp_shard_size: int | None = Field(None, ge=1, description="Data-parallel ranks that shard weights (FSDP).")
+    dp_replicate_size: int | None = Field(None, ge=1, description="Data-parallel replica groups.")
+
+    # ---------------------------------------------------------------- evaluation, saving, logging
+    eval_steps: int | float | None = Field(None, gt=0, description="Evaluate every N steps (or fraction).")
+    evals_per_epoch: int | None = Field(None, ge=1, description="Evaluations per epoch.")
+    eval_strategy: Literal["no", "steps", "epoch"] | None = Field(None, description="When to evaluate.")
+    save_steps: int | float | None = Field(None, gt=0, description="Checkpoint every N steps (or fraction).")
+    saves_per_epoch: int | None = Field(None, ge=1, description="Checkpoints per epoch.")
+    save_strategy: Literal["no", "steps", "epoch", "best"] | None = Field(None, description="When to checkpoint.")
+    save_total_limit: int | None = Field(None, ge=1, description="Keep at most this many checkpoints.")
+    save_safetensors: bool = Field(True, description="Write weights as safetensors.")
+    save_only_model: bool = Field(False, description="Checkpoints without optimizer state (cannot resume exactly).")
+    output_dir: str = Field("./outputs", description="Where checkpoints, weights, metrics and plots go.")
+    resume_from_checkpoint: str | None = Field(None, description="Checkpoint folder to resume from.")
+    auto_resume_from_checkpoints: bool = Field(False, description="Resume from the newest checkpoint in output_dir.")
+    logging_steps: int = Field(1, ge=1, description="Log every N optimizer steps.")
+    loss_watchdog_threshold: float | None = Field(None, gt=0, description="Stop when the loss exceeds this.")
+    early_stopping_patience: int | None = Field(None, ge=1, description="Stop after N evals without improvement.")
+    use_tensorboard: bool | None = Field(None, description="Log to TensorBoard (default: when installed).")
+    wandb_project: str | None = Field(None, description="Weights & Biases project (enables W&B).")
+    wandb_entity: str | None = Field(None, description="W&B entity.")
+    wandb_name: str | None = Field(None, description="W&B run name.")
+    wandb_run_id: str | None = Field(None, description="W&B run id.")
+    wandb_mode: str | None = Field(None, description="W&B mode (online, offline, disabled).")
+    wandb_watch: str | None = Field(None, description="W&B gradient watching.")
+    wandb_log_model: str | None = Field(None, description="W&B model logging.")
+    mlflow_tracking_uri: str | None = Field(None, description="MLflow tracking URI (enables MLflow).")
+    mlflow_experiment_name: str | None = Field(None, description="MLflow experiment.")
+    mlflow_run_name: str | None = Field(None, description="MLflow run name.")
+
+    # ---------------------------------------------------------------- misc
+    strict: bool = Field(False, description="Accepted for compatibility; hellbender is always strict.")
+    debug: bool = Field(False, description="Verbose logging.")
+    special_tokens_fix: bool = Field(True, description="Correct GGUF-converted special tokens from metadata.")
+
+    # ---------------------------------------------------------------- derived (set by normalize)
+    compute_dtype: Literal["bfloat16", "float16", "float32"] | None = Field(
+        None, description="Derived: the resolved training dtype. Not for users to set."
+    )
+    world_size: int = Field(1, ge=1, description="Derived: number of ranks (from WORLD_SIZE).")
