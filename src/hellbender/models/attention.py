@@ -1,0 +1,326 @@
+"""Document-isolating attention inputs for every supported backend.
+
+A packed row holds several documents. Each token must attend only to earlier tokens *of its own
+document*; anything else silently trains on a context that does not exist at inference time.
+:func:`model_inputs` turns a collated batch (see :mod:`hellbender.data.packing`) into the keyword
+arguments of a Hugging Face causal-LM forward that enforce this exactly, per backend:
+
+``eager``
+    A 4D additive float mask (B, 1, L, L): 0 where allowed, ``finfo(dtype).min`` elsewhere.
+    transformers returns a 4D mask untouched (``masking_utils._preprocess_mask_arguments``) and
+    eager attention *adds* it to the scores — which is why it must be additive: a bool mask would
+    be added as 0/1 and mask nothing.
+``sdpa``
+    A 4D bool mask (B, 1, L, L), True = attend, passed straight to
+    ``scaled_dot_product_attention``.
+``flex_attention``
+    A document-causal ``BlockMask`` (``torch.nn.attention.flex_attention.create_block_mask``),
+    also returned untouched by transformers. FlexAttention has no backward on CPU (torch 2.13):
+    forward works, training does not (:func:`check_backend_trainable`).
+``flash_attention_2`` / ``flash_attention_3``
+    The varlen path of ``transformers.modeling_flash_attention_utils._flash_attention_forward``:
+    no mask, explicit ``cu_seq_lens_q/k`` (int32, over the flattened rows) and
+    ``max_length_q/k`` (int), plus per-document ``position_ids`` for RoPE. GPU only.
+``xformers``
+    Not a transformers backend: :func:`register_xformers_attention` registers an attention function
+    that runs ``xformers.ops.memory_efficient_attention`` on the flattened rows with a
+    ``BlockDiagonalCausalMask.from_seqlens`` bias, which :func:`model_inputs` builds once per batch
+    and passes through the model's ``**kwargs``. GPU only.
+
+Every call sets ``use_cache=False``. This matters: transformers 5.x also isolates packed documents
+on its own when it sees restarting ``position_ids`` *and no mask* — but only when there is no KV
+cache; with ``use_cache=True`` it falls back to a plain causal mask and documents leak into each
+other without any warning. hellbender never relies on that detection: for every backend the
+isolation comes from the explicit mask or varlen kwargs built here (tests check both facts).
+
+Padding is part of its row's last document (see the packing module), so every query row has at
+least one allowed key and no softmax row is fully masked.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from hellbender.data.packing import DOCUMENT_ISOLATING_BACKENDS
+
+__all__ = [
+    "DOCUMENT_ISOLATING_BACKENDS",
+    "GPU_ONLY_BACKENDS",
+    "XFORMERS_BIAS_KWARG",
+    "AttentionBackendError",
+    "backend_isolates_documents",
+    "check_backend_trainable",
+    "document_causal_mask",
+    "flash_varlen_kwargs",
+    "flex_document_block_mask",
+    "model_inputs",
+    "register_block_diagonal_attention",
+    "register_xformers_attention",
+    "xformers_attn_bias",
+    "xformers_seqlens",
+]
+
+GPU_ONLY_BACKENDS: frozenset[str] = frozenset({"flash_attention_2", "flash_attention_3", "xformers"})
+# Name of the model-forward kwarg that carries the block-diagonal bias to the registered
+# block-diagonal attention functions (transformers forwards unknown kwargs down to attention).
+XFORMERS_BIAS_KWARG = "block_diagonal_bias"
+
+
+class AttentionBackendError(ValueError):
+    """The chosen attention backend cannot do what was asked on this device / install."""
+
+
+def backend_isolates_documents(attn_implementation: str) -> bool:
+    """True when :func:`model_inputs` can keep packed documents apart for this backend.
+
+    Config validation uses it: ``sample_packing`` with a backend for which this is False (an
+    unknown or custom backend) is an error rather than a silent cross-document leak.
+    """
+    return attn_implementation in DOCUMENT_ISOLATING_BACKENDS
+
+
+def _flash_available(attn_implementation: str) -> bool:
+    from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_available
+
+    if attn_implementation == "flash_attention_2":
+        return bool(is_flash_attn_2_available())
+    return bool(is_flash_attn_3_available())
+
+
+def check_backend_trainable(attn_implementation: str, device: torch.device | str) -> None:
+    """Raise :class:`AttentionBackendError` with a clear fix when training cannot run here.
+
+    * flash_attention_2/3 and xformers need a CUDA device and their package;
+    * flex_attention has no backward pass on CPU in torch 2.13 (forward/eval works).
+
+    Unknown backends are not judged here (whether they may be used *with packing* is
+    :func:`backend_isolates_documents`'s question).
+    """
+    dev = torch.device(device)
+    if attn_implementation in GPU_ONLY_BACKENDS:
+        if dev.type != "cuda":
+            raise AttentionBackendError(
+                f"attn_implementation {attn_implementation!r} runs only on a CUDA GPU, but the device is "
+                f"{dev}. Use attn_implementation: sdpa (it isolates packed documents exactly too)."
+            )
+        if attn_implementation == "xformers":
+            if importlib.util.find_spec("xformers") is None:
+                raise AttentionBackendError(
+                    "attn_implementation 'xformers' needs the xformers package (pip install xformers), "
+                    "or use sdpa / flash_attention_2."
+                )
+        elif not _flash_available(attn_implementation):
+            package = "flash-attn" if attn_implementation == "flash_attention_2" else "flash-attn 3 (hopper)"
+            raise AttentionBackendError(
+                f"attn_implementation {attn_implementation!r} needs {package} installed for this CUDA "
+                "setup; install it or use attn_implementation: sdpa."
+            )
+    if attn_implementation == "flex_attention" and dev.type == "cpu":
+        raise AttentionBackendError(
+            "attn_implementation 'flex_attention' cannot train on CPU: FlexAttention has no backward "
+            "pass on CPU in this torch version (forward/evaluation works). Use sdpa on CPU."
+        )
+
+
+def _document_ids(batch: Mapping[str, Any]) -> torch.Tensor:
+    doc = batch["document_ids"]
+    if doc.dim() != 2:
+        raise ValueError(f"document_ids must be (rows, width), got shape {tuple(doc.shape)}")
+    return doc
+
+
+def document_causal_mask(document_ids: torch.Tensor) -> torch.Tensor:
+    """Bool (B, 1, L, L) mask: query q may see key k iff same document and k <= q."""
+    length = document_ids.shape[1]
+    pos = torch.arange(length, device=document_ids.device)
+    causal = pos[None, :] <= pos[:, None]  # (q, k)
+    same_doc = document_ids[:, :, None] == document_ids[:, None, :]  # (B, q, k)
+    return (same_doc & causal)[:, None, :, :]
+
+
+def _eager_mask(document_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    allowed = document_causal_mask(document_ids)
+    zero = torch.zeros((), dtype=dtype, device=document_ids.device)
+    return torch.where(allowed, zero, torch.finfo(dtype).min)
+
+
+def flex_document_block_mask(document_ids: torch.Tensor) -> Any:
+    """A FlexAttention ``BlockMask`` equal to :func:`document_causal_mask`.
+
+    Built with ``_compile=False``: the mask function only indexes a (B, L) tensor, and on CPU
+    compiling it would cost far more than it saves.
+    """
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    doc = document_ids
+
+    def document_causal(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        return (doc[b, q] == doc[b, kv]) & (kv <= q)
+
+    rows, length = doc.shape
+    return create_block_mask(document_causal, rows, None, length, length, device=doc.device)
+
+
+def flash_varlen_kwargs(batch: Mapping[str, Any]) -> dict[str, Any]:
+    """The kwargs transformers' flash varlen path reads (``FlashAttentionKwargs``).
+
+    With ``cu_seq_lens_q/k`` and ``max_length_q/k`` all given and no attention mask,
+    ``_flash_attention_forward`` flattens (B, L) into one stream and calls
+    ``flash_attn_varlen_func`` with these boundaries — so a batch of several packed rows works,
+    and padding (a segment tail) is computed but never seen by a real token.
+    ``max_length`` is a Python int because flash-attn's varlen API wants an int (and an int
+    avoids a device sync in every layer).
+    """
+    input_ids = batch["input_ids"]
+    cu = batch["cu_seqlens"].to(device=input_ids.device, dtype=torch.int32)
+    total = input_ids.shape[0] * input_ids.shape[1]
+    if int(cu[-1]) != total:
+        raise ValueError(f"cu_seqlens covers {int(cu[-1])} tokens but the batch has {total}")
+    max_len = int(batch["max_seqlen"])
+    return {
+        "position_ids": batch["position_ids"].to(input_ids.device),
+        "cu_seq_lens_q": cu,
+        "cu_seq_lens_k": cu,
+        "max_length_q": max_len,
+        "max_length_k": max_len,
+    }
+
+
+def xformers_seqlens(batch: Mapping[str, Any]) -> list[int]:
+    """Segment lengths of the flattened rows, as ``BlockDiagonalCausalMask.from_seqlens`` wants."""
+    seqlens = [int(n) for n in batch["seq_lens"].tolist()]
+    total = batch["input_ids"].numel()
+    if sum(seqlens) != total:
+        raise ValueError(f"seq_lens covers {sum(seqlens)} tokens but the batch has {total}")
+    return seqlens
+
+
+def xformers_attn_bias(batch: Mapping[str, Any]) -> Any:
+    """``BlockDiagonalCausalMask`` over the flattened rows (needs xformers)."""
+    try:
+        from xformers.ops.fmha.attn_bias import BlockDiagonalCausalMask
+    except ImportError as err:  # pragma: no cover - depends on the install
+        raise AttentionBackendError(
+            "attn_implementation 'xformers' needs the xformers package (pip install xformers)."
+        ) from err
+    return BlockDiagonalCausalMask.from_seqlens(xformers_seqlens(batch), device=batch["input_ids"].device)
+
+
+BlockDiagonalKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Any, float, float | None], torch.Tensor]
+
+
+def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(B, H_kv, L, D) → (B, H_kv·n_rep, L, D), the same head order as transformers' GQA."""
+    if n_rep == 1:
+        return x
+    b, h, length, d = x.shape
+    return x[:, :, None].expand(b, h, n_rep, length, d).reshape(b, h * n_rep, length, d)
+
+
+def register_block_diagonal_attention(name: str, kernel: BlockDiagonalKernel) -> str:
+    """Register ``name`` in transformers' ``AttentionInterface`` as flattened block-diagonal attention.
+
+    The registered function flattens (B, H, L, D) query/key/value into one (1, B·L, H, D) stream,
+    calls ``kernel(q, k, v, bias, dropout, scale)`` with the bias :func:`model_inputs` passed as
+    ``block_diagonal_bias`` and returns (B, L, H, D) as transformers expects. It refuses to run
+    without that bias: a silent plain-causal fallback would leak across packed documents.
+    """
+    from transformers import AttentionInterface
+
+    def block_diagonal_attention(
+        module: torch.nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        dropout: float = 0.0,
+        scaling: float | None = None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, None]:
+        bias = kwargs.get(XFORMERS_BIAS_KWARG)
+        if bias is None:
+            raise AttentionBackendError(
+                f"attention {name!r} needs the block-diagonal bias from "
+                "hellbender.models.attention.model_inputs; call the model with model_inputs(batch, ...)."
+            )
+        if attention_mask is not None:
+            raise AttentionBackendError(f"attention {name!r} takes no attention_mask (the bias replaces it)")
+        b, h, length, d = query.shape
+        n_rep = h // key.shape[1]
+        q = query.transpose(1, 2).reshape(1, b * length, h, d)
+        k = _repeat_kv(key, n_rep).transpose(1, 2).reshape(1, b * length, h, d)
+        v = _repeat_kv(value, n_rep).transpose(1, 2).reshape(1, b * length, h, value.shape[-1])
+        out = kernel(q, k, v, bias, dropout, scaling)
+        return out.reshape(b, length, h, value.shape[-1]), None
+
+    AttentionInterface.register(name, block_diagonal_attention)
+    return name
+
+
+def _xformers_kernel(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Any, dropout: float, scale: float | None
+) -> torch.Tensor:
+    import xformers.ops as xops
+
+    return xops.memory_efficient_attention(q, k, v, attn_bias=bias, p=dropout, scale=scale)
+
+
+def register_xformers_attention() -> str:
+    """Make ``attn_implementation="xformers"`` available to transformers models; returns the name.
+
+    Call once before ``model.set_attn_implementation("xformers")`` (models/load.py does).
+    """
+    if importlib.util.find_spec("xformers") is None:
+        raise AttentionBackendError("attn_implementation 'xformers' needs the xformers package (pip install xformers).")
+    return register_block_diagonal_attention("xformers", _xformers_kernel)
+
+
+def model_inputs(
+    batch: Mapping[str, Any], attn_implementation: str, *, dtype: torch.dtype = torch.float32
+) -> dict[str, Any]:
+    """Keyword arguments for ``model(**model_inputs(batch, impl))`` with exact document isolation.
+
+    ``batch`` is a :class:`hellbender.data.packing.Collator` output already on the model's device.
+    ``dtype`` is the model's compute dtype (only the eager additive mask uses it). Labels are *not*
+    included: the loss is computed by :mod:`hellbender.train.loss` with token-exact normalization.
+    """
+    input_ids = batch["input_ids"]
+    device = input_ids.device
+    inputs: dict[str, Any] = {
+        "input_ids": input_ids,
+        "position_ids": batch["position_ids"].to(device),
+        "use_cache": False,
+    }
+    if attn_implementation == "eager":
+        inputs["attention_mask"] = _eager_mask(_document_ids(batch).to(device), dtype)
+    elif attn_implementation == "sdpa":
+        inputs["attention_mask"] = document_causal_mask(_document_ids(batch).to(device))
+    elif attn_implementation == "flex_attention":
+        inputs["attention_mask"] = flex_document_block_mask(_document_ids(batch).to(device))
+    elif attn_implementation in ("flash_attention_2", "flash_attention_3"):
+        if device.type != "cuda":
+            raise AttentionBackendError(
+                f"{attn_implementation} runs only on CUDA tensors (batch is on {device}); use sdpa on CPU."
+            )
+        inputs.update(flash_varlen_kwargs(batch))
+    elif attn_implementation == "xformers":
+        if device.type != "cuda":
+            raise AttentionBackendError(f"xformers runs only on CUDA tensors (batch is on {device}); use sdpa.")
+        inputs[XFORMERS_BIAS_KWARG] = xformers_attn_bias(batch)
+    else:
+        # Unknown backend: safe only when every row is a single document (no packing), in which
+        # case a causal model needs no more than what it does by default.
+        n_docs = int(batch["seq_lens"].numel())
+        if n_docs > input_ids.shape[0]:
+            raise AttentionBackendError(
+                f"attn_implementation {attn_implementation!r} cannot isolate packed documents; "
+                "use sdpa, eager, flex_attention, flash_attention_2/3 or xformers, or disable sample_packing."
+            )
+        # Rows are right-padded and attention is causal, so no real token can see the padding:
+        # no mask is needed (padding outputs are ignored by the loss).
+    return inputs
+

@@ -1,0 +1,263 @@
+"""Packed ≡ unpacked: a packed micro-batch gives every document exactly what it gets alone.
+
+Reference: each document run *alone* through the same tiny random Llama with transformers'
+defaults (no mask, no position_ids: plain causal attention), its loss computed with plain
+``F.cross_entropy`` in the test. The packed side goes through the real pipeline: sampler →
+collator → ``model_inputs`` → model → ``causal_lm_loss_sum`` / step normalizer.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from hellbender.data.packing import IGNORE_INDEX, Collator, build_batch_sampler
+from hellbender.models.attention import (
+    XFORMERS_BIAS_KWARG,
+    AttentionBackendError,
+    check_backend_trainable,
+    model_inputs,
+    register_block_diagonal_attention,
+    xformers_seqlens,
+)
+from hellbender.train.loss import causal_lm_loss_sum
+
+VOCAB = 128
+LENGTHS = [9, 4, 13, 6, 11, 3, 8, 5]
+SEQ_LEN = 24
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def tiny_llama(attn: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    model = LlamaForCausalLM(cfg).to(dtype)
+    model.set_attn_implementation(attn)
+    return model
+
+
+def make_samples(lengths: list[int], seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    samples = []
+    for n in lengths:
+        ids = rng.integers(1, VOCAB, size=n).tolist()
+        labels = list(ids)
+        prompt = int(rng.integers(0, n // 2 + 1))
+        labels[:prompt] = [IGNORE_INDEX] * prompt
+        samples.append({"input_ids": ids, "labels": labels})
+    return samples
+
+
+def packed_micro_batch(attn: str) -> tuple[dict, list[list[int]], list[dict]]:
+    samples = make_samples(LENGTHS)
+    sampler = build_batch_sampler(
+        LENGTHS, sequence_len=SEQ_LEN, micro_batch_size=len(LENGTHS), sample_packing=True, seed=0
+    )
+    (micro_batch,) = list(sampler)
+    assert any(len(row) > 1 for row in micro_batch), "the test needs rows holding several documents"
+    collate = Collator(0, sequence_len=SEQ_LEN, pad_to_sequence_len=True, attn_implementation=attn)
+    batch = collate([[samples[i] for i in row] for row in micro_batch])
+    return batch, micro_batch, samples
+
+
+def doc_slices(micro_batch: list[list[int]], samples: list[dict]) -> list[tuple[int, int, int, int]]:
+    """(sample index, row, start, length) of every document of the packed micro-batch."""
+    out = []
+    for r, row in enumerate(micro_batch):
+        offset = 0
+        for i in row:
+            n = len(samples[i]["input_ids"])
+            out.append((i, r, offset, n))
+            offset += n
+    return out
+
+
+def reference_alone(model: LlamaForCausalLM, samples: list[dict]) -> tuple[list[torch.Tensor], torch.Tensor, int]:
+    """Per-document logits, and the token-exact mean loss of all documents, each run alone."""
+    logits, loss_sum, count = [], torch.zeros(()), 0
+    for s in samples:
+        ids = torch.tensor([s["input_ids"]])
+        lab = torch.tensor(s["labels"])
+        out = model(input_ids=ids, use_cache=False).logits[0]
+        logits.append(out)
+        loss_sum = loss_sum + F.cross_entropy(out[:-1], lab[1:], ignore_index=IGNORE_INDEX, reduction="sum")
+        count += int((lab[1:] != IGNORE_INDEX).sum())
+    return logits, loss_sum / count, count
+
+
+def grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    out = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_packed_equals_unpacked_logits_losses_and_gradients(attn: str) -> None:
+    model = tiny_llama(attn)
+    batch, micro_batch, samples = packed_micro_batch(attn)
+
+    ref_logits, ref_loss, ref_count = reference_alone(model, samples)
+    ref_loss.backward()
+    ref_grads = grads(model)
+
+    logits = model(**model_inputs(batch, attn)).logits
+    per_token = F.cross_entropy(
+        logits[:, :-1].reshape(-1, VOCAB), batch["labels"][:, 1:].reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+    ).view(logits.shape[0], -1)
+    for i, r, start, n in doc_slices(micro_batch, samples):
+        torch.testing.assert_close(logits[r, start : start + n], ref_logits[i], atol=1e-5, rtol=1e-5)
+        lab = torch.tensor(samples[i]["labels"])
+        ref_tok = F.cross_entropy(ref_logits[i][:-1], lab[1:], ignore_index=IGNORE_INDEX, reduction="none")
+        torch.testing.assert_close(per_token[r, start : start + n - 1], ref_tok, atol=1e-5, rtol=1e-5)
+
+    assert batch["num_trained_tokens"].item() == ref_count
+    loss = causal_lm_loss_sum(logits, batch["labels"]) / batch["num_trained_tokens"]
+    torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-6)
+    loss.backward()
+    packed_grads = grads(model)
+    assert packed_grads.keys() == ref_grads.keys()
+    for name, g in packed_grads.items():
+        torch.testing.assert_close(g, ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_position_ids_alone_leak_with_the_cache_but_model_inputs_do_not(attn: str) -> None:
+    """transformers 5.x isolates packed documents from position_ids only without a KV cache.
+
+    This pins the trap (so we notice if it changes) and shows that hellbender's inputs carry
+    their own explicit mask, so isolation does not depend on ``use_cache`` at all.
+    """
+    model = tiny_llama(attn)
+    model.eval()
+    with torch.no_grad():
+        batch, micro_batch, samples = packed_micro_batch(attn)
+        ref_logits, _, _ = reference_alone(model, samples)
+        ids, pos = batch["input_ids"], batch["position_ids"]
+        implicit = model(input_ids=ids, position_ids=pos, use_cache=False).logits
+        leaky = model(input_ids=ids, position_ids=pos, use_cache=True).logits
+        inputs = model_inputs(batch, attn)
+        assert inputs["use_cache"] is False
+        assert inputs["attention_mask"].dim() == 4
+        ours = model(**inputs).logits
+        inputs["use_cache"] = True  # even if a caller turned the cache back on
+        ours_with_cache = model(**inputs).logits
+
+    leaks = 0.0
+    for i, r, start, n in doc_slices(micro_batch, samples):
+        ref = ref_logits[i]
+        torch.testing.assert_close(implicit[r, start : start + n], ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ours[r, start : start + n], ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ours_with_cache[r, start : start + n], ref, atol=1e-5, rtol=1e-5)
+        if start > 0:
+            leaks = max(leaks, (leaky[r, start : start + n] - ref).abs().max().item())
+    assert leaks > 1e-2, "position_ids + use_cache=True no longer leaks: transformers changed, revisit"
+
+
+@pytest.mark.slow
+def test_flex_attention_forward_isolates_documents() -> None:
+    """Forward only: FlexAttention has no backward on CPU (torch 2.13).
+
+    The first run compiles FlexAttention for CPU (~30 s cold, a few seconds with a warm inductor
+    cache), hence the `slow` mark.
+    """
+    model = tiny_llama("flex_attention")
+    reference = tiny_llama("eager")  # same seed → same weights
+    batch, micro_batch, samples = packed_micro_batch("flex_attention")
+    with torch.no_grad():
+        ref_logits, _, _ = reference_alone(reference, samples)
+        logits = model(**model_inputs(batch, "flex_attention")).logits
+    for i, r, start, n in doc_slices(micro_batch, samples):
+        torch.testing.assert_close(logits[r, start : start + n], ref_logits[i], atol=1e-5, rtol=1e-5)
+    # Training with flex on CPU is refused up front, because torch itself cannot do it:
+    with pytest.raises(AttentionBackendError, match="no backward"):
+        check_backend_trainable("flex_attention", "cpu")
+    with pytest.raises(NotImplementedError, match="backward on CPU"):
+        model(**model_inputs(batch, "flex_attention")).logits.sum().backward()
+
+
+def test_registered_block_diagonal_attention_isolates_documents_on_cpu() -> None:
+    """The xformers path minus the xformers kernel: the registered attention function (flattening,
+    GQA, kwarg plumbing through the model) with a dense CPU kernel built from the same seqlens
+    that ``BlockDiagonalCausalMask.from_seqlens`` receives. The real kernel runs in the GPU test."""
+
+    def dense_kernel(q, k, v, seqlens, dropout, scale):  # (1, T, H, D), seqlens: list[int]
+        doc = torch.repeat_interleave(torch.arange(len(seqlens)), torch.tensor(seqlens))
+        t = torch.arange(doc.numel())
+        allowed = (doc[:, None] == doc[None, :]) & (t[None, :] <= t[:, None])
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=allowed, scale=scale
+        )
+        return out.transpose(1, 2)
+
+    name = register_block_diagonal_attention("hellbender_test_dense_block_diagonal", dense_kernel)
+    model = tiny_llama(name)
+    reference = tiny_llama("sdpa")
+    batch, micro_batch, samples = packed_micro_batch("xformers")
+    inputs = {
+        "input_ids": batch["input_ids"],
+        "position_ids": batch["position_ids"],
+        "use_cache": False,
+        XFORMERS_BIAS_KWARG: xformers_seqlens(batch),
+    }
+    ref_logits, ref_loss, _ = reference_alone(reference, samples)
+    ref_loss.backward()
+    logits = model(**inputs).logits
+    for i, r, start, n in doc_slices(micro_batch, samples):
+        torch.testing.assert_close(logits[r, start : start + n], ref_logits[i], atol=1e-5, rtol=1e-5)
+    (causal_lm_loss_sum(logits, batch["labels"]) / batch["num_trained_tokens"]).backward()
+    ref_grads = dict(reference.named_parameters())
+    for pname, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref_grads[pname].grad, atol=1e-5, rtol=1e-4, msg=pname)
+    # Without the bias the function refuses instead of silently attending across documents.
+    with pytest.raises(AttentionBackendError, match="block-diagonal bias"):
+        model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+
+
+# ----------------------------------------------------------------------------------- GPU
+
+
+def _gpu_packed_vs_alone(attn: str) -> None:
+    check_backend_trainable(attn, "cuda")
+    model = tiny_llama(attn, dtype=torch.bfloat16).cuda()
+    batch, micro_batch, samples = packed_micro_batch(attn)
+    batch = {k: v.cuda() for k, v in batch.items()}
+    logits = model(**model_inputs(batch, attn, dtype=torch.bfloat16)).logits.float()
+    for i, r, start, n in doc_slices(micro_batch, samples):
+        alone = model(input_ids=torch.tensor([samples[i]["input_ids"]], device="cuda"), use_cache=False).logits
+        torch.testing.assert_close(logits[r, start : start + n], alone[0].float(), atol=2e-2, rtol=2e-2)
+    loss = causal_lm_loss_sum(logits, batch["labels"]) / batch["num_trained_tokens"]
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("attn", ["flash_attention_2", "flash_attention_3"])
+def test_flash_varlen_isolates_documents_on_gpu(attn: str) -> None:
+    try:
+        check_backend_trainable(attn, "cuda")
+    except AttentionBackendError as err:
+        pytest.skip(str(err))
+    _gpu_packed_vs_alone(attn)
+
+
+@pytest.mark.gpu
+@cuda
+def test_xformers_block_diagonal_isolates_documents_on_gpu() -> None:
+    pytest.importorskip("xformers")
+    from hellbender.models.attention import register_xformers_attention
+
+    register_xformers_attention()
+    _gpu_packed_vs_alone("xformers")
