@@ -230,7 +230,8 @@ def test_registered_block_diagonal_attention_isolates_documents_on_cpu() -> None
 
 def _gpu_packed_vs_alone(attn: str) -> None:
     check_backend_trainable(attn, "cuda")
-    model = tiny_llama(attn, dtype=torch.bfloat16).cuda()
+    model = tiny_llama("sdpa", dtype=torch.bfloat16).cuda()
+    model.set_attn_implementation(attn)  # on the GPU: transformers checks the kernel against the device
     batch, micro_batch, samples = packed_micro_batch(attn)
     batch = {k: v.cuda() for k, v in batch.items()}
     logits = model(**model_inputs(batch, attn, dtype=torch.bfloat16)).logits.float()

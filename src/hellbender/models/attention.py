@@ -40,6 +40,7 @@ least one allowed key and no softmax row is fully masked.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -207,7 +208,12 @@ def xformers_attn_bias(batch: Mapping[str, Any]) -> Any:
         raise AttentionBackendError(
             "attn_implementation 'xformers' needs the xformers package (pip install xformers)."
         ) from err
-    return BlockDiagonalCausalMask.from_seqlens(xformers_seqlens(batch), device=batch["input_ids"].device)
+    seqlens = xformers_seqlens(batch)
+    # Recent xformers build the bias' seqstart tensors directly on the device (no copy per layer);
+    # older ones take no `device` and move them inside memory_efficient_attention.
+    if "device" in inspect.signature(BlockDiagonalCausalMask.from_seqlens).parameters:
+        return BlockDiagonalCausalMask.from_seqlens(seqlens, device=batch["input_ids"].device)
+    return BlockDiagonalCausalMask.from_seqlens(seqlens)
 
 
 BlockDiagonalKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Any, float, float | None], torch.Tensor]
