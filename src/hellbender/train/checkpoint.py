@@ -1,0 +1,303 @@
+"""Checkpoints that survive being killed at any moment, and resume that reproduces the run exactly.
+
+A checkpoint is a folder ``output_dir/checkpoint-<step>`` holding
+
+* the trainable weights in the same format as the final output (a peft adapter, or the full
+  model via ``save_pretrained``; safetensors either way), so any checkpoint can be evaluated,
+  merged or used as ``lora_model_dir`` directly;
+* ``optimizer.pt`` and ``scheduler.pt`` (``state_dict``s), ``rng.pt`` (python, numpy, torch and
+  CUDA generator states) — all loadable with ``torch.load(weights_only=True)``, so resuming
+  never unpickles arbitrary objects;
+* ``trainer_state.json`` with the step and the data position (epoch, micro-batches consumed).
+
+Atomicity: everything is written into ``.tmp-checkpoint-<step>``, every file and the folder are
+fsynced, and only then is the folder renamed to its final name (``rename`` is atomic on POSIX
+filesystems) and the parent fsynced. A folder named ``checkpoint-*`` is therefore always
+complete; ``trainer_state.json`` is written last as a second guard (e.g. for folders copied by
+hand). Old checkpoints are removed by first renaming them to ``.trash-*``, so a kill during
+deletion never leaves a half-deleted folder that looks like a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+CHECKPOINT_PREFIX = "checkpoint-"
+TMP_PREFIX = ".tmp-"
+TRASH_PREFIX = ".trash-"
+STATE_FILE = "trainer_state.json"
+OPTIMIZER_FILE = "optimizer.pt"
+SCHEDULER_FILE = "scheduler.pt"
+RNG_FILE = "rng.pt"
+_CHECKPOINT_RE = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
+
+
+@dataclass
+class TrainState:
+    """Where the run is: enough to continue it exactly.
+
+    ``micro_batches_done`` counts the micro-batches of ``epoch`` already consumed; the sampler is
+    deterministic for (seed, epoch), so skipping that many index lists restores the data stream
+    without touching the data itself.
+    """
+
+    global_step: int = 0
+    epoch: int = 0
+    micro_batches_done: int = 0
+    total_steps: int = 0
+    best_eval_loss: float | None = None
+    plan: dict[str, Any] = field(default_factory=dict)
+    has_optimizer: bool = True
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TrainState:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+# ---------------------------------------------------------------- weights
+
+
+def is_peft_model(model: torch.nn.Module) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "base_model")
+
+
+def save_model_weights(model: torch.nn.Module, path: Path) -> None:
+    """The adapter (peft format) or the full model (``save_pretrained``), safetensors only."""
+    from transformers.utils import logging as hf_logging
+
+    path.mkdir(parents=True, exist_ok=True)
+    # transformers draws a "Writing model shards" bar per save, which garbles our progress output.
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        if is_peft_model(model):
+            model.save_pretrained(str(path), safe_serialization=True)  # type: ignore[operator]
+        else:
+            model.save_pretrained(str(path))  # type: ignore[operator]  # transformers 5: always safetensors
+    finally:
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
+
+
+def load_model_weights(model: torch.nn.Module, path: Path) -> None:
+    """Copy the weights saved by :func:`save_model_weights` into ``model``, in place.
+
+    In place (``load_state_dict`` copies into the existing tensors), so the optimizer keeps
+    pointing at the same parameters. Every trainable parameter must be covered: a checkpoint
+    that silently leaves some weights at their initial values would resume a different run.
+    """
+    from safetensors.torch import load_file
+
+    if is_peft_model(model):
+        from peft import set_peft_model_state_dict
+
+        file = path / "adapter_model.safetensors"
+        if not file.exists():
+            raise FileNotFoundError(f"{path} holds no adapter_model.safetensors (was it a full fine-tune?)")
+        result = set_peft_model_state_dict(model, load_file(str(file)))
+        if result.unexpected_keys:
+            raise ValueError(f"{file}: keys the model does not have: {result.unexpected_keys[:5]}")
+        return
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{path} holds no *.safetensors model weights")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(load_file(str(file)))
+    result = model.load_state_dict(state, strict=False)
+    loaded = {id(p) for n, p in model.named_parameters() if n not in set(result.missing_keys)}
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in loaded]
+    if missing or result.unexpected_keys:
+        raise ValueError(
+            f"{path}: weights do not match the model (missing {missing[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]})"
+        )
+
+
+# ---------------------------------------------------------------- RNG
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Every generator a training step may draw from, as tensors and plain values."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()  # type: ignore[misc]
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    npst = state["numpy"]
+    np.random.set_state(
+        (npst["kind"], npst["keys"].numpy().astype(np.uint32), npst["pos"], npst["has_gauss"], npst["cached_gaussian"])
+    )
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------- durability helpers
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every file and folder under ``root`` (files first, then their folders)."""
+    for dirpath, _dirnames, filenames in os.walk(root, topdown=False):
+        for name in filenames:
+            _fsync_path(Path(dirpath) / name)
+        _fsync_path(Path(dirpath))
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    with path.open("w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _remove_dir(path: Path) -> None:
+    """Rename to ``.trash-*`` (atomic) before deleting, so a kill mid-delete leaves no look-alike."""
+    if not path.exists():
+        return
+    trash = path.with_name(f"{TRASH_PREFIX}{path.name}")
+    if trash.exists():
+        shutil.rmtree(trash)
+    os.rename(path, trash)
+    _fsync_path(path.parent)
+    shutil.rmtree(trash)
+
+
+# ---------------------------------------------------------------- save / find / load
+
+
+def _write_weights(model: torch.nn.Module, path: Path) -> None:
+    save_model_weights(model, path)
+
+
+def _write_training_state(
+    path: Path, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler
+) -> None:
+    torch.save(optimizer.state_dict(), path / OPTIMIZER_FILE)
+    torch.save(scheduler.state_dict(), path / SCHEDULER_FILE)
+
+
+def save_checkpoint(
+    output_dir: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    state: TrainState,
+    *,
+    save_only_model: bool = False,
+    save_total_limit: int | None = None,
+) -> Path:
+    """Write ``checkpoint-<global_step>`` atomically, then drop the oldest beyond the limit."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    name = f"{CHECKPOINT_PREFIX}{state.global_step}"
+    final = output_dir / name
+    tmp = output_dir / f"{TMP_PREFIX}{name}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    _write_weights(model, tmp)
+    if not save_only_model:
+        _write_training_state(tmp, optimizer, scheduler)
+    torch.save(capture_rng_state(), tmp / RNG_FILE)
+    _write_json(tmp / STATE_FILE, asdict(state) | {"has_optimizer": not save_only_model})
+    _fsync_tree(tmp)
+    _remove_dir(final)  # only when re-saving the same step; the new copy is complete already
+    os.rename(tmp, final)
+    _fsync_path(output_dir)
+    if save_total_limit is not None:
+        for old in list_checkpoints(output_dir)[:-save_total_limit]:
+            _remove_dir(old)
+    return final
+
+
+def is_complete(path: Path) -> bool:
+    return path.is_dir() and _CHECKPOINT_RE.match(path.name) is not None and (path / STATE_FILE).is_file()
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints in ``output_dir``, oldest first (by step, not by modification time)."""
+    if not output_dir.is_dir():
+        return []
+    found = [p for p in output_dir.iterdir() if is_complete(p)]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
+
+
+def find_latest_checkpoint(output_dir: Path) -> Path | None:
+    found = list_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def remove_incomplete(output_dir: Path) -> list[Path]:
+    """Delete leftovers of a killed run (``.tmp-*`` and ``.trash-*`` folders). Main rank only."""
+    removed: list[Path] = []
+    if output_dir.is_dir():
+        for p in output_dir.iterdir():
+            if p.is_dir() and (p.name.startswith(TMP_PREFIX) or p.name.startswith(TRASH_PREFIX)):
+                shutil.rmtree(p)
+                removed.append(p)
+    return removed
+
+
+def read_state(path: Path) -> TrainState:
+    if not is_complete(path):
+        raise FileNotFoundError(
+            f"{path} is not a complete hellbender checkpoint (a folder checkpoint-<step> with {STATE_FILE})"
+        )
+    return TrainState.from_json(json.loads((path / STATE_FILE).read_text(encoding="utf-8")))
+
+
+def load_checkpoint(
+    path: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> TrainState:
+    """Restore weights, optimizer, scheduler and RNG from ``path``; return its :class:`TrainState`.
+
+    Call this after the optimizer and scheduler are built and just before the first step, so the
+    RNG state restored here is the one the next step draws from.
+    """
+    state = read_state(path)
+    if not state.has_optimizer:
+        raise ValueError(
+            f"{path} was written with save_only_model: true (no optimizer state), so the run cannot "
+            "be resumed exactly. Start a new run from its weights instead (lora_model_dir or base_model)."
+        )
+    load_model_weights(model, path)
+    optimizer.load_state_dict(torch.load(path / OPTIMIZER_FILE, weights_only=True))
+    scheduler.load_state_dict(torch.load(path / SCHEDULER_FILE, weights_only=True))
+    restore_rng_state(torch.load(path / RNG_FILE, weights_only=True))
+    return state
