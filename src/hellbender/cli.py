@@ -90,5 +90,39 @@ def config_schema() -> None:
     click.echo(json.dumps(HellbenderConfig.model_json_schema(), indent=2))
 
 
+@main.command()
+@CONFIG
+@OVERRIDES
+@click.option("--debug", "debug_n", type=int, default=0, metavar="N", help="Print N examples, trained tokens highlighted.")
+@click.option("--rebuild", is_flag=True, help="Prepare again even if a matching cache exists.")
+def preprocess(config: str, overrides: tuple[str, ...], debug_n: int, rebuild: bool) -> None:
+    """Tokenize and mask the datasets of CONFIG into the cache that `train` reuses."""
+    from rich.console import Console
+
+    from hellbender.data.errors import DataError
+    from hellbender.data.prepare import prepare_datasets
+    from hellbender.data.report import format_example
+    from hellbender.models.load import load_tokenizer
+
+    cfg = _load(config, overrides)
+    console = Console()
+    tokenizer = load_tokenizer(cfg)
+    try:
+        prepared = prepare_datasets(cfg, tokenizer, rebuild=rebuild)
+    except DataError as exc:
+        click.echo(f"ERROR: {exc}", err=True)
+        sys.exit(1)
+    prepared.report.print(console)
+    color = console.is_terminal and not console.no_color
+    for i in range(min(debug_n, len(prepared.train))):
+        row = prepared.train[i]
+        console.rule(f"example {i} ({row['length']} tokens)" + ("" if color else "; trained text in [brackets]"))
+        shown = format_example(row["input_ids"], row["labels"], tokenizer, color=color)
+        if color:
+            console.print(shown)
+        else:
+            click.echo(shown)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

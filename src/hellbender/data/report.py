@@ -1,0 +1,227 @@
+"""What a user sees after preprocessing: the summary table, the length histogram, debug examples.
+
+The report is plain data (:class:`PrepReport`), saved as JSON beside the prepared data, so a run
+that reuses the cache shows exactly the table the building run showed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hellbender.data.errors import BAD_ROW_REASONS, DROP_REASONS
+
+
+@dataclass
+class DatasetStats:
+    """Counts for one ``datasets:`` / ``test_datasets:`` entry."""
+
+    name: str
+    split: str  # "train" | "eval"
+    format: str
+    rows_read: int = 0
+    bad: dict[str, int] = field(default_factory=dict)  # skipped bad rows, by reason
+    dropped: dict[str, int] = field(default_factory=dict)  # by DROP_REASONS key
+    truncated: int = 0
+    extra_chunks: int = 0  # samples added by splitting long completion texts
+    kept: int = 0  # samples kept
+    tokens: int = 0
+    trained_tokens: int = 0
+
+    def add_bad(self, reason: str, n: int = 1) -> None:
+        self.bad[reason] = self.bad.get(reason, 0) + n
+
+    def add_dropped(self, reason: str, n: int = 1) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + n
+
+
+@dataclass
+class PrepReport:
+    """The outcome of preparing the datasets."""
+
+    datasets: list[DatasetStats]
+    sequence_len: int
+    train_samples: int = 0
+    eval_samples: int = 0
+    train_tokens: int = 0
+    train_trained_tokens: int = 0
+    eval_tokens: int = 0
+    eval_trained_tokens: int = 0
+    length_percentiles: dict[str, int] = field(default_factory=dict)  # p50 p90 p99 max of train
+    cache_dir: str = ""
+    from_cache: bool = False
+    rejects_file: str | None = None
+    histogram: str | None = None
+    eval_from: str = ""  # "val_set_size=…" | "test_datasets" | ""
+
+    # -------------------------------------------------------------- persistence
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> PrepReport:
+        data = json.loads(text)
+        data["datasets"] = [DatasetStats(**d) for d in data["datasets"]]
+        return cls(**data)
+
+    # -------------------------------------------------------------- totals
+
+    def bad_total(self) -> Counter[str]:
+        total: Counter[str] = Counter()
+        for d in self.datasets:
+            total.update(d.bad)
+        return total
+
+    def dropped_total(self) -> Counter[str]:
+        total: Counter[str] = Counter()
+        for d in self.datasets:
+            total.update(d.dropped)
+        return total
+
+    # -------------------------------------------------------------- rendering
+
+    def table(self) -> Any:
+        """The summary as a rich renderable (a table with a caption)."""
+        from rich.table import Table
+
+        table = Table(title="Prepared datasets" + (" (from cache)" if self.from_cache else ""), title_justify="left")
+        for col, just in (
+            ("dataset", "left"),
+            ("split", "left"),
+            ("type", "left"),
+            ("rows read", "right"),
+            ("kept", "right"),
+            ("bad rows skipped", "left"),
+            ("dropped", "left"),
+            ("truncated", "right"),
+            ("tokens", "right"),
+            ("trained", "right"),
+        ):
+            table.add_column(col, justify=just)  # type: ignore[arg-type]
+        for d in self.datasets:
+            kept = f"{d.kept:,}" + (f" (+{d.extra_chunks:,} chunks)" if d.extra_chunks else "")
+            table.add_row(
+                d.name,
+                d.split,
+                d.format,
+                f"{d.rows_read:,}",
+                kept,
+                _reasons(d.bad, BAD_ROW_REASONS),
+                _reasons(d.dropped, DROP_REASONS),
+                f"{d.truncated:,}",
+                f"{d.tokens:,}",
+                f"{d.trained_tokens:,}",
+            )
+        return table
+
+    def summary_lines(self) -> list[str]:
+        """The lines printed under the table: totals, lengths, where things are."""
+        lines = [
+            f"train: {self.train_samples:,} samples, {self.train_tokens:,} tokens "
+            f"({self.train_trained_tokens:,} trained)",
+        ]
+        if self.eval_samples or self.eval_from:
+            lines.append(
+                f"eval: {self.eval_samples:,} samples, {self.eval_tokens:,} tokens "
+                f"({self.eval_trained_tokens:,} trained){' from ' + self.eval_from if self.eval_from else ''}"
+            )
+        if self.length_percentiles:
+            p = self.length_percentiles
+            lines.append(
+                f"sample length (tokens): p50 {p['p50']:,}  p90 {p['p90']:,}  p99 {p['p99']:,}  "
+                f"max {p['max']:,}  (sequence_len {self.sequence_len:,})"
+            )
+        lines.append(f"cache: {self.cache_dir}" + (" (reused)" if self.from_cache else ""))
+        if self.histogram:
+            lines.append(f"length histogram: {self.histogram}")
+        if self.rejects_file:
+            lines.append(f"rejected rows: {self.rejects_file}")
+        return lines
+
+    def print(self, console: Any | None = None) -> None:
+        """Print to a rich console (colour on a terminal)."""
+        from rich.console import Console
+
+        console = console or Console()
+        console.print(self.table())
+        for line in self.summary_lines():
+            console.print(line, highlight=False, markup=False)
+
+    def render(self, width: int = 160) -> str:
+        """The table and summary as plain text (for logs and tests)."""
+        import io
+
+        from rich.console import Console
+
+        buf = io.StringIO()
+        self.print(Console(file=buf, width=width, color_system=None, force_terminal=False))
+        return buf.getvalue()
+
+
+def _reasons(counts: dict[str, int], names: dict[str, str]) -> str:
+    if not counts:
+        return "-"
+    return ", ".join(f"{names.get(k, k)}: {v:,}" for k, v in sorted(counts.items()) if v)
+
+
+def length_percentiles(lengths: np.ndarray) -> dict[str, int]:
+    if len(lengths) == 0:
+        return {}
+    q = np.percentile(lengths, [50, 90, 99], method="lower")
+    return {"p50": int(q[0]), "p90": int(q[1]), "p99": int(q[2]), "max": int(lengths.max())}
+
+
+def save_histogram(lengths: np.ndarray, sequence_len: int, path: Path) -> Path:
+    """A PNG histogram of sample lengths with ``sequence_len`` marked.
+
+    Uses matplotlib's object API with the Agg canvas directly: no pyplot, so no global backend
+    switch that could disturb other plotting in the same process.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 3.5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    if len(lengths):
+        ax.hist(lengths, bins=min(60, max(5, int(np.sqrt(len(lengths))))), color="#4C72B0")
+    ax.axvline(sequence_len, color="#C44E52", linestyle="--", label=f"sequence_len = {sequence_len}")
+    ax.set_xlabel("sample length (tokens)")
+    ax.set_ylabel("samples")
+    ax.set_title(f"{len(lengths):,} training samples")
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
+
+
+def format_example(input_ids: list[int], labels: list[int], tokenizer: Any, *, color: bool) -> Any:
+    """One sample with its trained tokens highlighted.
+
+    With ``color``: a rich ``Text`` (trained runs green on a terminal). Without: a string with each
+    trained run in [brackets]. Runs are decoded whole, so multi-byte characters split over tokens
+    still print correctly.
+    """
+    from rich.text import Text
+
+    runs: list[tuple[bool, list[int]]] = []
+    for tok, label in zip(input_ids, labels, strict=True):
+        trained = label != -100
+        if runs and runs[-1][0] == trained:
+            runs[-1][1].append(tok)
+        else:
+            runs.append((trained, [tok]))
+    out = Text() if color else []
+    for trained, ids in runs:
+        piece = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        if color:
+            out.append(piece, style="bold green" if trained else "dim")
+        else:
+            out.append(f"[{piece}]" if trained else piece)
+    return out if color else "".join(out)

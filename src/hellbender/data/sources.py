@@ -1,0 +1,416 @@
+"""Where rows come from: local files, ``save_to_disk`` folders, or the Hugging Face hub.
+
+Every row carries its :class:`Location` — file and line for text formats (JSON Lines, JSON
+arrays, CSV, txt), file and row number for tables (parquet, arrow, saved datasets, hub) — so a
+bad row can be named exactly. That is why JSON Lines, JSON, CSV and text files are read here line
+by line rather than through ``datasets.load_dataset``, which forgets line numbers and fails a
+whole file on one bad line.
+
+A :class:`Source` also knows its *fingerprint*: a hash of the bytes of every file it reads
+(never just the paths or modification times), which is what the prepared-dataset cache is keyed
+on.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hellbender.config.schema import DatasetConfig
+from hellbender.data.errors import BadRow, DataError
+
+FILE_TYPES = {
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "json",
+    ".parquet": "parquet",
+    ".csv": "csv",
+    ".txt": "txt",
+    ".text": "txt",
+    ".arrow": "arrow",
+}
+# Axolotl allows `path: json` (a loader name) with local `data_files`.
+LOADER_NAMES = {"json": "json", "csv": "csv", "parquet": "parquet", "text": "txt", "arrow": "arrow"}
+_SAVED_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+_TRUE = {"1", "true", "yes", "on"}
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where a row is: a file and a 1-based line (text files) or row number (tables)."""
+
+    file: str
+    line: int | None = None
+    row: int | None = None
+
+    def __str__(self) -> str:
+        if self.line is not None:
+            return f"{self.file}, line {self.line}"
+        if self.row is not None:
+            return f"{self.file}, row {self.row}"
+        return self.file
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"file": self.file, "line": self.line, "row": self.row}
+
+
+@dataclass
+class Record:
+    """One raw row: its value, or why it could not even be parsed (then ``raw`` holds the text)."""
+
+    where: Location
+    value: Any = None
+    error: BadRow | None = None
+    raw: str | None = None
+
+
+@dataclass
+class Source:
+    """A resolved ``datasets:`` entry: what to read and how."""
+
+    config: DatasetConfig
+    kind: str  # "files" | "saved" | "hub"
+    files: list[tuple[Path, str]] = field(default_factory=list)  # (file, file type)
+    folder: Path | None = None  # the save_to_disk folder
+    _hub: Any = None  # the loaded hub dataset (loaded once, to fingerprint and to read)
+
+    @property
+    def label(self) -> str:
+        return self.config.path
+
+    def fingerprint(self) -> str:
+        """Hash of the content of everything this source reads."""
+        h = hashlib.sha256()
+        if self.kind == "files":
+            for path, ftype in self.files:
+                h.update(f"{path.name}\0{ftype}\0".encode())
+                _hash_file(h, path)
+        elif self.kind == "saved":
+            assert self.folder is not None
+            for path in sorted(p for p in self.folder.rglob("*") if p.is_file()):
+                h.update(f"{path.relative_to(self.folder)}\0".encode())
+                _hash_file(h, path)
+        else:
+            ds = self.hub_dataset()
+            cache_files = [c["filename"] for c in getattr(ds, "cache_files", [])]
+            if cache_files:
+                for name in cache_files:
+                    _hash_file(h, Path(name))
+            else:  # an in-memory hub dataset: hash what datasets itself fingerprints it by
+                h.update(str(getattr(ds, "_fingerprint", "")).encode())
+        return h.hexdigest()
+
+    def records(self) -> Iterator[Record]:
+        """Every row, in file order, with its location."""
+        if self.kind == "files":
+            for path, ftype in self.files:
+                yield from _READERS[ftype](path, self.config)
+        elif self.kind == "saved":
+            yield from _saved_rows(self)
+        else:
+            yield from _table_rows(self.hub_dataset(), self.config.path)
+
+    def hub_dataset(self) -> Any:
+        if self._hub is None:
+            self._hub = _load_hub(self.config)
+        return self._hub
+
+
+def _hash_file(h: Any, path: Path) -> None:
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    h.update(b"\0eof\0")
+
+
+def _file_type(path: Path, ds: DatasetConfig) -> str:
+    if ds.ds_type:
+        return ds.ds_type
+    ftype = FILE_TYPES.get(path.suffix.lower())
+    if ftype is None:
+        raise DataError(
+            f"dataset {ds.path!r}: cannot tell the type of {path} from its extension; set `ds_type:` "
+            f"({', '.join(sorted(set(FILE_TYPES.values())))})."
+        )
+    return ftype
+
+
+def hub_offline() -> bool:
+    """True when the environment forbids reaching the Hugging Face hub."""
+    return any(os.environ.get(v, "").strip().lower() in _TRUE for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+def _looks_local(path: str) -> bool:
+    """A path the user clearly meant as a local file (so "not found" is the right error)."""
+    # Hub ids are "name" or "owner/name"; more slashes, a leading ./ or ~, or a data-file
+    # extension mean a local path.
+    return path.startswith((".", "/", "~")) or Path(path).suffix.lower() in FILE_TYPES or path.count("/") > 1
+
+
+def resolve_source(ds: DatasetConfig) -> Source:
+    """Decide what a ``datasets:`` entry reads. Raises :class:`DataError` with the dataset named."""
+    path = Path(ds.path).expanduser()
+    data_files = [ds.data_files] if isinstance(ds.data_files, str) else list(ds.data_files or [])
+    if path.is_file():
+        return Source(ds, "files", files=[(path, _file_type(path, ds))])
+    if path.is_dir():
+        if data_files:
+            return Source(ds, "files", files=[(p, _file_type(p, ds)) for p in _expand(path, data_files, ds)])
+        if any((path / marker).exists() for marker in _SAVED_MARKERS):
+            return Source(ds, "saved", folder=path)
+        found = sorted(
+            p
+            for p in path.rglob("*")
+            if p.is_file() and p.suffix.lower() in FILE_TYPES and not any(part.startswith(".") for part in p.parts)
+        )
+        if not found:
+            raise DataError(
+                f"dataset {ds.path!r}: the folder has no data files ({', '.join(sorted(FILE_TYPES))}) "
+                "and is not a save_to_disk folder."
+            )
+        return Source(ds, "files", files=[(p, _file_type(p, ds)) for p in found])
+    if ds.path in LOADER_NAMES and data_files:
+        ftype = ds.ds_type or LOADER_NAMES[ds.path]
+        return Source(ds, "files", files=[(p, ftype) for p in _expand(Path("."), data_files, ds)])
+    if _looks_local(ds.path):
+        raise DataError(f"dataset {ds.path!r}: file or folder not found (relative paths are read from {Path.cwd()}).")
+    if hub_offline():
+        raise DataError(
+            f"dataset {ds.path!r} is not a local file or folder, and the Hugging Face hub is offline "
+            "(HF_HUB_OFFLINE / HF_DATASETS_OFFLINE): it must be local. Download it where the network is "
+            "allowed (e.g. `datasets.load_dataset(...).save_to_disk(folder)`) and set `path:` to that folder."
+        )
+    return Source(ds, "hub")
+
+
+def _expand(root: Path, patterns: list[str], ds: DatasetConfig) -> list[Path]:
+    files: list[Path] = []
+    for pattern in patterns:
+        direct = root / pattern
+        matches = [direct] if direct.is_file() else sorted(p for p in root.glob(pattern) if p.is_file())
+        if not matches:
+            raise DataError(f"dataset {ds.path!r}: data_files entry {pattern!r} matches no file under {root}.")
+        files.extend(matches)
+    return files
+
+
+def _load_hub(ds: DatasetConfig) -> Any:
+    import datasets
+
+    try:
+        return datasets.load_dataset(
+            ds.path, name=ds.name, split=ds.split, data_files=ds.data_files, revision=ds.revision
+        )
+    except Exception as exc:
+        raise DataError(
+            f"dataset {ds.path!r}: loading it from the Hugging Face hub failed ({type(exc).__name__}: {exc}). "
+            "If it is meant to be local, check the path; if it is on the hub, check the name, `name:`, "
+            "`split:` and the network."
+        ) from exc
+
+
+# ------------------------------------------------------------------ readers, one per file type
+
+
+def _jsonl_rows(path: Path, ds: DatasetConfig) -> Iterator[Record]:
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            where = Location(str(path), line=number)
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield Record(where, error=BadRow("invalid_json", f"not UTF-8 ({exc})"), raw=repr(raw))
+                continue
+            if not line.strip():
+                continue  # blank lines separate nothing and hold no row
+            try:
+                yield Record(where, value=json.loads(line))
+            except json.JSONDecodeError as exc:
+                yield Record(
+                    where, error=BadRow("invalid_json", f"invalid JSON: {exc.msg} at column {exc.colno}"), raw=line
+                )
+
+
+def _line_of(text: str, pos: int, start_pos: int, start_line: int) -> int:
+    return start_line + text.count("\n", start_pos, pos)
+
+
+def _json_rows(path: Path, ds: DatasetConfig) -> Iterator[Record]:
+    """A JSON array (rows get their line), an object with ``field``, or JSON Lines in a .json file."""
+    text = path.read_text(encoding="utf-8")
+    stripped = text.lstrip()
+    decoder = json.JSONDecoder()
+    if stripped.startswith("{") and ds.field is None:
+        # Objects one after another: JSON Lines under a .json name (datasets accepts that too). A
+        # first object that does not parse is read the same way, so the bad line gets reported.
+        try:
+            _, end = decoder.raw_decode(text, len(text) - len(stripped))
+            is_lines = bool(text[end:].strip())
+        except json.JSONDecodeError:
+            is_lines = True
+        if is_lines:
+            yield from _jsonl_rows(path, ds)
+            return
+    if ds.field is not None:
+        try:
+            whole = json.loads(text)
+        except json.JSONDecodeError as exc:
+            yield Record(
+                Location(str(path), line=exc.lineno),
+                error=BadRow("invalid_json", f"invalid JSON: {exc.msg} at column {exc.colno}"),
+                raw=None,
+            )
+            return
+        if not isinstance(whole, dict) or ds.field not in whole:
+            raise DataError(f"dataset {ds.path!r}: {path} has no top-level key {ds.field!r} (`field:`).")
+        rows = whole[ds.field]
+        if not isinstance(rows, list):
+            raise DataError(f"dataset {ds.path!r}: {path}: key {ds.field!r} does not hold a list of rows.")
+        for i, value in enumerate(rows, start=1):
+            yield Record(Location(str(path), row=i), value=value)
+        return
+    if not stripped.startswith("["):
+        if stripped.startswith("{"):
+            raise DataError(
+                f"dataset {ds.path!r}: {path} holds one JSON object; set `field:` to the key that holds the rows."
+            )
+        line = text.count("\n", 0, len(text) - len(stripped)) + 1
+        yield Record(
+            Location(str(path), line=line),
+            error=BadRow("invalid_json", "invalid JSON: expected an array of rows"),
+            raw=stripped[:200],
+        )
+        return
+    # Walk the array element by element so every row knows the line it starts on.
+    pos = len(text) - len(stripped) + 1
+    line, line_pos = 1, 0
+    expect_value = True
+    while True:
+        while pos < len(text) and text[pos] in " \t\r\n":
+            pos += 1
+        if pos < len(text) and text[pos] == "]":
+            return
+        if not expect_value:
+            if pos < len(text) and text[pos] == ",":
+                pos += 1
+                expect_value = True
+                continue
+            line = _line_of(text, pos, line_pos, line)
+            yield Record(
+                Location(str(path), line=line),
+                error=BadRow("invalid_json", "invalid JSON: expected ',' or ']' between rows"),
+                raw=text[pos : pos + 200],
+            )
+            return
+        line = _line_of(text, pos, line_pos, line)
+        line_pos = pos
+        try:
+            value, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as exc:
+            yield Record(
+                Location(str(path), line=exc.lineno),
+                error=BadRow("invalid_json", f"invalid JSON: {exc.msg} at column {exc.colno}"),
+                raw=text[line_pos : line_pos + 200],
+            )
+            return  # the rest of the array cannot be parsed reliably
+        yield Record(Location(str(path), line=line), value=value)
+        expect_value = False
+
+
+def _csv_rows(path: Path, ds: DatasetConfig) -> Iterator[Record]:
+    with path.open(newline="", encoding="utf-8") as f:
+        reader = csv.reader(f)
+        try:
+            header = next(reader)
+        except StopIteration:
+            return
+        start = reader.line_num + 1
+        for values in reader:
+            where = Location(str(path), line=start)
+            start = reader.line_num + 1
+            if not values:
+                continue
+            if len(values) != len(header):
+                yield Record(
+                    where,
+                    error=BadRow(
+                        "invalid_csv", f"row has {len(values)} values but the header has {len(header)} columns"
+                    ),
+                    raw=",".join(values),
+                )
+                continue
+            yield Record(where, value=dict(zip(header, values, strict=True)))
+
+
+def _txt_rows(path: Path, ds: DatasetConfig) -> Iterator[Record]:
+    """One row per non-blank line, in the ``text_column`` field (as datasets' text loader does)."""
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            line = line.rstrip("\r\n")
+            if line.strip():
+                yield Record(Location(str(path), line=number), value={ds.text_column: line})
+
+
+def _table_rows(table_source: Any, label: str) -> Iterator[Record]:
+    """Rows of a ``datasets.Dataset`` or a pyarrow table, numbered from 1."""
+    import pyarrow as pa
+
+    table = table_source if isinstance(table_source, pa.Table) else table_source.data.table
+    if not isinstance(table_source, pa.Table) and getattr(table_source, "_indices", None) is not None:
+        table = table_source.flatten_indices().data.table
+    number = 0
+    for batch in table.to_batches(max_chunksize=1000):
+        for value in batch.to_pylist():
+            number += 1
+            yield Record(Location(label, row=number), value=value)
+
+
+def _parquet_rows(path: Path, ds: DatasetConfig) -> Iterator[Record]:
+    import pyarrow.parquet as pq
+
+    yield from _table_rows(pq.read_table(path), str(path))
+
+
+def _arrow_rows(path: Path, ds: DatasetConfig) -> Iterator[Record]:
+    """Arrow IPC, stream format (what ``datasets`` writes) or file format."""
+    import pyarrow as pa
+
+    try:
+        with pa.memory_map(str(path)) as source:
+            table = pa.ipc.open_stream(source).read_all()
+    except pa.ArrowInvalid:
+        with pa.memory_map(str(path)) as source:
+            table = pa.ipc.open_file(source).read_all()
+    yield from _table_rows(table, str(path))
+
+
+def _saved_rows(source: Source) -> Iterator[Record]:
+    import datasets
+
+    assert source.folder is not None
+    loaded = datasets.load_from_disk(str(source.folder))
+    if isinstance(loaded, datasets.DatasetDict):
+        split = source.config.split
+        if split not in loaded:
+            raise DataError(
+                f"dataset {source.config.path!r}: the saved dataset has no split {split!r} "
+                f"(it has {', '.join(loaded)}); set `split:`."
+            )
+        loaded = loaded[split]
+    yield from _table_rows(loaded, str(source.folder))
+
+
+_READERS = {
+    "jsonl": _jsonl_rows,
+    "json": _json_rows,
+    "csv": _csv_rows,
+    "txt": _txt_rows,
+    "parquet": _parquet_rows,
+    "arrow": _arrow_rows,
+}
