@@ -76,7 +76,7 @@ def build_optimizer(cfg: HellbenderConfig, model: torch.nn.Module) -> torch.opti
 def warmup_steps(cfg: HellbenderConfig, total_steps: int) -> int:
     """Warm-up length: ``warmup_steps`` if given, else ``ceil(warmup_ratio × total)`` (HF's rounding)."""
     if cfg.warmup_steps is not None:
-        return min(cfg.warmup_steps, total_steps)
+        return cfg.warmup_steps
     if cfg.warmup_ratio is not None:
         return math.ceil(cfg.warmup_ratio * total_steps)
     return 0

@@ -1,0 +1,131 @@
+"""Checkpoints: exact round trip of weights/optimizer/scheduler/RNG, atomic publication, rotation."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from hellbender.models.tiny import build_tiny_model
+from hellbender.train import checkpoint as ckpt
+
+
+def trained_setup(seed: int, *, lora: bool = False, tied: bool = False, steps: int = 2):
+    model = build_tiny_model(seed=seed, tie_word_embeddings=tied)
+    if lora:
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (s + 1))
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        ids = torch.randint(0, 320, (2, 12), generator=gen)
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+    return model, opt, sched
+
+
+def assert_state_equal(a: object, b: object) -> None:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys()
+        for k in a:
+            assert_state_equal(a[k], b[k])
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b)  # type: ignore[arg-type]
+        for x, y in zip(a, b, strict=True):  # type: ignore[call-overload]
+            assert_state_equal(x, y)
+    else:
+        assert a == b
+
+
+@pytest.mark.parametrize(("lora", "tied"), [(False, False), (False, True), (True, False)])
+def test_round_trip_is_exact(tmp_path: Path, lora: bool, tied: bool) -> None:
+    model, opt, sched = trained_setup(0, lora=lora, tied=tied)
+    state = ckpt.TrainState(global_step=2, epoch=0, micro_batches_done=4, total_steps=10)
+    random.seed(5)
+    np.random.seed(6)
+    torch.manual_seed(7)
+    path = ckpt.save_checkpoint(tmp_path, model, opt, sched, state)
+    expected_draws = (random.random(), np.random.rand(), torch.rand(3))
+
+    # Different trainable weights and optimizer state (and, for LoRA, the same base: a resumed
+    # run loads the base from base_model, the checkpoint holds only the adapter).
+    other, opt2, sched2 = trained_setup(0 if lora else 1, lora=lora, tied=tied, steps=1)
+    loaded = ckpt.load_checkpoint(path, other, opt2, sched2)
+    assert (loaded.global_step, loaded.micro_batches_done, loaded.total_steps) == (2, 4, 10)
+    for (n, a), (_, b) in zip(model.named_parameters(), other.named_parameters(), strict=True):
+        assert torch.equal(a, b), n
+    assert_state_equal(opt.state_dict(), opt2.state_dict())
+    assert sched.state_dict()["last_epoch"] == sched2.state_dict()["last_epoch"]
+    assert sched.get_last_lr() == sched2.get_last_lr()
+    draws = (random.random(), np.random.rand(), torch.rand(3))
+    assert draws[0] == expected_draws[0] and draws[1] == expected_draws[1]
+    assert torch.equal(draws[2], expected_draws[2])
+    if tied:
+        assert other.lm_head.weight is other.model.embed_tokens.weight
+
+
+def test_checkpoint_files_load_without_pickle(tmp_path: Path) -> None:
+    model, opt, sched = trained_setup(0, lora=True)
+    path = ckpt.save_checkpoint(tmp_path, model, opt, sched, ckpt.TrainState(global_step=1))
+    for name in (ckpt.OPTIMIZER_FILE, ckpt.SCHEDULER_FILE, ckpt.RNG_FILE):
+        torch.load(path / name, weights_only=True)  # raises if anything needs unpickling
+    assert (path / "adapter_model.safetensors").is_file() and (path / "adapter_config.json").is_file()
+
+
+def test_failed_write_leaves_previous_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, opt, sched = trained_setup(0)
+    first = ckpt.save_checkpoint(tmp_path, model, opt, sched, ckpt.TrainState(global_step=1))
+
+    def crash(*args: object, **kwargs: object) -> None:
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(ckpt, "_write_training_state", crash)
+    with pytest.raises(OSError, match="disk full"):
+        ckpt.save_checkpoint(tmp_path, model, opt, sched, ckpt.TrainState(global_step=2))
+    assert not (tmp_path / "checkpoint-2").exists()
+    assert (tmp_path / ".tmp-checkpoint-2").is_dir()  # the half-written folder is not a checkpoint
+    assert ckpt.find_latest_checkpoint(tmp_path) == first
+    assert ckpt.remove_incomplete(tmp_path) == [tmp_path / ".tmp-checkpoint-2"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1"]
+
+
+def test_rotation_keeps_the_newest_by_step(tmp_path: Path) -> None:
+    model, opt, sched = trained_setup(0, lora=True, steps=1)
+    for step in (2, 9, 10, 11):
+        ckpt.save_checkpoint(tmp_path, model, opt, sched, ckpt.TrainState(global_step=step), save_total_limit=2)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["checkpoint-10", "checkpoint-11"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-10", "checkpoint-11"]
+
+
+def test_folder_without_state_file_is_not_complete(tmp_path: Path) -> None:
+    model, opt, sched = trained_setup(0, lora=True, steps=1)
+    good = ckpt.save_checkpoint(tmp_path, model, opt, sched, ckpt.TrainState(global_step=3))
+    (tmp_path / "checkpoint-7").mkdir()  # e.g. a copy interrupted half-way
+    assert ckpt.find_latest_checkpoint(tmp_path) == good
+    with pytest.raises(FileNotFoundError, match="not a complete"):
+        ckpt.read_state(tmp_path / "checkpoint-7")
+
+
+def test_save_only_model_cannot_resume(tmp_path: Path) -> None:
+    model, opt, sched = trained_setup(0, lora=True, steps=1)
+    path = ckpt.save_checkpoint(tmp_path, model, opt, sched, ckpt.TrainState(global_step=1), save_only_model=True)
+    assert not (path / ckpt.OPTIMIZER_FILE).exists()
+    with pytest.raises(ValueError, match="save_only_model"):
+        ckpt.load_checkpoint(path, model, opt, sched)
+
+
+def test_weights_that_do_not_match_are_refused(tmp_path: Path) -> None:
+    model, opt, sched = trained_setup(0, steps=1)
+    path = ckpt.save_checkpoint(tmp_path, model, opt, sched, ckpt.TrainState(global_step=1))
+    bigger = build_tiny_model(seed=0, num_hidden_layers=3)
+    with pytest.raises(ValueError, match="do not match"):
+        ckpt.load_model_weights(bigger, path)
