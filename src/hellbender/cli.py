@@ -124,5 +124,92 @@ def preprocess(config: str, overrides: tuple[str, ...], debug_n: int, rebuild: b
             click.echo(shown)
 
 
+def _log_to_stderr(debug: bool) -> None:
+    """Show hellbender's own log lines (resume, pad token, adapter size) on stderr."""
+    import logging
+
+    logger = logging.getLogger("hellbender")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s" if debug else "%(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG if debug else logging.INFO)
+
+
+def _run_or_exit(cfg, fn, *args, **kwargs):
+    """Run a command; expected failures (bad data, a stopped run, missing files) print one clear
+    message and exit 1 instead of a traceback (``debug: true`` shows the traceback)."""
+    from hellbender.data.errors import DataError
+    from hellbender.train.loop import TrainingStopped
+
+    _log_to_stderr(cfg.debug)
+    try:
+        return fn(*args, **kwargs)
+    except (TrainingStopped, DataError, FileNotFoundError, ValueError) as exc:
+        if cfg.debug:
+            raise
+        click.echo(f"ERROR: {exc}", err=True)
+        sys.exit(1)
+
+
+@main.command()
+@CONFIG
+@OVERRIDES
+def train(config: str, overrides: tuple[str, ...]) -> None:
+    """Fine-tune as CONFIG says; outputs (adapter or model, tokenizer, metrics, loss.png) go to output_dir."""
+    from hellbender.train.run import run_train
+
+    cfg = _load(config, overrides)
+    result = _run_or_exit(cfg, run_train, cfg)
+    last = result.losses.get(result.global_step)
+    summary = f"trained {result.global_step}/{result.total_steps} steps"
+    if last is not None:
+        summary += f", final loss {last:.4f}"
+    if result.evals:
+        summary += f", eval loss {result.evals[max(result.evals)]['eval_loss']:.4f}"
+    click.echo(f"{summary}; outputs in {cfg.output_dir}")
+
+
+@main.command()
+@CONFIG
+@OVERRIDES
+def evaluate(config: str, overrides: tuple[str, ...]) -> None:
+    """Evaluate the trained model of CONFIG (or the base model before training) on the eval split."""
+    from hellbender.train.run import run_evaluate
+
+    cfg = _load(config, overrides)
+    metrics = _run_or_exit(cfg, run_evaluate, cfg)
+    click.echo(json.dumps(metrics, indent=2))
+
+
+@main.command("merge-lora")
+@CONFIG
+@OVERRIDES
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, help="Destination (default output_dir/merged).")
+def merge_lora(config: str, overrides: tuple[str, ...], out_dir: str | None) -> None:
+    """Fold the trained LoRA adapter into the base weights; write a plain Hugging Face model folder."""
+    from hellbender.train.run import run_merge_lora
+
+    cfg = _load(config, overrides)
+    path = _run_or_exit(cfg, run_merge_lora, cfg, out_dir)
+    click.echo(f"merged model written to {path}")
+
+
+@main.command()
+@CONFIG
+@OVERRIDES
+@click.option("--prompt", default=None, help="The user message; without it, every line of stdin is one prompt.")
+@click.option("--max-new-tokens", type=int, default=256, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy (reproducible).")
+def inference(
+    config: str, overrides: tuple[str, ...], prompt: str | None, max_new_tokens: int, temperature: float
+) -> None:
+    """Generate with the trained model of CONFIG through its chat template, streaming tokens."""
+    from hellbender.train.run import run_inference
+
+    cfg = _load(config, overrides)
+    _run_or_exit(cfg, run_inference, cfg, prompt, max_new_tokens=max_new_tokens, temperature=temperature)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
