@@ -93,6 +93,7 @@ class TrainResult:
     evals: dict[int, dict[str, float]] = field(default_factory=dict)
     checkpoints: list[Path] = field(default_factory=list)
     resumed_from: Path | None = None
+    trained_tokens: int = 0  # tokens that contributed to the loss, in the steps this call ran
 
 
 # ---------------------------------------------------------------- data
@@ -361,6 +362,7 @@ def train(
                 state.global_step, state.epoch = step, epoch
                 state.micro_batches_done = first + len(group)
                 result.global_step, result.losses[step] = step, loss
+                result.trained_tokens += int(n_step)
                 tokens = world.all_reduce_sum(float(sum(int(b["num_tokens"]) for b in batches)))
                 window["loss_sum"] += loss * n_step
                 window["trained"] += n_step
@@ -374,7 +376,7 @@ def train(
                 if eval_samples is not None and (
                     _due(**events, strategy=cfg.eval_strategy, every=cfg.eval_steps,
                          per_epoch=cfg.evals_per_epoch, default_epoch_end=False)
-                    or step == total
+                    or (step == total and cfg.eval_strategy != "no")
                 ):  # fmt: skip
                     metrics = evaluate(model, eval_samples, cfg, pad_token_id, world=world)
                     result.evals[step] = metrics

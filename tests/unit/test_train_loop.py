@@ -1,0 +1,205 @@
+"""The training loop against a hand-written PyTorch reference, its step plan, schedules and stops."""
+
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hellbender.config.normalize import Hardware, normalize
+from hellbender.config.schema import HellbenderConfig
+from hellbender.data.packing import build_batch_sampler
+from hellbender.models.tiny import build_tiny_model
+from hellbender.train import checkpoint as ckpt
+from hellbender.train.loop import TrainingStopped, plan_steps, train
+
+PAD = 3
+
+
+def make_samples(n: int, seed: int = 0, lo: int = 5, hi: int = 20) -> list[dict[str, list[int]]]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        ids = [rng.randrange(4, 320) for _ in range(rng.randrange(lo, hi))]
+        prompt = rng.randrange(1, len(ids) - 2)
+        out.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+    return out
+
+
+def make_cfg(tmp_path: Path, hardware: Hardware | None = None, **values: object) -> HellbenderConfig:
+    base = {
+        "base_model": "x",
+        "datasets": [{"path": "x"}],
+        "bf16": False,
+        "sequence_len": 64,
+        "learning_rate": 1e-2,
+        "output_dir": str(tmp_path),
+        "use_tensorboard": False,
+        "save_strategy": "no",
+    }
+    raw = HellbenderConfig.model_validate({**base, **values})
+    return normalize(raw, world_size=1, hardware=hardware or Hardware())[0]
+
+
+def trained_tokens(sample: dict[str, list[int]]) -> int:
+    """Labels predicted after the shift; a document's first token is never predicted."""
+    return sum(1 for x in sample["labels"][1:] if x != -100)
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "max_grad_norm", "packing", "mbs", "gas"),
+    [("sgd", None, True, 1, 3), ("sgd", 0.05, False, 2, 3), ("adamw_torch", 1.0, True, 1, 4)],
+)
+def test_one_step_equals_plain_pytorch(
+    tmp_path: Path, optimizer: str, max_grad_norm: float | None, packing: bool, mbs: int, gas: int
+) -> None:
+    """One optimizer step over all samples equals: every sample alone, losses summed over all
+    trained tokens / their count, clipped, one torch optimizer step. SGD makes any error in the
+    loss normalization show up in the update (Adam's first step would hide a scale error)."""
+    samples = make_samples(6)
+    cfg = make_cfg(
+        tmp_path, optimizer=optimizer, max_grad_norm=max_grad_norm, sample_packing=packing,
+        micro_batch_size=mbs, gradient_accumulation_steps=gas, max_steps=1, learning_rate=0.5,
+        adam_epsilon=1e-3,  # Adam's first step is lr·g/(|g|+eps): a large eps keeps it smooth in g
+    )  # fmt: skip
+    sampler = build_batch_sampler([len(s["input_ids"]) for s in samples], sequence_len=64,
+                                  micro_batch_size=mbs, sample_packing=packing, seed=cfg.seed)  # fmt: skip
+    assert len(sampler) <= gas, "the test needs the whole set in one optimizer step"
+
+    model = build_tiny_model(seed=1)
+    reference = build_tiny_model(seed=1)
+    result = train(cfg, model, samples, None, pad_token_id=PAD)
+
+    total = sum(trained_tokens(s) for s in samples)
+    loss_sum = torch.zeros(())
+    for s in samples:
+        logits = reference(input_ids=torch.tensor([s["input_ids"]]), use_cache=False).logits[0]
+        loss_sum = loss_sum + F.cross_entropy(logits[:-1], torch.tensor(s["labels"][1:]), ignore_index=-100, reduction="sum")
+    (loss_sum / total).backward()
+    if max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), max_grad_norm)
+    if optimizer == "sgd":
+        ref_opt: torch.optim.Optimizer = torch.optim.SGD(reference.parameters(), lr=0.5)
+    else:
+        ref_opt = torch.optim.AdamW(reference.parameters(), lr=0.5, eps=1e-3, weight_decay=0.0)
+    ref_opt.step()
+
+    assert result.losses[1] == pytest.approx(float(loss_sum.detach() / total), rel=1e-6)
+    assert result.trained_tokens == total
+    for (name, a), (_, b) in zip(model.named_parameters(), reference.named_parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-6, msg=name)
+
+
+@pytest.mark.parametrize(
+    ("values", "epochs_seen"),
+    [
+        ({"num_epochs": 2, "gradient_accumulation_steps": 3, "micro_batch_size": 2}, 2),
+        ({"num_epochs": 3, "gradient_accumulation_steps": 2, "sample_packing": True}, 3),
+        ({"num_epochs": 1.5, "gradient_accumulation_steps": 2}, None),
+        ({"max_steps": 17, "gradient_accumulation_steps": 2}, None),
+        ({"max_steps": 4, "num_epochs": 3, "gradient_accumulation_steps": 2}, None),
+    ],
+)
+def test_plan_equals_the_steps_taken(tmp_path: Path, values: dict[str, object], epochs_seen: int | None) -> None:
+    samples = make_samples(11, seed=3)
+    cfg = make_cfg(tmp_path, learning_rate=1e-3, **values)
+    sampler = build_batch_sampler([len(s["input_ids"]) for s in samples], sequence_len=64,
+                                  micro_batch_size=cfg.micro_batch_size, sample_packing=cfg.sample_packing,
+                                  seed=cfg.seed)  # fmt: skip
+    plan = plan_steps(sampler, cfg, cfg.gradient_accumulation_steps or 1)
+    result = train(cfg, build_tiny_model(seed=0), samples, None, pad_token_id=PAD)
+    assert result.total_steps == sum(plan) == result.global_step == len(result.losses)
+    per_epoch = math.ceil(len(sampler) / (cfg.gradient_accumulation_steps or 1))
+    if cfg.max_steps is not None:
+        assert sum(plan) == min(cfg.max_steps, per_epoch * 3 if "num_epochs" in values else cfg.max_steps)
+    if values.get("num_epochs") == 1.5:
+        assert plan[-1] == math.ceil(per_epoch * 0.5) and len(plan) == 2
+    if epochs_seen is not None:
+        # Every trained token of every sample, exactly once per epoch.
+        assert result.trained_tokens == epochs_seen * sum(trained_tokens(s) for s in samples)
+
+
+def test_eval_and_save_schedules(tmp_path: Path) -> None:
+    samples = make_samples(10, seed=4)  # mbs 1, gas 1: 10 steps per epoch, 2 epochs
+    evals = make_samples(3, seed=5)
+    cases = [
+        ({"evals_per_epoch": 2}, {"evals": [5, 10, 15, 20]}),
+        ({"eval_steps": 0.25}, {"evals": [5, 10, 15, 20]}),
+        ({"eval_steps": 7}, {"evals": [7, 14, 20]}),  # the end of training is always evaluated
+        ({"eval_strategy": "epoch", "save_steps": 6, "save_strategy": "steps"}, {"evals": [10, 20], "saves": [6, 12, 18]}),
+        ({"eval_strategy": "no", "saves_per_epoch": 2, "save_strategy": None, "save_total_limit": 3},
+         {"evals": [], "saves": [5, 10, 15, 20], "kept": [10, 15, 20]}),
+        ({"save_strategy": None}, {"evals": [20], "saves": [10, 20]}),  # default: a checkpoint per epoch
+    ]  # fmt: skip
+    for i, (values, want) in enumerate(cases):
+        out = tmp_path / str(i)
+        cfg = make_cfg(out, num_epochs=2, learning_rate=1e-3, **values)
+        result = train(cfg, build_tiny_model(seed=0), samples, evals, pad_token_id=PAD)
+        assert sorted(result.evals) == want["evals"], values
+        assert [int(p.name.split("-")[1]) for p in result.checkpoints] == want.get("saves", []), values
+        if "kept" in want:
+            assert [int(p.name.split("-")[1]) for p in ckpt.list_checkpoints(out)] == want["kept"]
+
+
+def test_eval_loss_is_token_exact(tmp_path: Path) -> None:
+    """eval_loss = Σ loss over all trained tokens of the eval set / their count (any batching)."""
+    from hellbender.train.loop import evaluate
+
+    evals = make_samples(7, seed=6)
+    model = build_tiny_model(seed=2)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for s in evals:
+            logits = model(input_ids=torch.tensor([s["input_ids"]])).logits[0]
+            total += float(F.cross_entropy(logits[:-1], torch.tensor(s["labels"][1:]), reduction="sum"))
+            count += trained_tokens(s)
+    for packing, batch in ((False, 3), (True, 2)):
+        cfg = make_cfg(tmp_path, eval_batch_size=batch, eval_sample_packing=packing)
+        metrics = evaluate(model, evals, cfg, PAD)
+        assert metrics["eval_loss"] == pytest.approx(total / count, rel=1e-5)
+        assert metrics["eval_ppl"] == pytest.approx(math.exp(total / count), rel=1e-5)
+
+
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path: Path) -> None:
+    samples = make_samples(4, seed=7)
+    # A huge SGD step blows the weights up; the loss of the next step overflows to inf/NaN.
+    cfg = make_cfg(tmp_path, optimizer="sgd", learning_rate=1e30, max_grad_norm=None, max_steps=10,
+                   save_steps=1, save_strategy="steps")  # fmt: skip
+    model = build_tiny_model(seed=0)
+    with pytest.raises(TrainingStopped, match=r"the loss is (nan|inf) at step (\d+)") as info:
+        train(cfg, model, samples, None, pad_token_id=PAD)
+    bad_step = int(str(info.value).split(" at step ")[1].split(".")[0].split()[0])
+    last = ckpt.find_latest_checkpoint(tmp_path)
+    assert last is not None and last.name == f"checkpoint-{bad_step - 1}"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    # Nothing of the diverged step was applied: the live weights are the checkpoint's.
+    saved = build_tiny_model(seed=5)
+    ckpt.load_model_weights(saved, last)
+    for (name, a), (_, b) in zip(model.named_parameters(), saved.named_parameters(), strict=True):
+        assert torch.equal(a, b), name
+    records = (tmp_path / "metrics.jsonl").read_text()
+    assert '"stopped": 1.0' in records
+
+
+def test_loss_watchdog(tmp_path: Path) -> None:
+    samples = make_samples(4, seed=8)
+    cfg = make_cfg(tmp_path, max_steps=5, loss_watchdog_threshold=1.0)  # random-init loss ≈ ln(320) ≈ 5.8
+    with pytest.raises(TrainingStopped, match=r"exceeds loss_watchdog_threshold 1\.0"):
+        train(cfg, build_tiny_model(seed=0), samples, None, pad_token_id=PAD)
+
+
+def test_bf16_autocast_keeps_fp32_master_weights(tmp_path: Path) -> None:
+    samples = make_samples(6, seed=9)
+    losses = {}
+    for name, hw, bf16 in (("fp32", Hardware(), False), ("bf16", Hardware(cpu_bf16=True), True)):
+        cfg = make_cfg(tmp_path / name, hardware=hw, bf16=bf16, max_steps=4, micro_batch_size=2)
+        model = build_tiny_model(seed=0)
+        losses[name] = list(train(cfg, model, samples, None, pad_token_id=PAD).losses.values())
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert cfg.compute_dtype == "bfloat16"
+    assert losses["bf16"] != losses["fp32"]  # autocast really ran in bf16 ...
+    assert losses["bf16"] == pytest.approx(losses["fp32"], rel=2e-2)  # ... and trains the same model
