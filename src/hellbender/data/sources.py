@@ -247,16 +247,19 @@ def _json_rows(path: Path, ds: DatasetConfig) -> Iterator[Record]:
     stripped = text.lstrip()
     decoder = json.JSONDecoder()
     if stripped.startswith("{") and ds.field is None:
-        # Objects one after another: JSON Lines under a .json name (datasets accepts that too). A
-        # first object that does not parse is read the same way, so the bad line gets reported.
+        # One object is one row; objects one after another are JSON Lines under a .json name
+        # (datasets reads both so). A first object that does not parse is read as JSON Lines
+        # too, so the bad line gets reported.
+        start = len(text) - len(stripped)
         try:
-            _, end = decoder.raw_decode(text, len(text) - len(stripped))
-            is_lines = bool(text[end:].strip())
+            value, end = decoder.raw_decode(text, start)
+            if not text[end:].strip():
+                yield Record(Location(str(path), line=text.count("\n", 0, start) + 1), value=value)
+                return
         except json.JSONDecodeError:
-            is_lines = True
-        if is_lines:
-            yield from _jsonl_rows(path, ds)
-            return
+            pass
+        yield from _jsonl_rows(path, ds)
+        return
     if ds.field is not None:
         try:
             whole = json.loads(text)
@@ -276,10 +279,6 @@ def _json_rows(path: Path, ds: DatasetConfig) -> Iterator[Record]:
             yield Record(Location(str(path), row=i), value=value)
         return
     if not stripped.startswith("["):
-        if stripped.startswith("{"):
-            raise DataError(
-                f"dataset {ds.path!r}: {path} holds one JSON object; set `field:` to the key that holds the rows."
-            )
         line = text.count("\n", 0, len(text) - len(stripped)) + 1
         yield Record(
             Location(str(path), line=line),
