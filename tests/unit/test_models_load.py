@@ -176,6 +176,19 @@ def test_new_tokens_with_adapter_need_trainable_embeddings(tiny_folder: Path) ->
     assert any("lm_head" in n for n in trainable)
 
 
+def test_new_token_in_spare_rows_still_needs_training(tmp_path: Path) -> None:
+    """A vocabulary padded past len(tokenizer) (as Qwen's is) takes a new token without a resize;
+    its row was never trained, so an adapter run must still train the embeddings."""
+    folder = save_tiny_model_folder(tmp_path / "padded_vocab", seed=SEED, vocab_size=352)
+    cfg = make_cfg(folder, tokens=["<|tool|>"], adapter="lora", lora_target_linear=True)
+    tokenizer = load_tokenizer(cfg)
+    assert tokenizer.convert_tokens_to_ids("<|tool|>") < 352
+    with pytest.raises(ValueError, match="lora_modules_to_save"):
+        load_model(cfg, tokenizer)
+    model = load_model(make_cfg(folder, tokens=["<|tool|>"]), tokenizer)  # full fine-tune: fine
+    assert model.get_input_embeddings().num_embeddings == 352  # never shrunk
+
+
 def _save_tokenizer_folder(tmp_path: Path, name: str, **kwargs: object) -> Path:
     """A model folder whose tokenizer is built with ``kwargs``."""
     tok = build_tiny_tokenizer(**kwargs)  # type: ignore[arg-type]

@@ -53,6 +53,10 @@ PAD_TOKEN_CANDIDATES: tuple[str, ...] = (
     "[PAD]",
 )
 NEW_PAD_TOKEN = "<|pad|>"
+# load_tokenizer records on the tokenizer which tokens it created (pad excluded), so load_model can
+# insist they be trainable even when they fit in spare embedding rows (Qwen pads its vocabulary
+# past len(tokenizer), so a new token there needs no resize but its row was never trained).
+ADDED_TOKENS_ATTR = "hellbender_added_tokens"
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _TRUE = {"1", "on", "yes", "true"}
@@ -183,11 +187,11 @@ def choose_pad_token(tokenizer: PreTrainedTokenizerBase) -> tuple[str, str]:
     vocab = tokenizer.get_vocab()
     for candidate in PAD_TOKEN_CANDIDATES:
         if candidate in vocab and vocab[candidate] not in taken:
-            return candidate, f"the vocabulary's dedicated padding token {candidate!r}"
+            return candidate, "the vocabulary's dedicated padding token"
     unk = tokenizer.unk_token
     if unk is not None and tokenizer.unk_token_id not in taken:
-        return unk, f"the unknown token {unk!r} (distinct from EOS/BOS, not produced by the tokenizer)"
-    return NEW_PAD_TOKEN, f"a new token {NEW_PAD_TOKEN!r} (no unused token available)"
+        return unk, "the unknown token, distinct from EOS/BOS and never produced by the tokenizer"
+    return NEW_PAD_TOKEN, "a new token: the vocabulary has no unused token to reuse"
 
 
 def load_tokenizer(cfg: HellbenderConfig) -> PreTrainedTokenizerBase:
@@ -214,19 +218,22 @@ def load_tokenizer(cfg: HellbenderConfig) -> PreTrainedTokenizerBase:
 
     special = _special_tokens_dict(cfg)
     vocab = tokenizer.get_vocab()
+    added: list[str] = []
     for name, text in special.items():
         if text not in vocab:
             logger.warning("special_tokens.%s %r is not in the vocabulary; it is added as a new token", name, text)
+            added.append(text)
         tokenizer.add_special_tokens({name: AddedToken(text, rstrip=False, lstrip=False, normalized=False)})
 
     if cfg.tokens:
         new = [
             AddedToken(t, rstrip=False, lstrip=False, normalized=False, special=False)
-            for t in cfg.tokens
+            for t in dict.fromkeys(cfg.tokens)
             if t not in tokenizer.get_vocab()
         ]
         if new:
             tokenizer.add_tokens(new)
+            added.extend(t.content for t in new)
             logger.info("added %d token(s) to the vocabulary: %s", len(new), [t.content for t in new])
 
     explicit_pad = "pad_token" in special
@@ -246,10 +253,12 @@ def load_tokenizer(cfg: HellbenderConfig) -> PreTrainedTokenizerBase:
         tokenizer.add_special_tokens({"pad_token": AddedToken(token, normalized=False)})
         logger.warning(
             "pad token: %s -> %r (%s). Set special_tokens.pad_token to choose another.",
-            "none" if old is None else f"{old!r} (same as EOS/BOS)",
+            "none" if old is None else f"{old!r}, the EOS/BOS token,",
             token,
             reason,
         )
+    # The pad row is never attended to nor a target, so it is not recorded as needing training.
+    setattr(tokenizer, ADDED_TOKENS_ATTR, [t for t in added if t != tokenizer.pad_token])
     return tokenizer
 
 
@@ -386,13 +395,13 @@ def _sync_special_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokeniz
 
 
 def _new_trained_tokens(tokenizer: PreTrainedTokenizerBase, rows_before: int) -> list[str]:
-    """Tokens whose ids did not exist in the embedding matrix and that the model must learn."""
+    """Tokens the model must learn from scratch: those :func:`load_tokenizer` added, or, for a
+    tokenizer prepared elsewhere, those beyond the model's original embedding rows (pad excluded)."""
+    recorded = getattr(tokenizer, ADDED_TOKENS_ATTR, None)
+    if recorded is not None:
+        return list(recorded)
     pad = tokenizer.pad_token_id
-    return [
-        tok
-        for tok, idx in tokenizer.get_vocab().items()
-        if idx >= rows_before and idx != pad
-    ]
+    return [tok for tok, idx in tokenizer.get_vocab().items() if idx >= rows_before and idx != pad]
 
 
 def _check_new_tokens_trainable(model: PreTrainedModel, cfg: HellbenderConfig, new_tokens: list[str]) -> None:
@@ -481,6 +490,6 @@ def load_model(cfg: HellbenderConfig, tokenizer: PreTrainedTokenizerBase) -> Pre
         # Only ever grow: many vocabularies are padded past len(tokenizer) on purpose.
         model.resize_token_embeddings(wanted, mean_resizing=True)
         logger.info("embedding rows: %d -> %d", rows_before, wanted)
-        _check_new_tokens_trainable(model, cfg, _new_trained_tokens(tokenizer, rows_before))
+    _check_new_tokens_trainable(model, cfg, _new_trained_tokens(tokenizer, rows_before))
     _sync_special_token_ids(model, tokenizer)
     return apply_adapter(model, cfg)
