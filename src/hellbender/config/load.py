@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -61,13 +61,21 @@ AXOLOTL_KEYS_NOT_SUPPORTED: dict[str, str] = {
     "chat_template_jinja": "put the jinja string in `chat_template`",
     "evaluation_strategy": "use eval_strategy",
     "local_rank": "set by the launcher (torchrun), not in the config",
+    "loss_watchdog_patience": "the loss watchdog's patience is not supported yet",
+    "eval_table_size": "prediction tables in W&B are not supported yet",
+    "eval_max_new_tokens": "generation during evaluation is not supported yet",
+    "save_first_step": "saving a checkpoint after the first step is not supported yet",
 }
 
 # Keys that normalization derives; users must not set them.
 DERIVED_KEYS = {"compute_dtype", "world_size"}
 
 
-def _yaml_error(exc: yaml.YAMLError, source: str) -> ConfigError:
+def _yaml_error(exc: yaml.YAMLError | RecursionError, source: str) -> ConfigError:
+    if isinstance(exc, RecursionError):
+        # PyYAML's parser is recursive: a few hundred nested brackets exhaust the stack
+        # before it can report anything, so say so instead of dying with a traceback.
+        exc = yaml.YAMLError("the document is nested too deeply to parse")
     mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
     problem = getattr(exc, "problem", None) or str(exc)
     where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "unknown position"
@@ -88,10 +96,16 @@ def _key_lines(text: str) -> dict[str, int]:
     lines: dict[str, int] = {}
     try:
         root = yaml.compose(text)
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):
         return lines
+    walked: set[int] = set()
 
     def walk(node: yaml.Node, prefix: str) -> None:
+        # An alias is the same node object as its anchor: walking it again would only repeat
+        # paths, and nested aliases ("billion laughs") would make that exponential.
+        if id(node) in walked:
+            return
+        walked.add(id(node))
         if isinstance(node, yaml.MappingNode):
             for key_node, value_node in node.value:
                 path = f"{prefix}.{key_node.value}" if prefix else str(key_node.value)
@@ -112,7 +126,7 @@ def parse_yaml(text: str, source: str = "<config>") -> dict[str, Any]:
     """Parse YAML text into a mapping, with line/column on syntax errors."""
     try:
         data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, RecursionError) as exc:
         raise _yaml_error(exc, source) from None
     if data is None:
         return {}
@@ -133,14 +147,14 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         path, _, raw_value = item.partition("=")
         try:
             value = yaml.safe_load(raw_value) if raw_value != "" else None
-        except yaml.YAMLError as exc:
+        except (yaml.YAMLError, RecursionError) as exc:
             raise _yaml_error(exc, f"override {path}") from None
         parts = path.strip().split(".")
         node: Any = data
         for i, part in enumerate(parts):
             last = i == len(parts) - 1
             if isinstance(node, list):
-                if not part.isdigit() or int(part) >= len(node):
+                if not part.isdecimal() or int(part) >= len(node):
                     raise ConfigError(
                         [Finding("HB003", "error", f"override {path}: {part!r} is not an index of a list of {len(node)}")]
                     )
@@ -237,14 +251,9 @@ def unknown_key_findings(data: dict[str, Any], lines: dict[str, int] | None = No
                     if isinstance(item, dict):
                         check(item, sub, f"{path}.{i}")
 
+    # A dataset `type:` given as a mapping is checked as a UserDefinedFormat by the walk itself
+    # (_nested_model finds it in the union).
     check(data, HellbenderConfig, "")
-    # dataset `type:` given as a mapping is a user-defined format: check its keys too
-    for list_key in ("datasets", "test_datasets"):
-        for i, ds in enumerate(data.get(list_key) or []):
-            if isinstance(ds, dict) and isinstance(ds.get("type"), dict):
-                from hellbender.config.schema import UserDefinedFormat
-
-                check(ds["type"], UserDefinedFormat, f"{list_key}.{i}.type")
     return findings
 
 
@@ -278,9 +287,38 @@ def _type_findings(exc: ValidationError, data: dict[str, Any], lines: dict[str, 
     return findings
 
 
+def _drop_unset_nulls(mapping: dict[Any, Any], model: type[BaseModel]) -> dict[Any, Any]:
+    """Remove keys whose empty value means "not set", so they take their default.
+
+    Axolotl's own example configs list options with an empty value (``fp16:``, ``local_rank:``,
+    ``deepspeed:``) to mean "unset"; rejecting those nulls would break "an Axolotl YAML loads
+    unchanged". A null is kept only where it is itself a meaningful value different from the
+    default (``max_grad_norm: null`` turns clipping off), and for unknown keys, which stay errors
+    because an empty typo is still a typo. A null Axolotl-only key asks for nothing, so it goes too.
+    """
+    out: dict[Any, Any] = {}
+    for key, value in mapping.items():
+        if value is None:
+            field = model.model_fields.get(key) if isinstance(key, str) else None
+            if field is not None:
+                accepts_none = field.annotation is Any or type(None) in get_args(field.annotation)
+                if field.default is None or not accepts_none:
+                    continue
+            elif model is HellbenderConfig and key in AXOLOTL_KEYS_NOT_SUPPORTED:
+                continue
+        out[key] = value
+    return out
+
+
 def validate_mapping(data: dict[str, Any], source: str = "<config>", text: str | None = None) -> HellbenderConfig:
     """Turn a parsed mapping into a config object (not yet normalized); raises ConfigError."""
     lines = _key_lines(text) if text else {}
+    data = _drop_unset_nulls(data, HellbenderConfig)
+    for list_key in ("datasets", "test_datasets"):
+        if isinstance(data.get(list_key), list):
+            data[list_key] = [
+                _drop_unset_nulls(ds, DatasetConfig) if isinstance(ds, dict) else ds for ds in data[list_key]
+            ]
     findings = unknown_key_findings(data, lines)
     if findings:
         raise ConfigError(findings)

@@ -167,6 +167,18 @@ def _batch_sizes(cfg: HellbenderConfig, dp_world: int, findings: list[Finding]) 
                     key="batch_size",
                 )
             )
+        else:
+            # consistent, but setting batch_size is still deprecated: say so, like the derived case
+            findings.append(
+                Finding(
+                    "HB120",
+                    "warning",
+                    f"setting batch_size is deprecated; it already equals micro_batch_size {mbs} × "
+                    f"gradient_accumulation_steps {gas} × data-parallel ranks {dp_world}.",
+                    fix="Remove `batch_size` (hellbender validate --fix does this).",
+                    key="batch_size",
+                )
+            )
         return gas, mbs * gas * dp_world
     if cfg.batch_size % per_step:
         findings.append(
