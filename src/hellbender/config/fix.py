@@ -8,43 +8,110 @@ Only findings with one obviously right rewrite are fixed: a deprecated ``batch_s
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from hellbender.config.normalize import LEGACY_ATTN_FLAGS
 from hellbender.config.schema import HellbenderConfig
 
 
+def _replace_keys(data: Any, old_keys: list[str], new_key: str | None, value: Any) -> None:
+    """Replace ``old_keys`` by ``new_key: value`` at the first old key's place, keeping comments.
+
+    ruamel stores the comment at the end of a key's line, and the comment lines that follow it,
+    with that key; deleting the key would silently drop them. They move to the new key's line, or,
+    when nothing replaces the keys, become full-line comments before the next key (attaching them
+    to the previous key would misplace them when its value is a block list or mapping).
+    """
+    from ruamel.yaml.error import CommentMark
+    from ruamel.yaml.tokens import CommentToken
+
+    keys = list(data.keys())
+    # in file order, so nothing before the first old key is deleted and its index stays valid
+    old_keys = sorted(old_keys, key=keys.index)
+    position = keys.index(old_keys[0])
+    after = [k for k in keys[keys.index(old_keys[-1]) + 1 :] if k not in old_keys]
+    texts = [data.ca.items.pop(k)[2].value for k in old_keys if k in data.ca.items and data.ca.items[k][2] is not None]
+    for key in old_keys:
+        del data[key]
+    if new_key is not None:
+        data.insert(position, new_key, value)
+    if not texts:
+        return
+    # One comment text. A text starting with a newline had no end-of-line comment (the newline
+    # ends the key's own line); a later key's end-of-line comment becomes a full line of its own.
+    text = texts[0] + "".join(t.lstrip(" ").removeprefix("\n") for t in texts[1:])
+    if new_key is not None:
+        data.ca.items.setdefault(new_key, [None, None, None, None])[2] = CommentToken(text, CommentMark(0))
+    elif after:
+        body = text.lstrip(" ").removeprefix("\n").rstrip("\n")
+        lines = [CommentToken(line.lstrip(" ") + "\n", CommentMark(0)) for line in body.split("\n")]
+        slot = data.ca.items.setdefault(after[0], [None, None, None, None])
+        slot[1] = lines + (slot[1] or [])
+    elif position > 0 and not isinstance(data[keys[position - 1]], dict | list):
+        # the removed key was the last one: its comment can only follow the previous scalar line
+        slot = data.ca.items.setdefault(keys[position - 1], [None, None, None, None])
+        previous = slot[2].value if slot[2] is not None else ""
+        slot[2] = CommentToken(previous.rstrip("\n") + ("\n" if previous else "") + text.lstrip(" "), CommentMark(0))
+
+
+def _mapping_indent(text: str) -> int:
+    """Indentation of nested mappings in ``text`` (ruamel's guess covers only block lists)."""
+    parent_indent, parent_opens = 0, False
+    for line in text.splitlines():
+        stripped = line.lstrip(" ")
+        if not stripped or stripped.startswith("#"):
+            continue
+        indent = len(line) - len(stripped)
+        if parent_opens and indent > parent_indent and not stripped.startswith("-"):
+            return indent - parent_indent
+        parent_indent = indent
+        parent_opens = stripped.rstrip().endswith(":") and not stripped.startswith("-")
+    return 2
+
+
 def fix_file(path: str | Path, cfg: HellbenderConfig) -> list[str]:
     """Rewrite ``path`` in place; ``cfg`` is the normalized config. Returns what was changed."""
     from ruamel.yaml import YAML
+    from ruamel.yaml.util import load_yaml_guess_indent
 
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
     yaml = YAML()  # round-trip: comments and order survive
     yaml.preserve_quotes = True
-    yaml.indent(mapping=2, sequence=4, offset=2)  # the layout Axolotl examples use
-    path = Path(path)
-    data = yaml.load(path.read_text(encoding="utf-8"))
+    # Write back in the file's own layout, so the only lines that change are the fixed ones:
+    # its indentation, `[{path: a}]` kept with braces, and long lines (jinja templates) not folded.
+    _, seq_indent, dash_offset = load_yaml_guess_indent(text)
+    if dash_offset is None:  # no block list to learn from: Axolotl's layout
+        seq_indent, dash_offset = 4, 2
+    yaml.indent(mapping=_mapping_indent(text), sequence=seq_indent, offset=dash_offset)
+    yaml.brace_single_entry_mapping_in_flow_sequence = True
+    yaml.width = 1 << 16
+    data = yaml.load(text)
     changes: list[str] = []
+    if not isinstance(data, dict):
+        return changes  # nothing mechanical to do (the findings already say what is wrong)
 
-    if "batch_size" in data:
-        keys = list(data.keys())
-        position = keys.index("batch_size")
-        del data["batch_size"]
-        if "gradient_accumulation_steps" not in data:
-            data.insert(position, "gradient_accumulation_steps", cfg.gradient_accumulation_steps)
+    # Only a batch_size that normalization accepted has one right rewrite: when it did not divide
+    # evenly or contradicted the other two (HB121/HB122), the user has to choose.
+    if "batch_size" in data and data["batch_size"] is not None and data["batch_size"] == cfg.batch_size:
+        if "gradient_accumulation_steps" not in data or data["gradient_accumulation_steps"] is None:
+            gas_key = ["gradient_accumulation_steps"] if "gradient_accumulation_steps" in data else []
+            _replace_keys(data, ["batch_size", *gas_key], "gradient_accumulation_steps", cfg.gradient_accumulation_steps)
             changes.append(f"batch_size → gradient_accumulation_steps: {cfg.gradient_accumulation_steps}")
         else:
+            _replace_keys(data, ["batch_size"], None, None)
             changes.append("removed batch_size (derived from micro_batch_size × gradient_accumulation_steps)")
 
     legacy = [flag for flag in LEGACY_ATTN_FLAGS if flag in data]
     enabled = {LEGACY_ATTN_FLAGS[f] for f in legacy if data[f]}
     if legacy and len(enabled | ({data["attn_implementation"]} if data.get("attn_implementation") else set())) <= 1:
-        position = list(data.keys()).index(legacy[0])
-        for flag in legacy:
-            del data[flag]
-        if enabled and "attn_implementation" not in data:
+        if enabled and not data.get("attn_implementation"):
             backend = next(iter(enabled))
-            data.insert(position, "attn_implementation", backend)
+            stale = ["attn_implementation"] if "attn_implementation" in data else []
+            _replace_keys(data, [*legacy, *stale], "attn_implementation", backend)
             changes.append(f"{', '.join(legacy)} → attn_implementation: {backend}")
         else:
+            _replace_keys(data, legacy, None, None)
             changes.append(f"removed legacy flags {', '.join(legacy)}")
 
     if changes:
