@@ -12,7 +12,6 @@ import sys
 import click
 
 from hellbender import __version__
-from hellbender.config.normalize import configure_allocator_env
 
 CONFIG = click.argument("config", type=click.Path(exists=True, dir_okay=False))
 OVERRIDES = click.argument("overrides", nargs=-1)
@@ -43,7 +42,10 @@ def main() -> None:
     Every command takes a CONFIG file and optional key=value overrides (dotted paths for nested
     keys, values parsed as YAML), e.g. `hellbender train cfg.yaml lora_r=16 datasets.0.path=x.jsonl`.
     """
-    # Must happen before torch is imported anywhere in this process.
+    # Must happen before torch is imported anywhere in this process. Imported here, not at the
+    # top: the config modules build the pydantic schema (~0.15 s), which `--help` never needs.
+    from hellbender.config.normalize import configure_allocator_env
+
     configure_allocator_env()
 
 
