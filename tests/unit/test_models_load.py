@@ -176,6 +176,19 @@ def test_new_tokens_with_adapter_need_trainable_embeddings(tiny_folder: Path) ->
     assert any("lm_head" in n for n in trainable)
 
 
+def test_tied_embeddings_need_only_one_of_the_two_names(tmp_path: Path) -> None:
+    folder = save_tiny_model_folder(tmp_path / "tied", seed=SEED, tie_word_embeddings=True)
+    base = {"tokens": ["<|tool|>"], "adapter": "lora", "lora_target_linear": True}
+    tokenizer = load_tokenizer(make_cfg(folder, **base))
+    with pytest.raises(ValueError, match="lora_modules_to_save"):
+        load_model(make_cfg(folder, **base), tokenizer)
+    model = load_model(make_cfg(folder, lora_modules_to_save=["embed_tokens"], **base), tokenizer)
+    emb = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    assert emb.weight.requires_grad
+    assert emb.weight.data_ptr() == head.weight.data_ptr()  # still one matrix
+
+
 def test_new_token_in_spare_rows_still_needs_training(tmp_path: Path) -> None:
     """A vocabulary padded past len(tokenizer) (as Qwen's is) takes a new token without a resize;
     its row was never trained, so an adapter run must still train the embeddings."""

@@ -412,7 +412,10 @@ def _check_new_tokens_trainable(model: PreTrainedModel, cfg: HellbenderConfig, n
     in_name = _leaf_module_name(model, model.get_input_embeddings())
     out_emb = model.get_output_embeddings()
     needed = {in_name} | ({_leaf_module_name(model, out_emb)} if out_emb is not None else set())
-    if not needed <= saved:
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    # Tied embeddings are one matrix: training either name trains both (peft keeps them tied).
+    covered = bool(saved & needed) if tied else needed <= saved
+    if not covered:
         raise ValueError(
             f"{len(new_tokens)} new token(s) were added ({new_tokens[:5]}), but with adapter: {cfg.adapter} "
             "the embedding matrices are frozen, so their rows would stay random. Add "
