@@ -100,6 +100,7 @@ def config_schema() -> None:
 def preprocess(config: str, overrides: tuple[str, ...], debug_n: int, rebuild: bool) -> None:
     """Tokenize and mask the datasets of CONFIG into the cache that `train` reuses."""
     from rich.console import Console
+    from rich.text import Text
 
     from hellbender.data.errors import DataError
     from hellbender.data.prepare import prepare_datasets
@@ -118,7 +119,8 @@ def preprocess(config: str, overrides: tuple[str, ...], debug_n: int, rebuild: b
     color = console.is_terminal and not console.no_color
     for i in range(min(debug_n, len(prepared.train))):
         row = prepared.train[i]
-        console.rule(f"example {i} ({row['length']} tokens)" + ("" if color else "; trained text in [brackets]"))
+        title = f"example {i} ({row['length']} tokens)" + ("" if color else "; trained text in [brackets]")
+        console.rule(Text(title))  # a Text, so the brackets are not read as rich markup
         shown = format_example(row["input_ids"], row["labels"], tokenizer, color=color)
         if color:
             console.print(shown)
@@ -130,9 +132,20 @@ def _log_to_stderr(debug: bool) -> None:
     """Show hellbender's own log lines (resume, pad token, adapter size) on stderr."""
     import logging
 
+    class CurrentStderr(logging.StreamHandler):
+        # Resolve sys.stderr at each write: a handler holding the stream of the moment breaks
+        # once that stream is swapped and closed (click's test runner does exactly that).
+        @property
+        def stream(self):  # type: ignore[override]
+            return sys.stderr
+
+        @stream.setter
+        def stream(self, value) -> None:
+            pass
+
     logger = logging.getLogger("hellbender")
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = CurrentStderr()
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s" if debug else "%(message)s"))
         logger.addHandler(handler)
     logger.setLevel(logging.DEBUG if debug else logging.INFO)

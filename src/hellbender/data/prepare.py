@@ -78,6 +78,24 @@ def prepare_datasets(cfg: HellbenderConfig, tokenizer: Any, *, rebuild: bool = F
     id, an unusable template, a bad row under ``on_bad_row: error`` (named by file and line), or
     no training sample left.
     """
+    train, evaluation, ingredients = _plan(cfg, tokenizer)
+    final = prepared_root(cfg).resolve() / cache_key(ingredients)
+    if not rebuild and is_complete(final):
+        return load_prepared(final, from_cache=True)
+    with atomic_folder(final) as tmp:
+        _build(cfg, tokenizer, train, evaluation, tmp, final)
+        write_meta(tmp, ingredients)  # last: its presence marks the folder complete
+    return load_prepared(final, from_cache=False)
+
+
+def cache_key_for(cfg: HellbenderConfig, tokenizer: Any) -> tuple[str, dict[str, Any]]:
+    """The cache key of ``cfg`` with ``tokenizer``, and what it is made of (nothing is built)."""
+    _, _, ingredients = _plan(cfg, tokenizer)
+    return cache_key(ingredients), ingredients
+
+
+def _plan(cfg: HellbenderConfig, tokenizer: Any) -> tuple[list[_Entry], list[_Entry], dict[str, Any]]:
+    """Resolve every dataset entry and its format, and compute the cache ingredients."""
     if not cfg.datasets:
         raise DataError("no training datasets: `datasets:` is empty.")
     train = [_entry(ds, cfg, tokenizer, "train") for ds in cfg.datasets]
@@ -88,13 +106,7 @@ def prepare_datasets(cfg: HellbenderConfig, tokenizer: Any, *, rebuild: bool = F
         [_ingredient(e) for e in train],
         [_ingredient(e) for e in evaluation],
     )
-    final = prepared_root(cfg).resolve() / cache_key(ingredients)
-    if not rebuild and is_complete(final):
-        return load_prepared(final, from_cache=True)
-    with atomic_folder(final) as tmp:
-        _build(cfg, tokenizer, train, evaluation, tmp, final)
-        write_meta(tmp, ingredients)  # last: its presence marks the folder complete
-    return load_prepared(final, from_cache=False)
+    return train, evaluation, ingredients
 
 
 def load_prepared(folder: Path, *, from_cache: bool) -> PreparedData:

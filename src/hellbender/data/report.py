@@ -87,38 +87,51 @@ class PrepReport:
     # -------------------------------------------------------------- rendering
 
     def table(self) -> Any:
-        """The summary as a rich renderable (a table with a caption)."""
+        """The counts as a rich table: one row per dataset, numbers only, so it fits 80 columns.
+
+        Which reasons make up "bad" and "dropped" is listed under the table
+        (:meth:`reason_lines`).
+        """
+        from rich import box
         from rich.table import Table
 
-        table = Table(title="Prepared datasets" + (" (from cache)" if self.from_cache else ""), title_justify="left")
-        for col, just in (
-            ("dataset", "left"),
-            ("split", "left"),
-            ("type", "left"),
-            ("rows read", "right"),
-            ("kept", "right"),
-            ("bad rows skipped", "left"),
-            ("dropped", "left"),
-            ("truncated", "right"),
-            ("tokens", "right"),
-            ("trained", "right"),
-        ):
-            table.add_column(col, justify=just)  # type: ignore[arg-type]
+        table = Table(
+            title="Prepared datasets" + (" (from cache)" if self.from_cache else ""),
+            title_justify="left",
+            box=box.SIMPLE_HEAD,
+            pad_edge=False,
+        )
+        table.add_column("dataset", overflow="fold", ratio=1)
+        for col in ("read", "kept", "bad", "dropped", "trunc.", "tokens", "trained"):
+            table.add_column(col, justify="right", no_wrap=True)
         for d in self.datasets:
-            kept = f"{d.kept:,}" + (f" (+{d.extra_chunks:,} chunks)" if d.extra_chunks else "")
+            kept = f"{d.kept:,}" + (f" (+{d.extra_chunks:,})" if d.extra_chunks else "")
             table.add_row(
-                d.name,
-                d.split,
-                d.format,
+                f"{_short(d.name)} ({d.split}, {d.format})",
                 f"{d.rows_read:,}",
                 kept,
-                _reasons(d.bad, BAD_ROW_REASONS),
-                _reasons(d.dropped, DROP_REASONS),
+                f"{sum(d.bad.values()):,}",
+                f"{sum(d.dropped.values()):,}",
                 f"{d.truncated:,}",
                 f"{d.tokens:,}",
                 f"{d.trained_tokens:,}",
             )
         return table
+
+    def reason_lines(self) -> list[str]:
+        """Per dataset, what the bad and dropped counts consist of."""
+        lines = []
+        for d in self.datasets:
+            parts = []
+            if d.bad:
+                parts.append("bad rows skipped: " + _reasons(d.bad, BAD_ROW_REASONS))
+            if d.dropped:
+                parts.append("dropped: " + _reasons(d.dropped, DROP_REASONS))
+            if d.extra_chunks:
+                parts.append(f"long texts split into {d.extra_chunks:,} extra chunks")
+            if parts:
+                lines.append(f"{_short(d.name)} ({d.split}): " + "; ".join(parts))
+        return lines
 
     def summary_lines(self) -> list[str]:
         """The lines printed under the table: totals, lengths, where things are."""
@@ -150,10 +163,10 @@ class PrepReport:
 
         console = console or Console()
         console.print(self.table())
-        for line in self.summary_lines():
-            console.print(line, highlight=False, markup=False)
+        for line in self.reason_lines() + self.summary_lines():
+            console.print(line, highlight=False, markup=False, soft_wrap=True)
 
-    def render(self, width: int = 160) -> str:
+    def render(self, width: int = 100) -> str:
         """The table and summary as plain text (for logs and tests)."""
         import io
 
@@ -162,6 +175,11 @@ class PrepReport:
         buf = io.StringIO()
         self.print(Console(file=buf, width=width, color_system=None, force_terminal=False))
         return buf.getvalue()
+
+
+def _short(name: str, width: int = 40) -> str:
+    """Long paths keep their informative end (the file name) in the table."""
+    return name if len(name) <= width else "…" + name[-(width - 1) :]
 
 
 def _reasons(counts: dict[str, int], names: dict[str, str]) -> str:
