@@ -1,0 +1,151 @@
+"""Apply every memory / speed optimization a config asks for to a model — and take them off again.
+
+Order matters and is fixed here:
+
+1. fused LoRA kernels (they replace peft's projection / MLP forwards),
+2. Liger kernels (norms, gated activation, RoPE, LayerNorm),
+3. tiled MLP (wraps whatever MLP forward steps 1–2 left, so it tiles the fused one),
+4. gradient checkpointing (wraps whole decoder layers),
+5. torch.compile (compiles each decoder layer including everything above).
+
+The loss replacements (chunked / cut / Liger cross-entropy) are not patches: the loop calls
+:func:`hellbender.kernels.loss.loss_sum`. Activation offloading is a context the loop enters
+around forward + backward (:func:`hellbender.kernels.offload.activation_offloading`). Both are
+validated here, so a config that cannot work on this model fails before the first step.
+
+Everything is recorded in a :class:`~hellbender.kernels.patching.Patches` log kept per model;
+:func:`undo_optimizations` restores the model exactly (the tests rely on it to compare the
+optimized path with the plain one on the same weights).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import weakref
+from collections.abc import Iterator
+
+from torch import nn
+
+from hellbender.config.schema import HellbenderConfig
+from hellbender.kernels.liger import LIGER_KEYS
+from hellbender.kernels.loss import loss_method
+from hellbender.kernels.model_parts import model_device, output_head
+from hellbender.kernels.patching import Patches
+
+logger = logging.getLogger(__name__)
+
+_APPLIED: weakref.WeakKeyDictionary[nn.Module, Patches] = weakref.WeakKeyDictionary()
+
+
+def _has_lora(model: nn.Module) -> bool:
+    return any(hasattr(m, "lora_A") and hasattr(m, "get_base_layer") for m in model.modules())
+
+
+def apply_optimizations(model: nn.Module, cfg: HellbenderConfig) -> nn.Module:
+    """Patch ``model`` in place for ``cfg``'s optimizations and return it.
+
+    Raises ``ValueError`` / ``RuntimeError`` with the reason when an option cannot work on this
+    model or machine (Liger without a GPU, a fused LoRA kernel over DoRA, ...); on error nothing
+    stays patched.
+    """
+    if model in _APPLIED:
+        raise RuntimeError("optimizations are already applied to this model; call undo_optimizations(model) first")
+    patches = Patches()
+    try:
+        _apply(model, cfg, patches)
+    except BaseException:
+        patches.undo()
+        raise
+    _APPLIED[model] = patches
+    return model
+
+
+def _apply(model: nn.Module, cfg: HellbenderConfig, patches: Patches) -> None:
+    device = model_device(model)
+    liger_on = [k for k in LIGER_KEYS if getattr(cfg, k)]
+    if liger_on:
+        from hellbender.kernels.liger import require_liger
+
+        require_liger(", ".join(liger_on), device)
+    if cfg.liger_glu_activation and cfg.lora_mlp_kernel:
+        raise ValueError("liger_glu_activation and lora_mlp_kernel both replace the MLP forward; keep one")
+
+    lora_kernels = [k for k in ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel") if getattr(cfg, k)]
+    if lora_kernels and not _has_lora(model):
+        patches.note(f"{', '.join(lora_kernels)}: ignored, the model has no LoRA adapter")
+    elif lora_kernels:
+        from hellbender.kernels import lora_fused
+
+        if cfg.lora_mlp_kernel:
+            lora_fused.patch_lora_mlp(model, patches)
+        if cfg.lora_qkv_kernel:
+            lora_fused.patch_lora_qkv(model, patches)
+        if cfg.lora_o_kernel:
+            lora_fused.patch_lora_o(model, patches)
+
+    if liger_on:
+        from hellbender.kernels import liger
+
+        if cfg.liger_rms_norm:
+            liger.patch_rms_norm(model, patches)
+        if cfg.liger_glu_activation:
+            liger.patch_glu(model, patches)
+        if cfg.liger_rope:
+            liger.patch_rope(model, patches)
+        if cfg.liger_layer_norm:
+            liger.patch_layer_norm(model, patches)
+
+    if cfg.tiled_mlp:
+        from hellbender.kernels.tiled_mlp import patch_tiled_mlp
+
+        patch_tiled_mlp(model, cfg.tiled_mlp_num_shards, patches)
+
+    if cfg.gradient_checkpointing:
+        from hellbender.kernels.checkpointing import enable_checkpointing
+
+        enable_checkpointing(model, cfg.gradient_checkpointing, cfg.gradient_checkpointing_kwargs, patches)
+
+    if cfg.activation_offloading:
+        if not cfg.gradient_checkpointing:
+            raise ValueError("activation_offloading needs gradient_checkpointing (rule HB108)")
+        patches.note(f"activation_offloading: {cfg.activation_offloading} (the loop's activation_offloading context)")
+
+    method = loss_method(cfg)
+    if method in ("chunked", "cut", "liger_fused_linear"):
+        output_head(model)  # refuses heads a fused loss cannot reproduce, before the first step
+        if method == "cut":
+            from hellbender.kernels.cut_ce import cut_available
+
+            if not cut_available():
+                raise RuntimeError("cut_cross_entropy: true needs the cut-cross-entropy package: pip install 'hellbender[gpu]'")
+        patches.note(f"loss: {method} (hellbender.kernels.loss.loss_sum)")
+
+    if cfg.torch_compile:
+        from hellbender.kernels.compile import compile_layers
+
+        compile_layers(model, cfg.torch_compile_backend, patches)
+
+
+def undo_optimizations(model: nn.Module) -> nn.Module:
+    """Remove every patch :func:`apply_optimizations` made on ``model`` (no-op if none)."""
+    patches = _APPLIED.pop(model, None)
+    if patches is not None:
+        patches.undo()
+    return model
+
+
+def describe(model: nn.Module) -> list[str]:
+    """Human-readable list of what is applied to ``model`` (for the run log)."""
+    patches = _APPLIED.get(model)
+    return list(patches.applied) if patches is not None else []
+
+
+@contextlib.contextmanager
+def optimized(model: nn.Module, cfg: HellbenderConfig) -> Iterator[nn.Module]:
+    """``with optimized(model, cfg) as m:`` — the optimizations on inside the block only."""
+    apply_optimizations(model, cfg)
+    try:
+        yield model
+    finally:
+        undo_optimizations(model)

@@ -1,0 +1,79 @@
+"""The two options that compile on first use: torch_compile, and cut_cross_entropy's CPU path.
+
+Both pay a one-off compile (inductor generates and builds C++ on CPU: 15–50 s here), so each is
+tested exactly once and marked slow. Tolerances (fp32): loss rtol 1e-5, gradients rtol 1e-4 /
+atol 1e-6 — inductor fuses and reorders elementwise work, which changes roundings only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from hellbender.config.schema import HellbenderConfig
+from hellbender.kernels import loss_sum, optimized
+from hellbender.kernels.testing import graph_node_names
+from hellbender.models.tiny import build_tiny_model
+
+
+def _step(model: torch.nn.Module, cfg: HellbenderConfig, ids: torch.Tensor, labels: torch.Tensor):
+    model.zero_grad(set_to_none=True)
+    loss = loss_sum(model, {"input_ids": ids}, labels, cfg)
+    nodes = graph_node_names(loss)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, nodes
+
+
+def _check(options: dict[str, Any]) -> set[str]:
+    model = build_tiny_model(vocab_size=500, seed=0).train()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(4, 500, (2, 24), generator=g)
+    labels = ids.clone()
+    labels[0, :5] = -100
+    ref_loss, ref_grads, _ = _step(model, HellbenderConfig(base_model="tiny"), ids, labels)
+    cfg = HellbenderConfig(base_model="tiny", **options)
+    with optimized(model, cfg):
+        loss, grads, nodes = _step(model, cfg, ids, labels)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    assert grads.keys() == ref_grads.keys()
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6)
+    return nodes
+
+
+@pytest.mark.slow
+def test_torch_compile_with_checkpointing_matches_plain_path() -> None:
+    """Regional compile of each decoder layer, checkpointed, chunked loss: same numbers, and the
+    compiled graphs really ran (inductor's compiled backward node is in the graph)."""
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    nodes = _check({"torch_compile": True, "gradient_checkpointing": True, "chunked_cross_entropy": True})
+    assert counters["stats"]["unique_graphs"] >= 1
+    assert "CompiledFunctionBackward" in nodes, sorted(nodes)
+
+
+@pytest.mark.slow
+def test_cut_cross_entropy_matches_plain_path() -> None:
+    pytest.importorskip("cut_cross_entropy")
+    nodes = _check({"cut_cross_entropy": True})
+    assert "CompiledFunctionBackward" in nodes  # cut's torch_compile implementation on CPU
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cut_cross_entropy_triton_kernel_matches_plain_path_on_gpu() -> None:
+    pytest.importorskip("cut_cross_entropy")
+    model = build_tiny_model(vocab_size=500, seed=0).cuda().train()
+    ids = torch.randint(4, 500, (2, 24), device="cuda")
+    ref = loss_sum(model, {"input_ids": ids}, ids, HellbenderConfig(base_model="tiny"))
+    ref_grads = torch.autograd.grad(ref, list(model.parameters()))
+    cfg = HellbenderConfig(base_model="tiny", cut_cross_entropy=True)
+    with optimized(model, cfg):
+        got = loss_sum(model, {"input_ids": ids}, ids, cfg)
+        grads = torch.autograd.grad(got, list(model.parameters()))
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    for a, b in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)  # CCE skips sub-eps softmax blocks
