@@ -1,0 +1,128 @@
+"""A run SIGKILLed while writing a checkpoint resumes from the last complete one, exactly.
+
+The child process is the real ``hellbender train`` command; the only thing the test adds is a
+pause inside the second checkpoint write (after the weights and the optimizer state are on disk,
+before the state file and the rename), announced through a marker file so the parent can kill the
+child at exactly that moment. The parent then resumes with ``auto_resume_from_checkpoints`` and
+compares every loss after the resume point, and the final adapter, with an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from hellbender.config.normalize import load_config
+from hellbender.models.tiny import save_tiny_model_folder
+from hellbender.train import checkpoint as ckpt
+from hellbender.train.metrics import read_metrics
+from hellbender.train.run import run_train
+
+CHILD = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from hellbender.train import checkpoint as ckpt
+
+    marker = Path(sys.argv[2])
+    original = ckpt._write_training_state
+    calls = []
+
+    def pausing(path, optimizer, scheduler):
+        original(path, optimizer, scheduler)
+        calls.append(path)
+        if len(calls) == 2:  # mid-write of the second checkpoint: weights + optimizer written
+            marker.write_text(str(path))
+            time.sleep(600)
+
+    ckpt._write_training_state = pausing
+    from hellbender.cli import main
+    main(["train", sys.argv[1]])
+    """
+)
+
+
+def write_project(root: Path, out: Path, **extra: object) -> Path:
+    config = {
+        "base_model": str(root / "model"),
+        "datasets": [{"path": str(root / "data.jsonl"), "type": "alpaca"}],
+        "dataset_prepared_path": str(root / "prepared"),
+        "dataset_num_proc": 1,
+        "adapter": "lora",
+        "lora_r": 4,
+        "lora_alpha": 8,
+        "lora_dropout": 0.1,  # resuming must restore the RNG stream too
+        "lora_target_linear": True,
+        "bf16": False,
+        "sequence_len": 128,
+        "micro_batch_size": 1,
+        "gradient_accumulation_steps": 2,
+        "learning_rate": 0.01,
+        "max_steps": 12,
+        "save_steps": 4,
+        "output_dir": str(out),
+        "use_tensorboard": False,
+        **extra,
+    }
+    path = root / f"{out.name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_sigkill_during_checkpoint_write_then_auto_resume(tmp_path: Path) -> None:
+    save_tiny_model_folder(tmp_path / "model", initializer_range=0.1)
+    rows = [{"instruction": f"Repeat {w}.", "input": "", "output": f"{w} {w}."} for w in
+            ("one", "two", "three", "four", "five", "six", "seven", "eight")]  # fmt: skip
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    killed_out = tmp_path / "killed"
+    marker = tmp_path / "paused"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WORLD_SIZE": "1"}
+    log = tmp_path / "child.log"
+    with log.open("wb") as sink:  # a file, not a pipe: a full pipe would block the child
+        child = subprocess.Popen(
+            [sys.executable, "-c", CHILD, str(write_project(tmp_path, killed_out)), str(marker)],
+            env=env, stdout=sink, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 240
+        while not marker.exists():
+            assert child.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "the child never reached the second checkpoint"
+            time.sleep(0.1)
+    finally:
+        if child.poll() is None:
+            child.send_signal(signal.SIGKILL)
+        child.wait(timeout=60)
+    assert child.returncode == -signal.SIGKILL
+
+    # The first checkpoint is complete; the second exists only as a temporary folder.
+    assert [p.name for p in ckpt.list_checkpoints(killed_out)] == ["checkpoint-4"]
+    assert (killed_out / ".tmp-checkpoint-8").is_dir()
+    assert not (killed_out / "checkpoint-8").exists()
+
+    cfg, _ = load_config(write_project(tmp_path, killed_out, auto_resume_from_checkpoints=True), world_size=1)
+    resumed = run_train(cfg)
+    assert resumed.resumed_from == killed_out / "checkpoint-4"
+    assert not (killed_out / ".tmp-checkpoint-8").exists()
+
+    straight_cfg, _ = load_config(write_project(tmp_path, tmp_path / "straight"), world_size=1)
+    straight = run_train(straight_cfg)
+    assert resumed.losses == {k: v for k, v in straight.losses.items() if k > 4}
+    adapter = load_file(killed_out / "adapter_model.safetensors")
+    reference = load_file(tmp_path / "straight" / "adapter_model.safetensors")
+    assert adapter.keys() == reference.keys()
+    assert all(torch.equal(adapter[k], reference[k]) for k in adapter)
+    # metrics.jsonl tells one continuous story: steps 1-4 from the killed process, 5-12 resumed.
+    steps = [r["step"] for r in read_metrics(killed_out / "metrics.jsonl") if "loss" in r]
+    assert steps == list(range(1, 13))
