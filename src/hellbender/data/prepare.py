@@ -185,7 +185,11 @@ def _build(
 
     train_ds = datasets.concatenate_datasets([p.dataset for p in train_parts])
     eval_ds = datasets.concatenate_datasets([p.dataset for p in eval_parts]) if eval_parts else None
+    # Per-sample token counts travel beside the datasets (reading a column back from a dataset
+    # with an indices mapping goes row by row).
+    train_lengths = np.concatenate([p.lengths for p in train_parts])
     train_trained = np.concatenate([p.trained for p in train_parts])
+    eval_lengths = np.concatenate([p.lengths for p in eval_parts]) if eval_parts else np.zeros(0, np.int64)
     eval_trained = np.concatenate([p.trained for p in eval_parts]) if eval_parts else np.zeros(0, np.int64)
     report = PrepReport(datasets=[e.stats for e in train + evaluation], sequence_len=cfg.sequence_len)
     if len(train_ds) == 0:
@@ -201,27 +205,26 @@ def _build(
         # too, so they do not all come from the last dataset.
         pick = order if cfg.shuffle_merged_datasets else np.random.default_rng(cfg.seed).permutation(len(train_ds))
         eval_idx = np.sort(pick[:n_eval])
-        eval_ds, eval_trained = train_ds.select(eval_idx), train_trained[eval_idx]
+        eval_ds, eval_lengths, eval_trained = train_ds.select(eval_idx), train_lengths[eval_idx], train_trained[eval_idx]
         order = order[np.isin(order, eval_idx, invert=True)]
         report.eval_from = f"val_set_size={cfg.val_set_size:g}"
     elif eval_ds is not None:
         report.eval_from = "test_datasets"
-    train_ds, train_trained = train_ds.select(order), train_trained[order]
+    train_ds, train_lengths, train_trained = train_ds.select(order), train_lengths[order], train_trained[order]
 
     train_ds.save_to_disk(str(tmp / "train"))
     if eval_ds is not None:
         eval_ds.save_to_disk(str(tmp / "eval"))
     shutil.rmtree(scratch, ignore_errors=True)
 
-    lengths = np.asarray(train_ds["length"], dtype=np.int64)
-    report.train_samples, report.train_tokens = len(train_ds), int(lengths.sum())
+    report.train_samples, report.train_tokens = len(train_ds), int(train_lengths.sum())
     report.train_trained_tokens = int(train_trained.sum())
     if eval_ds is not None:
         report.eval_samples = len(eval_ds)
-        report.eval_tokens = int(np.sum(eval_ds["length"]))
+        report.eval_tokens = int(eval_lengths.sum())
         report.eval_trained_tokens = int(eval_trained.sum())
-    report.length_percentiles = length_percentiles(lengths)
-    save_histogram(lengths, cfg.sequence_len, tmp / HISTOGRAM_FILE)
+    report.length_percentiles = length_percentiles(train_lengths)
+    save_histogram(train_lengths, cfg.sequence_len, tmp / HISTOGRAM_FILE)
     report.histogram = str(final / HISTOGRAM_FILE)
     report.cache_dir = str(final)
     report.rejects_file = str(rejects.final_path) if rejects.count else None

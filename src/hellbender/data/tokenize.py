@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any
 
 import numpy as np
@@ -84,7 +85,8 @@ def trained_mask(
     if n == 0:
         return np.zeros(0, dtype=bool)
     text = rendered.text
-    offs = np.asarray(offsets, dtype=np.int64).reshape(n, 2)
+    # fromiter over the flattened pairs: half the cost of np.asarray on a list of tuples.
+    offs = np.fromiter(chain.from_iterable(offsets), dtype=np.int64, count=2 * n).reshape(n, 2)
     starts, ends = offs[:, 0], offs[:, 1]
     before = np.concatenate(([0], np.maximum.accumulate(ends)[:-1]))
     region_start = np.minimum(starts, before)
@@ -128,8 +130,9 @@ def encode(
         encodings = backend.encode_batch([rendered[i].text for i in idx], add_special_tokens=add_special)
         for i, enc in zip(idx, encodings, strict=True):
             r = rendered[i]
-            ids = np.asarray(enc.ids, dtype=np.int64)
-            mask = trained_mask(r, enc.ids, enc.offsets, special)
+            id_list = enc.ids  # each attribute access converts from Rust: read it once
+            ids = np.fromiter(id_list, dtype=np.int64, count=len(id_list))
+            mask = trained_mask(r, id_list, enc.offsets, special)
             if r.append_eos and eos is not None:
                 if len(ids) and ids[-1] == eos:  # the tokenizer's post-processor already closed the text
                     mask[-1] = True
