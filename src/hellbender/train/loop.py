@@ -53,9 +53,9 @@ import torch
 
 from hellbender.config.schema import HellbenderConfig
 from hellbender.data.packing import Collator, build_batch_sampler
+from hellbender.kernels import activation_offloading, loss_sum
 from hellbender.models.attention import model_inputs
 from hellbender.train import checkpoint as ckpt
-from hellbender.train.loss import causal_lm_loss_sum
 from hellbender.train.metrics import RunLogger, peak_memory_bytes
 from hellbender.train.optim import build_optimizer, build_scheduler
 
@@ -176,10 +176,12 @@ def autocast_context(cfg: HellbenderConfig, model: torch.nn.Module, device: torc
 def _forward_loss_sum(
     model: torch.nn.Module, batch: Mapping[str, Any], cfg: HellbenderConfig, amp: Callable[[], Any]
 ) -> torch.Tensor:
+    """fp32 sum of the loss over the micro-batch's trained tokens, with the configured loss kernel
+    (plain logits + cross-entropy, or chunked / cut / Liger; see :mod:`hellbender.kernels.loss`)."""
     dtype = torch.float32 if cfg.compute_dtype is None else getattr(torch, cfg.compute_dtype)
     with amp():
-        logits = model(**model_inputs(batch, cfg.attn_implementation or "sdpa", dtype=dtype)).logits
-    return causal_lm_loss_sum(logits, batch["labels"])
+        inputs = model_inputs(batch, cfg.attn_implementation or "sdpa", dtype=dtype)
+        return loss_sum(model, inputs, batch["labels"], cfg)
 
 
 # ---------------------------------------------------------------- evaluation
@@ -340,13 +342,16 @@ def train(
                 group = micro_batches[first : first + accumulation]
                 batches = [_to(collate(samples.rows(mb)), device) for mb in group]
                 n_step = world.all_reduce_sum(float(sum(int(b["num_trained_tokens"]) for b in batches)))
-                loss_sum = 0.0
+                step_loss_sum = 0.0
                 for batch in batches:
-                    part = _forward_loss_sum(model, batch, cfg, amp)
-                    # Token-exact: every micro-batch is divided by the whole step's trained tokens.
-                    (part * world.size / max(n_step, 1.0)).backward()
-                    loss_sum += float(part.detach())
-                loss = world.all_reduce_sum(loss_sum) / max(n_step, 1.0)
+                    # Offloading (when configured) must see both the forward that saves activations
+                    # and the backward that reads them back.
+                    with activation_offloading(model, cfg.activation_offloading):
+                        part = _forward_loss_sum(model, batch, cfg, amp)
+                        # Token-exact: every micro-batch is divided by the whole step's trained tokens.
+                        (part * world.size / max(n_step, 1.0)).backward()
+                    step_loss_sum += float(part.detach())
+                loss = world.all_reduce_sum(step_loss_sum) / max(n_step, 1.0)
                 step = state.global_step + 1
                 _stop_if_diverged(cfg, loss, step, log)
                 grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])

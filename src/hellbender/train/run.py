@@ -92,47 +92,6 @@ def resolve_resume(cfg: HellbenderConfig, output_dir: Path) -> Path | None:
     return None
 
 
-def _gradient_checkpointing(model: torch.nn.Module, cfg: HellbenderConfig) -> None:
-    if not cfg.gradient_checkpointing:
-        return
-    from hellbender.models.adapters import enable_gradient_checkpointing
-
-    kwargs = dict(cfg.gradient_checkpointing_kwargs or {})
-    if cfg.gradient_checkpointing == "selective":
-        kwargs.setdefault("use_reentrant", False)
-        kwargs["context_fn"] = selective_checkpoint_context
-    enable_gradient_checkpointing(model, kwargs)
-
-
-_SAVED_OPS: list[Any] | None = None
-
-
-def selective_checkpoint_context() -> Any:
-    """``gradient_checkpointing: selective``: keep matmul and attention outputs, recompute the rest.
-
-    Matmuls dominate the recompute cost while their outputs are a small share of activation
-    memory next to the elementwise ops (norms, activations, rotary) that are cheap to redo; this
-    is the policy torchtune and torchtitan call selective op checkpointing.
-    """
-    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
-
-    global _SAVED_OPS
-    if _SAVED_OPS is None:
-        aten = torch.ops.aten
-        _SAVED_OPS = [aten.mm.default, aten.addmm.default, aten.bmm.default]
-        for name in ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
-                     "_scaled_dot_product_flash_attention_for_cpu"):  # fmt: skip
-            op = getattr(aten, name, None)
-            if op is not None:
-                _SAVED_OPS.append(op.default)
-    saved = set(_SAVED_OPS)
-
-    def policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
-        return CheckpointPolicy.MUST_SAVE if op in saved else CheckpointPolicy.PREFER_RECOMPUTE
-
-    return create_selective_checkpoint_contexts(policy)
-
-
 # ---------------------------------------------------------------- train
 
 
@@ -145,6 +104,7 @@ def run_train(cfg: HellbenderConfig, *, world: World | None = None) -> TrainResu
     NaN/inf loss or the loss watchdog (the last checkpoint is left intact).
     """
     from hellbender.data.prepare import prepare_datasets
+    from hellbender.kernels import apply_optimizations, describe
     from hellbender.models.attention import check_backend_trainable
     from hellbender.models.load import load_model, load_tokenizer
 
@@ -167,7 +127,11 @@ def run_train(cfg: HellbenderConfig, *, world: World | None = None) -> TrainResu
     device = pick_device(model)
     model.to(device)
     check_backend_trainable(cfg.attn_implementation or "sdpa", device)
-    _gradient_checkpointing(model, cfg)
+    # Memory/speed options (checkpointing, kernels, compile): after the adapter, before the
+    # optimizer sees the parameters. None of them changes the numbers (tested in kernels/).
+    apply_optimizations(model, cfg)
+    for line in describe(model):
+        logger.info("optimization: %s", line)
     if resume is not None:
         logger.info("resuming from %s", resume)
 
