@@ -307,7 +307,7 @@ def test_two_processes_give_the_same_result(tmp_path: Path, tok: Any) -> None:
 
 
 def test_cache_reused_identical_and_fast_then_rebuilt_on_one_byte(tmp_path: Path, tok: Any) -> None:
-    c = write_jsonl(tmp_path / "c.jsonl", chat_rows(3000, 6, max_turns=4))
+    c = write_jsonl(tmp_path / "c.jsonl", chat_rows(2000, 6, max_turns=4))
     cfg = make_cfg(datasets=[{"path": str(c), "type": "chat_template"}], dataset_prepared_path=str(tmp_path / "p"), val_set_size=0.05)
     started = time.perf_counter()
     first = prepare_datasets(cfg, tok)
