@@ -6,6 +6,10 @@ bad row can be named exactly. That is why JSON Lines, JSON, CSV and text files a
 by line rather than through ``datasets.load_dataset``, which forgets line numbers and fails a
 whole file on one bad line.
 
+``split`` selects a split of a ``save_to_disk`` DatasetDict or of a hub dataset; a local data file
+is one split by itself, so ``split`` does not apply to it. ``name`` and ``revision`` apply to hub
+datasets only.
+
 A :class:`Source` also knows its *fingerprint*: a hash of the bytes of every file it reads
 (never just the paths or modification times), which is what the prepared-dataset cache is keyed
 on.
