@@ -76,6 +76,11 @@ CASES = {
         {"num_epochs": 2, "micro_batch_size": 2, "gradient_accumulation_steps": 2, "save_steps": 4},
         24, [4, 8],
     ),
+    # fp16 with loss scaling (the GPU path, run here on CPU): the scaler's state is resumed too.
+    "fp16_loss_scaling": (
+        {"fp16": True, "micro_batch_size": 2, "max_steps": 6, "save_steps": 3},
+        10, [3],
+    ),
 }  # fmt: skip
 
 
@@ -102,6 +107,8 @@ def test_resume_equals_straight(tmp_path: Path, case: str) -> None:
         assert resumed.resumed_from == out / f"checkpoint-{step}"
         assert list(resumed.losses) == list(range(step + 1, straight.total_steps + 1))
         assert resumed.losses == {k: v for k, v in straight.losses.items() if k > step}
+        if values.get("fp16"):
+            assert (out / f"checkpoint-{step}" / ckpt.SCALER_FILE).is_file()
         got = trainable(model)
         assert got.keys() == final.keys()
         for name in final:

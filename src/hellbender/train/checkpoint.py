@@ -39,6 +39,7 @@ STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
 RNG_FILE = "rng.pt"
+SCALER_FILE = "scaler.pt"
 _CHECKPOINT_RE = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 
 
@@ -204,10 +205,15 @@ def _write_weights(model: torch.nn.Module, path: Path) -> None:
 
 
 def _write_training_state(
-    path: Path, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler
+    path: Path,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> None:
     torch.save(optimizer.state_dict(), path / OPTIMIZER_FILE)
     torch.save(scheduler.state_dict(), path / SCHEDULER_FILE)
+    if scaler is not None:  # fp16 loss scaling: the current scale is part of the run's state
+        torch.save(scaler.state_dict(), path / SCALER_FILE)
 
 
 def save_checkpoint(
@@ -217,6 +223,7 @@ def save_checkpoint(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     state: TrainState,
     *,
+    scaler: torch.amp.GradScaler | None = None,
     save_only_model: bool = False,
     save_total_limit: int | None = None,
 ) -> Path:
@@ -230,7 +237,7 @@ def save_checkpoint(
     tmp.mkdir()
     _write_weights(model, tmp)
     if not save_only_model:
-        _write_training_state(tmp, optimizer, scheduler)
+        _write_training_state(tmp, optimizer, scheduler, scaler)
     torch.save(capture_rng_state(), tmp / RNG_FILE)
     _write_json(tmp / STATE_FILE, asdict(state) | {"has_optimizer": not save_only_model})
     _fsync_tree(tmp)
@@ -284,8 +291,10 @@ def load_checkpoint(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
+    *,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> TrainState:
-    """Restore weights, optimizer, scheduler and RNG from ``path``; return its :class:`TrainState`.
+    """Restore weights, optimizer, scheduler, RNG (and the fp16 loss scaler) from ``path``.
 
     Call this after the optimizer and scheduler are built and just before the first step, so the
     RNG state restored here is the one the next step draws from.
@@ -299,5 +308,7 @@ def load_checkpoint(
     load_model_weights(model, path)
     optimizer.load_state_dict(torch.load(path / OPTIMIZER_FILE, weights_only=True))
     scheduler.load_state_dict(torch.load(path / SCHEDULER_FILE, weights_only=True))
+    if scaler is not None and (path / SCALER_FILE).is_file():
+        scaler.load_state_dict(torch.load(path / SCALER_FILE, weights_only=True))
     restore_rng_state(torch.load(path / RNG_FILE, weights_only=True))
     return state

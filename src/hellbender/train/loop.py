@@ -263,6 +263,37 @@ def _due(
 # ---------------------------------------------------------------- the loop
 
 
+@dataclass
+class _Step:
+    """One optimizer step's worth of data: where it sits in the epoch and its micro-batches."""
+
+    epoch: int
+    first: int  # index of its first micro-batch in the epoch
+    micro_batches: list[list[list[int]]]
+    epoch_steps: int  # optimizer steps of the full epoch (for per-epoch schedules and the log)
+    accumulation: int
+
+    @property
+    def done(self) -> int:
+        """Micro-batches of the epoch consumed after this step (the data position to save)."""
+        return self.first + len(self.micro_batches)
+
+    @property
+    def step_in_epoch(self) -> int:
+        return -(-self.done // self.accumulation)
+
+
+def _remaining_steps(sampler: Any, plan: list[int], accumulation: int, state: ckpt.TrainState) -> Any:
+    """Yield the optimizer steps still to run, starting at the saved data position."""
+    for epoch in range(state.epoch, len(plan)):
+        sampler.set_epoch(epoch)
+        micro_batches = list(sampler)
+        epoch_steps = math.ceil(len(micro_batches) / accumulation)
+        start = state.micro_batches_done if epoch == state.epoch else 0
+        for first in range(start, min(len(micro_batches), plan[epoch] * accumulation), accumulation):
+            yield _Step(epoch, first, micro_batches[first : first + accumulation], epoch_steps, accumulation)
+
+
 def train(
     cfg: HellbenderConfig,
     model: torch.nn.Module,
@@ -277,9 +308,11 @@ def train(
     """Train ``model`` in place on ``train_data`` (tokenized rows) and return what happened.
 
     Checkpoints go to ``output_dir`` (default ``cfg.output_dir``); ``resume_from`` is a checkpoint
-    folder to continue from exactly. Final outputs (weights, tokenizer, plot) are written by
-    :func:`hellbender.train.run.run_train`, not here.
+    folder to continue from exactly. Memory options that patch the model (checkpointing, kernels)
+    are applied by the caller (:func:`hellbender.kernels.apply_optimizations`); final outputs are
+    written by :func:`hellbender.train.run.run_train`.
     """
+    # ---- build the pieces
     out = Path(output_dir or cfg.output_dir)
     device = next(model.parameters()).device
     accumulation = cfg.gradient_accumulation_steps or 1
@@ -287,119 +320,132 @@ def train(
     eval_samples = Samples(eval_data) if eval_data is not None and len(eval_data) else None
     if cfg.save_strategy == "best" and eval_samples is None:
         raise ValueError("save_strategy: best needs an evaluation set (val_set_size or test_datasets)")
-    sampler = build_batch_sampler(
-        samples.lengths,
-        sequence_len=cfg.sequence_len,
-        micro_batch_size=cfg.micro_batch_size,
-        sample_packing=cfg.sample_packing,
-        seed=cfg.seed,
-    )
-    collate = Collator(
-        pad_token_id,
-        sequence_len=cfg.sequence_len,
-        pad_to_sequence_len=bool(cfg.pad_to_sequence_len),
-        attn_implementation=cfg.attn_implementation or "sdpa",
-    )
+    sampler = build_batch_sampler(samples.lengths, sequence_len=cfg.sequence_len, micro_batch_size=cfg.micro_batch_size,
+                                  sample_packing=cfg.sample_packing, seed=cfg.seed)  # fmt: skip
+    collate = Collator(pad_token_id, sequence_len=cfg.sequence_len, pad_to_sequence_len=bool(cfg.pad_to_sequence_len),
+                       attn_implementation=cfg.attn_implementation or "sdpa")  # fmt: skip
     plan = plan_steps(sampler, cfg, accumulation)
     total = sum(plan)
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer, total)
+    # fp16 needs loss scaling (its range underflows small gradients); bf16 and fp32 do not.
+    scaler = torch.amp.GradScaler(device.type) if cfg.compute_dtype == "float16" else None
     state = ckpt.TrainState(total_steps=total, plan={"steps_per_epoch": plan, "accumulation": accumulation})
     result = TrainResult(global_step=0, total_steps=total)
     if resume_from is not None:
-        previous = ckpt.read_state(resume_from)
-        if previous.total_steps != total or previous.plan.get("steps_per_epoch") != plan:
-            raise ValueError(
-                f"{resume_from} belongs to a run planned as {previous.plan.get('steps_per_epoch')} steps per "
-                f"epoch, but this config plans {plan}: data, batch size, sequence_len or the run length "
-                "changed, so the run cannot continue exactly. Start a new output_dir instead."
-            )
-        state = ckpt.load_checkpoint(resume_from, model, optimizer, scheduler)
+        _check_same_plan(resume_from, plan)
+        state = ckpt.load_checkpoint(resume_from, model, optimizer, scheduler, scaler=scaler)
         result.resumed_from = resume_from
     result.global_step = state.global_step
     params = [p for p in model.parameters() if p.requires_grad]
     amp = lambda: autocast_context(cfg, model, device)  # noqa: E731
     log = RunLogger(cfg, out, total_steps=total, initial_step=state.global_step, enabled=world.is_main)
-    window = {"loss_sum": 0.0, "trained": 0.0, "tokens": 0.0, "time": 0.0, "steps": 0}
+    window = {"loss_sum": 0.0, "trained": 0.0, "tokens": 0.0, "time": 0.0}
 
-    def checkpoint() -> None:
+    def save() -> None:
         if world.is_main:
-            path = ckpt.save_checkpoint(
-                out, model, optimizer, scheduler, state,
+            result.checkpoints.append(ckpt.save_checkpoint(
+                out, model, optimizer, scheduler, state, scaler=scaler,
                 save_only_model=cfg.save_only_model, save_total_limit=cfg.save_total_limit,
-            )  # fmt: skip
-            result.checkpoints.append(path)
+            ))  # fmt: skip
 
+    # ---- the loop
     model.train()
     try:
-        for epoch in range(state.epoch, len(plan)):
-            sampler.set_epoch(epoch)
-            micro_batches = list(sampler)
-            full_epoch_steps = math.ceil(len(micro_batches) / accumulation)
-            start = state.micro_batches_done if epoch == state.epoch else 0
-            for first in range(start, min(len(micro_batches), plan[epoch] * accumulation), accumulation):
-                t0 = time.perf_counter()
-                group = micro_batches[first : first + accumulation]
-                batches = [_to(collate(samples.rows(mb)), device) for mb in group]
-                n_step = world.all_reduce_sum(float(sum(int(b["num_trained_tokens"]) for b in batches)))
-                step_loss_sum = 0.0
-                for batch in batches:
-                    # Offloading (when configured) must see both the forward that saves activations
-                    # and the backward that reads them back.
-                    with activation_offloading(model, cfg.activation_offloading):
-                        part = _forward_loss_sum(model, batch, cfg, amp)
-                        # Token-exact: every micro-batch is divided by the whole step's trained tokens.
-                        (part * world.size / max(n_step, 1.0)).backward()
-                    step_loss_sum += float(part.detach())
-                loss = world.all_reduce_sum(step_loss_sum) / max(n_step, 1.0)
-                step = state.global_step + 1
-                _stop_if_diverged(cfg, loss, step, log)
-                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-                if not torch.isfinite(grad_norm):
-                    _stop(log, step, f"the gradient norm is {float(grad_norm)} at step {step} (loss {loss:.4f})")
-                if cfg.max_grad_norm:
-                    torch.nn.utils.clip_grads_with_norm_(params, cfg.max_grad_norm, grad_norm)
-                lr = scheduler.get_last_lr()[0]
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+        for item in _remaining_steps(sampler, plan, accumulation, state):
+            t0 = time.perf_counter()
+            batches = [_to(collate(samples.rows(mb)), device) for mb in item.micro_batches]
+            n_step = world.all_reduce_sum(float(sum(int(b["num_trained_tokens"]) for b in batches)))
+            step_loss_sum = 0.0
+            for batch in batches:
+                # Offloading (when configured) must see both the forward that saves activations
+                # and the backward that reads them back.
+                with activation_offloading(model, cfg.activation_offloading):
+                    part = _forward_loss_sum(model, batch, cfg, amp)
+                    # Token-exact: every micro-batch is divided by the whole step's trained tokens.
+                    scaled = part * world.size / max(n_step, 1.0)
+                    (scaler.scale(scaled) if scaler else scaled).backward()
+                step_loss_sum += float(part.detach())
+            loss = world.all_reduce_sum(step_loss_sum) / max(n_step, 1.0)
+            step = state.global_step + 1
+            _stop_if_diverged(cfg, loss, step, log)  # before the update: the weights stay good
+            lr = scheduler.get_last_lr()[0]
+            grad_norm = _optimizer_step(params, optimizer, scaler, cfg.max_grad_norm, log, step, loss)
+            scheduler.step()
 
-                state.global_step, state.epoch = step, epoch
-                state.micro_batches_done = first + len(group)
-                result.global_step, result.losses[step] = step, loss
-                result.trained_tokens += int(n_step)
-                tokens = world.all_reduce_sum(float(sum(int(b["num_tokens"]) for b in batches)))
-                window["loss_sum"] += loss * n_step
-                window["trained"] += n_step
-                window["tokens"] += tokens
-                window["time"] += time.perf_counter() - t0
-                window["steps"] += 1
-                step_in_epoch = (first + len(group) + accumulation - 1) // accumulation
-                if step % cfg.logging_steps == 0 or step == total:
-                    _log_train(log, window, step, epoch + step_in_epoch / full_epoch_steps, lr, float(grad_norm))
-                events = dict(step=step, step_in_epoch=step_in_epoch, epoch_steps=full_epoch_steps, total=total)
-                if eval_samples is not None and (
-                    _due(**events, strategy=cfg.eval_strategy, every=cfg.eval_steps,
-                         per_epoch=cfg.evals_per_epoch, default_epoch_end=False)
-                    or (step == total and cfg.eval_strategy != "no")
-                ):  # fmt: skip
-                    metrics = evaluate(model, eval_samples, cfg, pad_token_id, world=world)
-                    result.evals[step] = metrics
-                    log.log(step, metrics)
-                    log.progress.message(f"eval step {step}: loss {metrics['eval_loss']:.4f} ppl {metrics['eval_ppl']:.2f}")
-                    improved = state.best_eval_loss is None or metrics["eval_loss"] < state.best_eval_loss
-                    if improved:
-                        state.best_eval_loss = metrics["eval_loss"]
-                    if cfg.save_strategy == "best" and improved:
-                        checkpoint()
-                if cfg.save_strategy != "best" and _due(
-                    **events, strategy=cfg.save_strategy, every=cfg.save_steps,
-                    per_epoch=cfg.saves_per_epoch, default_epoch_end=True,
-                ):  # fmt: skip
-                    checkpoint()
+            state.global_step, state.epoch, state.micro_batches_done = step, item.epoch, item.done
+            result.global_step, result.losses[step] = step, loss
+            result.trained_tokens += int(n_step)
+            window["loss_sum"] += loss * n_step
+            window["trained"] += n_step
+            window["tokens"] += world.all_reduce_sum(float(sum(int(b["num_tokens"]) for b in batches)))
+            window["time"] += time.perf_counter() - t0
+            if step % cfg.logging_steps == 0 or step == total:
+                _log_train(log, window, step, item.epoch + item.step_in_epoch / item.epoch_steps, lr, grad_norm)
+
+            when = dict(step=step, step_in_epoch=item.step_in_epoch, epoch_steps=item.epoch_steps, total=total)
+            if eval_samples is not None and (
+                _due(**when, strategy=cfg.eval_strategy, every=cfg.eval_steps, per_epoch=cfg.evals_per_epoch,
+                     default_epoch_end=False)
+                or (step == total and cfg.eval_strategy != "no")
+            ):  # fmt: skip
+                metrics = evaluate(model, eval_samples, cfg, pad_token_id, world=world)
+                result.evals[step] = metrics
+                log.log(step, metrics)
+                log.progress.message(f"eval step {step}: loss {metrics['eval_loss']:.4f} ppl {metrics['eval_ppl']:.2f}")
+                improved = state.best_eval_loss is None or metrics["eval_loss"] < state.best_eval_loss
+                if improved:
+                    state.best_eval_loss = metrics["eval_loss"]
+                if cfg.save_strategy == "best" and improved:
+                    save()
+            if cfg.save_strategy != "best" and _due(
+                **when, strategy=cfg.save_strategy, every=cfg.save_steps, per_epoch=cfg.saves_per_epoch,
+                default_epoch_end=True,
+            ):  # fmt: skip
+                save()
     finally:
         log.close()
     return result
+
+
+def _check_same_plan(resume_from: Path, plan: list[int]) -> None:
+    previous = ckpt.read_state(resume_from)
+    if previous.plan.get("steps_per_epoch") != plan:
+        raise ValueError(
+            f"{resume_from} belongs to a run planned as {previous.plan.get('steps_per_epoch')} steps per "
+            f"epoch, but this config plans {plan}: data, batch size, sequence_len or the run length "
+            "changed, so the run cannot continue exactly. Start a new output_dir instead."
+        )
+
+
+def _optimizer_step(
+    params: list[torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
+    max_grad_norm: float | None,
+    log: RunLogger,
+    step: int,
+    loss: float,
+) -> float:
+    """Clip and apply the accumulated gradients; return the gradient norm before clipping.
+
+    A non-finite norm stops the run — except under fp16 loss scaling, where an overflow is
+    expected now and then: the scaler skips that update and lowers the scale.
+    """
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    if not torch.isfinite(grad_norm) and scaler is None:
+        _stop(log, step, f"the gradient norm is {float(grad_norm)} at step {step} (loss {loss:.4f})")
+    if max_grad_norm:
+        torch.nn.utils.clip_grads_with_norm_(params, max_grad_norm, grad_norm)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(grad_norm)
 
 
 def _stop(log: RunLogger, step: int, reason: str) -> None:
