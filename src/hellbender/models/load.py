@@ -175,7 +175,8 @@ def choose_pad_token(tokenizer: PreTrainedTokenizerBase) -> tuple[str, str]:
     1. a dedicated padding token already in the vocabulary (:data:`PAD_TOKEN_CANDIDATES`): it is
        never a training target, and its embedding row already exists;
     2. the UNK token, if it differs from EOS and BOS: byte-level and byte-fallback tokenizers
-       never produce it, so it is effectively unused;
+       never produce it from ordinary text (only a literal occurrence of its spelling would),
+       so it is effectively unused;
     3. a new ``<|pad|>`` token (the embedding matrix grows by one row in :func:`load_model`; the
        row is never attended to nor trained, since padded positions are masked).
 
@@ -190,7 +191,7 @@ def choose_pad_token(tokenizer: PreTrainedTokenizerBase) -> tuple[str, str]:
             return candidate, "the vocabulary's dedicated padding token"
     unk = tokenizer.unk_token
     if unk is not None and tokenizer.unk_token_id not in taken:
-        return unk, "the unknown token, distinct from EOS/BOS and never produced by the tokenizer"
+        return unk, "the unknown token, distinct from EOS/BOS and not produced from ordinary text"
     return NEW_PAD_TOKEN, "a new token: the vocabulary has no unused token to reuse"
 
 
