@@ -99,22 +99,26 @@ class PrepReport:
             title="Prepared datasets" + (" (from cache)" if self.from_cache else ""),
             title_justify="left",
             box=box.SIMPLE_HEAD,
+            show_edge=False,
             pad_edge=False,
+            padding=(0, 1, 0, 0),
         )
-        table.add_column("dataset", overflow="fold", ratio=1)
+        table.add_column("dataset", overflow="fold", min_width=12)
+        table.add_column("split", no_wrap=True)
         for col in ("read", "kept", "bad", "dropped", "trunc.", "tokens", "trained"):
             table.add_column(col, justify="right", no_wrap=True)
-        for d in self.datasets:
+        for d, label in zip(self.datasets, _labels([d.name for d in self.datasets]), strict=True):
             kept = f"{d.kept:,}" + (f" (+{d.extra_chunks:,})" if d.extra_chunks else "")
             table.add_row(
-                f"{_short(d.name)} ({d.split}, {d.format})",
+                label,
+                d.split,
                 f"{d.rows_read:,}",
                 kept,
                 f"{sum(d.bad.values()):,}",
                 f"{sum(d.dropped.values()):,}",
                 f"{d.truncated:,}",
-                f"{d.tokens:,}",
-                f"{d.trained_tokens:,}",
+                _compact(d.tokens),
+                _compact(d.trained_tokens),
             )
         return table
 
@@ -175,6 +179,23 @@ class PrepReport:
         buf = io.StringIO()
         self.print(Console(file=buf, width=width, color_system=None, force_terminal=False))
         return buf.getvalue()
+
+
+def _compact(n: int) -> str:
+    """Token counts in 4-6 characters (12.3k, 190.4M): exact totals are printed under the table."""
+    for limit, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if n >= limit:
+            return f"{n / limit:.1f}{suffix}"
+    return str(n)
+
+
+def _labels(names: list[str]) -> list[str]:
+    """Short table labels: the last path component, or more of the path where two would collide."""
+    for depth in range(1, 6):
+        labels = ["/".join(Path(n).parts[-depth:]) or n for n in names]
+        if len(set(labels)) == len(set(names)):
+            return labels
+    return names
 
 
 def _short(name: str, width: int = 40) -> str:
