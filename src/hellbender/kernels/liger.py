@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hellbender.kernels.chunked_ce import IGNORE_INDEX, shifted_targets
+from hellbender.kernels.chunked_ce import IGNORE_INDEX, compute_dtype_for, shifted_targets
 from hellbender.kernels.model_parts import Head, decoder_layers, model_device, unwrap
 from hellbender.kernels.patching import Patches
 
@@ -233,12 +233,14 @@ def liger_fused_linear_cross_entropy_sum(hidden: torch.Tensor, head: Head, label
     """Summed causal-LM loss of ``hidden`` (B, T, H) through ``head`` with Liger's fused head + loss."""
     functional = require_liger("liger_fused_linear_cross_entropy", hidden.device)
     targets = shifted_targets(labels.to(hidden.device)).reshape(-1)
-    flat = hidden.reshape(-1, hidden.shape[-1])
+    # One dtype for both operands: autocast's if it is on (as the plain head's matmul would run).
+    cd = compute_dtype_for(hidden)
+    flat = hidden.reshape(-1, hidden.shape[-1]).to(cd)
     return functional.liger_fused_linear_cross_entropy(
         flat,
-        head.weight,
+        head.weight.to(cd),
         targets,
-        bias=head.bias,
+        bias=head.bias.to(cd) if head.bias is not None else None,
         ignore_index=IGNORE_INDEX,
         reduction="sum",
         softcap=head.softcap,

@@ -41,11 +41,11 @@ LOSS_KEYS: tuple[str, ...] = (
 
 def loss_method(cfg: HellbenderConfig) -> str:
     """Which implementation :func:`loss_sum` uses: plain, chunked, cut, liger or liger_fused_linear."""
-    on = [k for k in LOSS_KEYS if getattr(cfg, k, False)]
+    on = [k for k in LOSS_KEYS if getattr(cfg, k)]
     if len(on) > 1:
         raise ValueError(f"more than one loss replacement is on: {', '.join(on)} (keep one; rule HB117)")
     if not on:
-        return "chunked" if getattr(cfg, "tiled_mlp", False) else "plain"
+        return "chunked" if cfg.tiled_mlp else "plain"
     return {
         "chunked_cross_entropy": "chunked",
         "cut_cross_entropy": "cut",
@@ -98,7 +98,7 @@ def loss_sum(
             head.weight,
             shifted_targets(labels),
             bias=head.bias,
-            num_chunks=int(getattr(cfg, "chunked_cross_entropy_num_chunks", 8) or 8),
+            num_chunks=cfg.chunked_cross_entropy_num_chunks,
             softcap=head.softcap,
         )
     if method == "cut":
