@@ -141,3 +141,13 @@ def test_diverging_run_exits_1_and_keeps_the_last_checkpoint(project: Path, tmp_
     assert latest.name == f"checkpoint-{step - 1}"
     base = AutoModelForCausalLM.from_pretrained(str(project / "model"))
     PeftModel.from_pretrained(base, str(latest))  # the last good adapter loads
+
+
+def test_a_second_run_into_the_same_output_dir_needs_auto_resume(project: Path) -> None:
+    result = invoke("train", str(project / "cfg.yaml"))
+    assert result.exit_code == 1
+    assert "already holds checkpoints of an earlier run (checkpoint-4, checkpoint-8)" in result.stderr
+    # Continuing the finished run resumes at its last checkpoint: nothing left to do.
+    result = invoke("train", str(project / "cfg.yaml"), "auto_resume_from_checkpoints=true")
+    assert result.exit_code == 0, result.output
+    assert "trained 8/8 steps" in result.stdout and "resuming from" in result.stderr

@@ -112,6 +112,15 @@ def run_train(cfg: HellbenderConfig, *, world: World | None = None) -> TrainResu
     out = Path(cfg.output_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     resume = resolve_resume(cfg, out)
+    earlier = ckpt.list_checkpoints(out)
+    if resume is None and earlier:
+        # Mixing two runs' checkpoints in one folder would make rotation and auto-resume pick the
+        # other run's (higher-numbered) checkpoints; refuse rather than delete anyone's results.
+        raise ValueError(
+            f"output_dir {out} already holds checkpoints of an earlier run ({', '.join(p.name for p in earlier)}). "
+            "Set auto_resume_from_checkpoints: true to continue that run, or use another output_dir "
+            "(or delete the checkpoint folders) to start a new one."
+        )
     if world.is_main:
         for leftover in ckpt.remove_incomplete(out):
             logger.warning("removed %s, left by a run killed while writing a checkpoint", leftover)
