@@ -210,3 +210,41 @@ def test_tiled_mlp_replays_dropout_exactly() -> None:
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
     for name in ref_grads:
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6)
+
+
+def test_packed_rows_through_the_real_collator_match_plain_path() -> None:
+    """Packed rows (document-isolating sdpa mask, restarting position ids from the real collator
+    and ``model_inputs``) reach the decoder intact on the hidden-state loss path too."""
+    import numpy as np
+
+    from hellbender.data.packing import Collator
+    from hellbender.models.attention import model_inputs
+
+    gen = np.random.default_rng(0)
+    docs = []
+    for n in (7, 9, 5, 12, 6):
+        ids = gen.integers(4, VOCAB, n)
+        labels = ids.copy()
+        labels[: n // 3] = -100  # a masked prompt
+        docs.append({"input_ids": ids.tolist(), "labels": labels.tolist()})
+    rows = [[docs[0], docs[1], docs[2]], [docs[3], docs[4]]]
+    batch = Collator(3, sequence_len=T + 8, pad_to_sequence_len=True, attn_implementation="sdpa")(rows)
+    inputs = model_inputs(batch, "sdpa")
+    labels = batch["labels"]
+    model = _model(True)
+    options = {"chunked_cross_entropy": True, "gradient_checkpointing": True, "tiled_mlp": True,
+               "tiled_mlp_num_shards": 3, "lora_mlp_kernel": True, "lora_qkv_kernel": True, "lora_o_kernel": True}
+
+    def run(cfg: HellbenderConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        loss = loss_sum(model, inputs, labels, cfg)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    ref_loss, ref_grads = run(_cfg(True))
+    with optimized(model, _cfg(True, **options)):
+        loss, grads = run(_cfg(True, **options))
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    assert grads.keys() == ref_grads.keys()
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6)
