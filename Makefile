@@ -6,7 +6,7 @@ PYTHON      ?= python3
 VENV        ?= .venv
 PY          := $(VENV)/bin/python
 TORCH_SPEC  ?= torch==2.13.0
-EXTRAS      ?= dev,gguf,quant
+EXTRAS      ?= dev,gguf,quant,kernels-cpu
 STAMP       := $(VENV)/.hellbender-installed
 
 .PHONY: venv demo test lint bench clean-venv
