@@ -134,7 +134,8 @@ def run_train(cfg: HellbenderConfig, *, world: World | None = None) -> TrainResu
     model = load_model(cfg, tokenizer)
     use_fp32_master_weights(model, cfg)
     device = pick_device(model)
-    model.to(device)
+    if next(model.parameters()).device != device:  # a quantized model is placed while loading
+        model.to(device)
     check_backend_trainable(cfg.attn_implementation or "sdpa", device)
     # Memory/speed options (checkpointing, kernels, compile): after the adapter, before the
     # optimizer sees the parameters. None of them changes the numbers (tested in kernels/).
@@ -192,7 +193,9 @@ def _load_for_use(source: TrainedSource) -> tuple[torch.nn.Module, Any]:
         cfg = cfg.model_copy(update={"tokenizer_config": str(source.tokenizer_dir)})
     tokenizer = load_tokenizer(cfg)
     model = load_model(cfg, tokenizer)
-    model.to(pick_device(model))
+    device = pick_device(model)
+    if next(model.parameters()).device != device:
+        model.to(device)
     model.eval()
     return model, tokenizer
 
