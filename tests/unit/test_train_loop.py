@@ -224,3 +224,20 @@ def test_memory_options_run_through_the_loop_unchanged(tmp_path: Path) -> None:
     assert results["optimized"][0] == pytest.approx(results["plain"][0], rel=1e-5)
     for a, b in zip(results["optimized"][1], results["plain"][1], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_training_matches_cpu(tmp_path: Path) -> None:
+    """The same loop on a GPU: batches follow the model's device and the losses match the CPU run
+    (the CPU side of this logic is every other test in this file); peak memory is CUDA's."""
+    from hellbender.train.metrics import peak_memory_bytes
+
+    samples = make_samples(6, seed=11)
+    losses = {}
+    for device in ("cpu", "cuda"):
+        cfg = make_cfg(tmp_path / device, max_steps=3, micro_batch_size=2, sample_packing=True)
+        model = build_tiny_model(seed=0).to(device)
+        losses[device] = list(train(cfg, model, samples, None, pad_token_id=PAD).losses.values())
+    assert losses["cuda"] == pytest.approx(losses["cpu"], rel=1e-4)
+    assert peak_memory_bytes() == torch.cuda.max_memory_allocated()
