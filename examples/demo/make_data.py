@@ -58,7 +58,7 @@ def make_rows(days: list[dt.date], rng: random.Random) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "data")
-    parser.add_argument("--train", type=int, default=1200)
+    parser.add_argument("--train", type=int, default=480)
     parser.add_argument("--heldout", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()

@@ -149,6 +149,10 @@ def _log_to_stderr(debug: bool) -> None:
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s" if debug else "%(message)s"))
         logger.addHandler(handler)
     logger.setLevel(logging.DEBUG if debug else logging.INFO)
+    if not debug:
+        # bitsandbytes announces at import that an optional accelerated CPU kernel package is
+        # missing; nothing we run uses it, and in a normal run it reads like an error.
+        logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def _run_or_exit(cfg, fn, *args, **kwargs):
