@@ -319,3 +319,25 @@ def test_installed_torch_reads_the_variable_we_set() -> None:
         pytest.skip("no c10 library found to inspect")
     blob = b"".join(p.read_bytes() for p in libs)
     assert setting[0].encode() in blob
+
+
+# ---------------------------------------------------------------- Axolotl spellings
+
+
+def test_adamw_bnb_8bit_is_adamw_8bit(tmp_path: Path) -> None:
+    cfg, _ = run(tmp_path, {"optimizer": "adamw_bnb_8bit"})
+    assert cfg.optimizer == "adamw_8bit"
+    cfg, _ = run(tmp_path, {"optimizer": "adamw_torch"})
+    assert cfg.optimizer == "adamw_torch"
+
+
+def test_legacy_message_fields_map_to_property_mappings(tmp_path: Path) -> None:
+    legacy = {"path": "c.jsonl", "type": "chat_template", "message_field_role": "from", "message_field_content": "value"}
+    cfg, findings = run(tmp_path, {"datasets": [legacy, {"path": "d.jsonl", "type": "chat_template"}]})
+    first, second = cfg.datasets
+    assert (first.message_property_mappings.role, first.message_property_mappings.content) == ("from", "value")
+    assert first.message_field_role is None and first.message_field_content is None
+    assert (second.message_property_mappings.role, second.message_property_mappings.content) == ("role", "content")
+    assert [f.key for f in findings if f.code == "HB141"] == ["datasets.0.message_field_role"]
+    cfg, findings = run(tmp_path, {"datasets": [{"path": "d.jsonl", "type": "chat_template"}]})
+    assert not [f for f in findings if f.code == "HB141"]

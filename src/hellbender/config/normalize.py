@@ -14,7 +14,7 @@ from importlib import metadata
 from pathlib import Path
 
 from hellbender.config.findings import ConfigError, Finding, has_errors
-from hellbender.config.schema import HellbenderConfig
+from hellbender.config.schema import DatasetConfig, HellbenderConfig
 
 DEFAULT_ATTN = "sdpa"
 LEGACY_ATTN_FLAGS = {
@@ -207,6 +207,31 @@ def _batch_sizes(cfg: HellbenderConfig, dp_world: int, findings: list[Finding]) 
     return gas, cfg.batch_size
 
 
+def _legacy_message_fields(ds: DatasetConfig, path: str, findings: list[Finding]) -> DatasetConfig:
+    """Axolotl's older message_field_role/content keys → message_property_mappings."""
+    if not (ds.message_field_role or ds.message_field_content):
+        return ds
+    mapping = ds.message_property_mappings.model_copy(
+        update={
+            k: v
+            for k, v in (("role", ds.message_field_role), ("content", ds.message_field_content))
+            if v is not None
+        }
+    )
+    findings.append(
+        Finding(
+            "HB141",
+            "warning",
+            f"`{path}.message_field_role/message_field_content` are deprecated.",
+            fix=f"Use `message_property_mappings: {{role: {mapping.role}, content: {mapping.content}}}`.",
+            key=f"{path}.message_field_role",
+        )
+    )
+    return ds.model_copy(
+        update={"message_property_mappings": mapping, "message_field_role": None, "message_field_content": None}
+    )
+
+
 def data_parallel_size(world_size: int, cfg: HellbenderConfig) -> int:
     """Ranks that see different data: the world divided by the model-parallel dimensions."""
     model_parallel = cfg.context_parallel_size * cfg.tensor_parallel_size
@@ -262,6 +287,13 @@ def normalize(
         update["eval_sample_packing"] = cfg.sample_packing
     if cfg.dataset_num_proc is None:
         update["dataset_num_proc"] = cfg.dataset_processes or max(1, os.cpu_count() or 1)
+
+    if cfg.optimizer == "adamw_bnb_8bit":
+        update["optimizer"] = "adamw_8bit"
+    for list_key in ("datasets", "test_datasets"):
+        entries = getattr(cfg, list_key)
+        if entries and any(d.message_field_role or d.message_field_content for d in entries):
+            update[list_key] = [_legacy_message_fields(d, f"{list_key}.{i}", findings) for i, d in enumerate(entries)]
 
     update["attn_implementation"] = _resolve_attention(cfg, findings)
     dtype = resolve_dtype(cfg.bf16, cfg.fp16, hw)

@@ -20,7 +20,8 @@ AttnImplementation = Literal[
     "eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3", "xformers"
 ]
 DatasetType = Literal["alpaca", "completion", "input_output", "chat_template", "user_defined"]
-Optimizer = Literal["adamw_torch", "adamw_torch_fused", "adamw_8bit", "sgd"]
+# "adamw_bnb_8bit" is the Hugging Face / Axolotl spelling of adamw_8bit; normalize maps it.
+Optimizer = Literal["adamw_torch", "adamw_torch_fused", "adamw_8bit", "adamw_bnb_8bit", "sgd"]
 Scheduler = Literal["cosine", "linear", "constant"]
 
 
@@ -80,6 +81,12 @@ class DatasetConfig(_Strict):
     message_property_mappings: MessagePropertyMappings = Field(
         default_factory=MessagePropertyMappings,
         description="`chat_template`: message fields holding role and content.",
+    )
+    message_field_role: str | None = Field(
+        None, description="Deprecated (Axolotl): use message_property_mappings.role."
+    )
+    message_field_content: str | None = Field(
+        None, description="Deprecated (Axolotl): use message_property_mappings.content."
     )
     message_field_training: str = Field(
         "training",
