@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from hellbender.data.packing import IGNORE_INDEX, Collator, build_batch_sampler
 from hellbender.models.attention import (
@@ -23,6 +23,7 @@ from hellbender.models.attention import (
     register_block_diagonal_attention,
     xformers_seqlens,
 )
+from hellbender.models.tiny import build_tiny_model
 from hellbender.train.loss import causal_lm_loss_sum
 
 VOCAB = 128
@@ -32,20 +33,15 @@ SEQ_LEN = 24
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def tiny_llama(attn: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
+def tiny_llama(attn: str, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
+    """The project's tiny Llama (seed 0, so every call gives the same weights) on ``attn``.
+
+    ``pad_token_id=None``: no embedding row is a frozen zero padding row, so every random token id
+    of these tests is a regular token.
+    """
+    return build_tiny_model(
+        seed=0, dtype=dtype, vocab_size=VOCAB, max_position_embeddings=64, pad_token_id=None, attn_implementation=attn
     )
-    model = LlamaForCausalLM(cfg).to(dtype)
-    model.set_attn_implementation(attn)
-    return model
 
 
 def make_samples(lengths: list[int], seed: int = 0) -> list[dict]:

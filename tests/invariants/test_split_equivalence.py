@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from hellbender.data.packing import IGNORE_INDEX, Collator, build_batch_sampler
 from hellbender.models.attention import model_inputs
+from hellbender.models.tiny import build_tiny_model
 from hellbender.train.loss import causal_lm_loss_sum, step_normalizer
 
 VOCAB = 128
@@ -27,19 +28,10 @@ ATTN = "sdpa"
 
 
 def tiny_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
+    """The project's tiny Llama (seed 0); ``pad_token_id=None`` keeps every embedding row trainable."""
+    return build_tiny_model(
+        seed=0, vocab_size=VOCAB, max_position_embeddings=64, pad_token_id=None, attn_implementation=ATTN
     )
-    model = LlamaForCausalLM(cfg)
-    model.set_attn_implementation(ATTN)
-    return model
 
 
 def make_samples() -> list[dict]:

@@ -99,28 +99,21 @@ LENGTHS = np.random.default_rng(7).integers(1, 64, size=203).tolist()
 @pytest.mark.parametrize("micro_batch_size", [1, 3])
 def test_len_equals_iterated_micro_batches(packing: bool, drop_last: bool, micro_batch_size: int) -> None:
     for seed in (0, 1, 2):
-        sampler = build_batch_sampler(
-            LENGTHS,
-            sequence_len=64,
-            micro_batch_size=micro_batch_size,
-            sample_packing=packing,
-            seed=seed,
-            drop_last=drop_last,
-        )
+        options = {
+            "sequence_len": 64,
+            "micro_batch_size": micro_batch_size,
+            "sample_packing": packing,
+            "seed": seed,
+            "drop_last": drop_last,
+        }
+        sampler = build_batch_sampler(LENGTHS, **options)
         for epoch in (0, 1, 5):
             sampler.set_epoch(epoch)
             expected = len(sampler)
             batches = list(sampler)
             assert len(batches) == expected
             # A fresh sampler asked for len() without iterating agrees too (no hidden state).
-            fresh = build_batch_sampler(
-                LENGTHS,
-                sequence_len=64,
-                micro_batch_size=micro_batch_size,
-                sample_packing=packing,
-                seed=seed,
-                drop_last=drop_last,
-            )
+            fresh = build_batch_sampler(LENGTHS, **options)
             fresh.set_epoch(epoch)
             assert len(fresh) == expected
             assert list(fresh) == batches
@@ -353,20 +346,11 @@ def test_model_inputs_masks_per_backend() -> None:
 
 
 def test_loss_sum_and_count_match_transformers_mean_loss() -> None:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from hellbender.models.tiny import build_tiny_model
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    model = LlamaForCausalLM(cfg)
-    ids = torch.randint(1, 128, (2, 12))
+    model = build_tiny_model(seed=0, vocab_size=128, num_hidden_layers=1, max_position_embeddings=64, pad_token_id=None)
+    # build_tiny_model leaves the global RNG untouched, so the ids get their own seeded generator.
+    ids = torch.randint(1, 128, (2, 12), generator=torch.Generator().manual_seed(0))
     labels = ids.clone()
     labels[0, :5] = IGNORE_INDEX
     labels[1, 9:] = IGNORE_INDEX
