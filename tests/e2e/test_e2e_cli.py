@@ -17,18 +17,9 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hellbender.cli import main
-from hellbender.models.tiny import save_tiny_model_folder
 from hellbender.train import checkpoint as ckpt
 
 ENV: dict[str, str | None] = {"PYTORCH_ALLOC_CONF": None, "PYTORCH_CUDA_ALLOC_CONF": None, "WORLD_SIZE": "1"}
-ROWS = [
-    {"instruction": "Say hello.", "input": "", "output": "Hello there!"},
-    {"instruction": "Count to three.", "input": "", "output": "One two three."},
-    {"instruction": "Is it true?", "input": "", "output": "It is true."},
-    {"instruction": "Add the numbers.", "input": "2 and 3", "output": "The answer is 5."},
-    {"instruction": "Name an animal.", "input": "", "output": "The quick brown fox."},
-    {"instruction": "What is the capital of France?", "input": "", "output": "Paris."},
-]
 
 
 def invoke(*args: str, stdin: str | None = None) -> Result:
@@ -36,29 +27,19 @@ def invoke(*args: str, stdin: str | None = None) -> Result:
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("cli")
-    save_tiny_model_folder(root / "model", initializer_range=0.1)
-    (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+def project(tiny_assets: Path, base_settings: dict[str, object]) -> Path:
+    """The shared assets plus ``cfg.yaml`` (a short LoRA run), trained once through the CLI into ``out/``."""
+    root = tiny_assets
     config = {
-        "base_model": str(root / "model"),
-        "datasets": [{"path": str(root / "data.jsonl"), "type": "alpaca"}],
-        "val_set_size": 2,
-        "dataset_prepared_path": str(root / "prepared"),
-        "dataset_num_proc": 1,
+        **base_settings,
         "adapter": "lora",
         "lora_r": 8,
         "lora_alpha": 16,
         "lora_target_linear": True,
-        "bf16": False,
-        "sequence_len": 128,
-        "sample_packing": True,
-        "micro_batch_size": 2,
         "learning_rate": 0.05,
         "max_steps": 8,
         "save_steps": 4,
         "output_dir": str(root / "out"),
-        "use_tensorboard": False,
     }
     (root / "cfg.yaml").write_text(yaml.safe_dump(config))
     result = invoke("train", str(root / "cfg.yaml"))

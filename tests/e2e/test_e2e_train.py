@@ -7,7 +7,6 @@ loader, and a merged LoRA must compute the same logits as base + adapter.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -18,20 +17,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hellbender.config.normalize import Hardware, normalize
 from hellbender.config.schema import HellbenderConfig
-from hellbender.models.tiny import save_tiny_model_folder
 from hellbender.train.metrics import read_metrics
 from hellbender.train.run import _load_for_use, run_evaluate, run_merge_lora, run_train, trained_source
-
-ROWS = [
-    {"instruction": "Name the color of the sky.", "input": "", "output": "The sky is blue."},
-    {"instruction": "Add the numbers.", "input": "2 and 3", "output": "The answer is 5."},
-    {"instruction": "Say hello.", "input": "", "output": "Hello there!"},
-    {"instruction": "Is it true?", "input": "", "output": "It is true."},
-    {"instruction": "Count to three.", "input": "", "output": "One two three."},
-    {"instruction": "Name an animal.", "input": "", "output": "The quick brown fox."},
-    {"instruction": "Summarize the text.", "input": "The cat sat on the mat.", "output": "A cat sat."},
-    {"instruction": "What is the capital of France?", "input": "", "output": "Paris."},
-]
 
 ADAPTERS: dict[str, dict[str, object]] = {
     "full": {"learning_rate": 1e-2},
@@ -41,34 +28,17 @@ ADAPTERS: dict[str, dict[str, object]] = {
 }  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("assets")
-    # initializer_range 0.1 (not 0.02): with hidden size 32 and the default init, logits are so
-    # flat that a frozen head leaves LoRA almost nothing to learn in 20 steps.
-    save_tiny_model_folder(root / "model", initializer_range=0.1)
-    (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-    return root
-
-
-def make_cfg(assets: Path, out: Path, **values: object) -> HellbenderConfig:
+def make_cfg(base_settings: dict[str, object], out: Path, **values: object) -> HellbenderConfig:
+    # micro_batch_size 2 (from base_settings) takes the whole packed training set every step, so
+    # the losses of successive steps are comparable.
     raw = HellbenderConfig.model_validate(
         {
-            "base_model": str(assets / "model"),
-            "datasets": [{"path": str(assets / "data.jsonl"), "type": "alpaca"}],
-            "val_set_size": 2,
-            "dataset_prepared_path": str(assets / "prepared"),
-            "dataset_num_proc": 1,
-            "bf16": False,
-            "sequence_len": 128,
-            "sample_packing": True,
-            "micro_batch_size": 2,  # the whole (packed) training set every step: losses comparable
+            **base_settings,
             "max_steps": 20,
             "warmup_steps": 2,
             "eval_steps": 10,
             "save_steps": 10,
             "output_dir": str(out),
-            "use_tensorboard": False,
             **values,
         }
     )
@@ -76,17 +46,19 @@ def make_cfg(assets: Path, out: Path, **values: object) -> HellbenderConfig:
 
 
 @pytest.fixture(scope="module")
-def runs(assets: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[HellbenderConfig, object]]:
+def runs(
+    base_settings: dict[str, object], tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, tuple[HellbenderConfig, object]]:
     """Train each kind once; the tests below inspect the results."""
     done = {}
     for kind, values in ADAPTERS.items():
-        cfg = make_cfg(assets, tmp_path_factory.mktemp(kind), **values)
+        cfg = make_cfg(base_settings, tmp_path_factory.mktemp(kind), **values)
         done[kind] = (cfg, run_train(cfg))
     return done
 
 
-def sample_ids(assets: Path) -> torch.Tensor:
-    tok = AutoTokenizer.from_pretrained(str(assets / "model"))
+def sample_ids(tiny_assets: Path) -> torch.Tensor:
+    tok = AutoTokenizer.from_pretrained(str(tiny_assets / "model"))
     return tok("Name the color of the sky. The sky is blue.", return_tensors="pt")["input_ids"]
 
 
@@ -108,12 +80,12 @@ def test_training_lowers_the_loss(runs: dict, kind: str) -> None:
 
 
 @pytest.mark.parametrize("kind", list(ADAPTERS))
-def test_outputs_load_back(runs: dict, assets: Path, kind: str) -> None:
+def test_outputs_load_back(runs: dict, tiny_assets: Path, kind: str) -> None:
     cfg, result = runs[kind]
     out = Path(cfg.output_dir)
     AutoTokenizer.from_pretrained(str(out))
-    ids = sample_ids(assets)
-    base = AutoModelForCausalLM.from_pretrained(str(assets / "model"), dtype=torch.float32)
+    ids = sample_ids(tiny_assets)
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_assets / "model"), dtype=torch.float32)
     with torch.no_grad():
         base_logits = base(input_ids=ids).logits
         if kind == "full":
@@ -131,14 +103,14 @@ def test_outputs_load_back(runs: dict, assets: Path, kind: str) -> None:
 
 
 @pytest.mark.parametrize("kind", ["lora", "qlora"])
-def test_merge_equals_adapter(runs: dict, assets: Path, kind: str, tmp_path: Path) -> None:
+def test_merge_equals_adapter(runs: dict, tiny_assets: Path, kind: str, tmp_path: Path) -> None:
     cfg, _ = runs[kind]
     merged_dir = run_merge_lora(cfg, tmp_path / "merged")
     merged = AutoModelForCausalLM.from_pretrained(str(merged_dir))
     assert not any("lora" in name for name, _ in merged.named_parameters())
-    base = AutoModelForCausalLM.from_pretrained(str(assets / "model"), dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_assets / "model"), dtype=torch.float32)
     adapter = PeftModel.from_pretrained(base, cfg.output_dir)
-    ids = sample_ids(assets)
+    ids = sample_ids(tiny_assets)
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=ids).logits, adapter(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
 

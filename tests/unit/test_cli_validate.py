@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner, Result
+from config_fixtures import GOOD_CONFIG, write_config
 
 from hellbender.cli import main
 from hellbender.config.schema import HellbenderConfig
@@ -20,24 +21,11 @@ from hellbender.config.schema import HellbenderConfig
 # makes click restore them afterwards, so no test leaks environment into another.
 ISOLATED_ENV: dict[str, str | None] = {"PYTORCH_ALLOC_CONF": None, "PYTORCH_CUDA_ALLOC_CONF": None, "WORLD_SIZE": "1"}
 
-GOOD = """\
-base_model: org/some-model
-datasets:
-  - path: data.jsonl
-    type: alpaca
-micro_batch_size: 2
-gradient_accumulation_steps: 4
-"""
+GOOD = GOOD_CONFIG + "gradient_accumulation_steps: 4\n"
 
 
 def invoke(*args: str) -> Result:
     return CliRunner().invoke(main, list(args), env=ISOLATED_ENV, catch_exceptions=False)
-
-
-def write(tmp_path: Path, text: str, name: str = "cfg.yaml") -> Path:
-    path = tmp_path / name
-    path.write_text(text)
-    return path
 
 
 def resolved_section(output: str) -> dict:
@@ -50,21 +38,21 @@ def resolved_section(output: str) -> dict:
 
 
 def test_valid_config_exits_0(tmp_path: Path) -> None:
-    result = invoke("validate", str(write(tmp_path, GOOD)))
+    result = invoke("validate", str(write_config(tmp_path, GOOD)))
     assert result.exit_code == 0, result.output
     assert "0 error(s)" in result.output
     assert "HB190" in result.output  # the resolved dtype is shown
 
 
 def test_rule_error_exits_1_and_prints_the_finding(tmp_path: Path) -> None:
-    result = invoke("validate", str(write(tmp_path, GOOD + "warmup_steps: 5\nwarmup_ratio: 0.1\n")))
+    result = invoke("validate", str(write_config(tmp_path, GOOD + "warmup_steps: 5\nwarmup_ratio: 0.1\n")))
     assert result.exit_code == 1
     assert "ERROR HB110" in result.output and "fix:" in result.output
     assert "1 error(s)" in result.output
 
 
 def test_warnings_alone_exit_0(tmp_path: Path) -> None:
-    result = invoke("validate", str(write(tmp_path, GOOD + "max_steps: 10\nnum_epochs: 2\n")))
+    result = invoke("validate", str(write_config(tmp_path, GOOD + "max_steps: 10\nnum_epochs: 2\n")))
     assert result.exit_code == 0
     assert "WARNING HB140" in result.output and "1 warning(s)" in result.output
 
@@ -79,13 +67,13 @@ def test_warnings_alone_exit_0(tmp_path: Path) -> None:
     ],
 )
 def test_load_errors_exit_1(tmp_path: Path, text: str, code: str) -> None:
-    result = invoke("validate", str(write(tmp_path, text)))
+    result = invoke("validate", str(write_config(tmp_path, text)))
     assert result.exit_code == 1
     assert f"ERROR {code}" in result.output
 
 
 def test_overrides_on_the_command_line(tmp_path: Path) -> None:
-    path = write(tmp_path, GOOD)
+    path = write_config(tmp_path, GOOD)
     result = invoke("validate", str(path), "lora_r=32", "datasets.0.path=other.jsonl", "--resolved")
     assert result.exit_code == 0, result.output
     resolved = resolved_section(result.output)
@@ -97,7 +85,7 @@ def test_overrides_on_the_command_line(tmp_path: Path) -> None:
 
 
 def test_resolved_prints_every_derived_value(tmp_path: Path) -> None:
-    result = invoke("validate", str(write(tmp_path, GOOD + "sample_packing: true\n")), "--resolved")
+    result = invoke("validate", str(write_config(tmp_path, GOOD + "sample_packing: true\n")), "--resolved")
     assert result.exit_code == 0, result.output
     resolved = resolved_section(result.output)
     assert resolved["batch_size"] == 2 * 4 * 1
@@ -135,7 +123,7 @@ learning_rate: 0.0002 # peak
 
 
 def test_fix_rewrites_batch_size_and_legacy_flags_keeping_comments_and_order(tmp_path: Path) -> None:
-    path = write(tmp_path, BEFORE)
+    path = write_config(tmp_path, BEFORE)
     result = invoke("validate", str(path), "--fix")
     assert "fixed: batch_size → gradient_accumulation_steps: 8" in result.output
     after = path.read_text()
@@ -155,7 +143,7 @@ def test_fix_rewrites_batch_size_and_legacy_flags_keeping_comments_and_order(tmp
 
 def test_fix_removes_redundant_batch_size_keeping_its_comments(tmp_path: Path) -> None:
     text = GOOD + "batch_size: 8  # redundant\n# seed below\nseed: 7\n"
-    path = write(tmp_path, text)
+    path = write_config(tmp_path, text)
     result = invoke("validate", str(path), "--fix")
     assert "fixed: removed batch_size" in result.output
     # the removed line's comments become full lines before the next key
@@ -187,7 +175,7 @@ def test_fix_removes_redundant_batch_size_keeping_its_comments(tmp_path: Path) -
     ids=["zero-indented-list", "flow-list", "four-space-layout"],
 )
 def test_fix_keeps_the_files_own_layout(tmp_path: Path, before: str, after: str) -> None:
-    path = write(tmp_path, before)
+    path = write_config(tmp_path, before)
     result = invoke("validate", str(path), "--fix")
     assert "fixed:" in result.output
     assert path.read_text() == after
@@ -203,7 +191,7 @@ def test_fix_keeps_the_files_own_layout(tmp_path: Path, before: str, after: str)
     ids=["not-divisible", "inconsistent", "two-backends"],
 )
 def test_fix_leaves_ambiguous_findings_alone(tmp_path: Path, text: str) -> None:
-    path = write(tmp_path, text)
+    path = write_config(tmp_path, text)
     result = invoke("validate", str(path), "--fix")
     assert result.exit_code == 1
     assert "fixed:" not in result.output
@@ -211,7 +199,7 @@ def test_fix_leaves_ambiguous_findings_alone(tmp_path: Path, text: str) -> None:
 
 
 def test_fix_without_anything_to_fix_leaves_file_byte_identical(tmp_path: Path) -> None:
-    path = write(tmp_path, GOOD + "# trailing comment\n")
+    path = write_config(tmp_path, GOOD + "# trailing comment\n")
     invoke("validate", str(path), "--fix")
     assert path.read_text() == GOOD + "# trailing comment\n"
 
@@ -238,10 +226,10 @@ def test_installed_entry_point_exit_codes(tmp_path: Path) -> None:
     exe = shutil.which("hellbender", path=str(Path(sys.executable).parent))
     if exe is None:
         pytest.skip("the hellbender console script is not installed next to this interpreter")
-    good = subprocess.run([exe, "validate", str(write(tmp_path, GOOD))], capture_output=True, text=True)
+    good = subprocess.run([exe, "validate", str(write_config(tmp_path, GOOD))], capture_output=True, text=True)
     assert good.returncode == 0, good.stdout + good.stderr
     bad = subprocess.run(
-        [exe, "validate", str(write(tmp_path, GOOD + "lora_rr: 4\n", "bad.yaml"))], capture_output=True, text=True
+        [exe, "validate", str(write_config(tmp_path, GOOD + "lora_rr: 4\n", "bad.yaml"))], capture_output=True, text=True
     )
     assert bad.returncode == 1 and "Did you mean `lora_r`" in bad.stdout
 
@@ -253,7 +241,7 @@ EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").rglob("*.ya
 def test_fix_on_examples_changes_only_the_fixed_lines(tmp_path: Path, example: Path) -> None:
     """On real Axolotl-style files every changed line is a fixed key; nothing else moves."""
     original = example.read_text()
-    path = write(tmp_path, original, example.name)
+    path = write_config(tmp_path, original, example.name)
     invoke("validate", str(path), "--fix")
     changed = [
         line[1:]

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import yaml
+from config_fixtures import GOOD_CONFIG, write_config
 
 from hellbender.config.findings import ConfigError, Finding
 from hellbender.config.load import (
@@ -19,30 +20,17 @@ from hellbender.config.load import (
 from hellbender.config.normalize import Hardware, load_config
 
 CPU = Hardware(description="CPU")
-GOOD = """\
-base_model: org/some-model
-datasets:
-  - path: data.jsonl
-    type: alpaca
-micro_batch_size: 2
-"""
-
-
-def write(tmp_path: Path, text: str) -> Path:
-    path = tmp_path / "cfg.yaml"
-    path.write_text(text)
-    return path
 
 
 def load_errors(tmp_path: Path, text: str, overrides: list[str] | None = None) -> list[Finding]:
     """The findings of a config that must fail to load."""
     with pytest.raises(ConfigError) as info:
-        read_config(write(tmp_path, text), overrides)
+        read_config(write_config(tmp_path, text), overrides)
     return info.value.findings
 
 
 def test_good_config_loads(tmp_path: Path) -> None:
-    cfg, raw = read_config(write(tmp_path, GOOD))
+    cfg, raw = read_config(write_config(tmp_path, GOOD_CONFIG))
     assert cfg.base_model == "org/some-model"
     assert cfg.datasets is not None and cfg.datasets[0].path == "data.jsonl"
     assert raw["micro_batch_size"] == 2
@@ -98,7 +86,7 @@ def test_empty_file_reports_required_key(tmp_path: Path) -> None:
 
 
 def test_unknown_top_level_key_suggests_the_close_one(tmp_path: Path) -> None:
-    (finding,) = load_errors(tmp_path, GOOD + "learning_rat: 0.001\n")
+    (finding,) = load_errors(tmp_path, GOOD_CONFIG + "learning_rat: 0.001\n")
     assert finding.code == "HB004" and finding.key == "learning_rat"
     assert "Did you mean `learning_rate`" in finding.message
     assert "(line 6)" in finding.message
@@ -106,7 +94,7 @@ def test_unknown_top_level_key_suggests_the_close_one(tmp_path: Path) -> None:
 
 
 def test_unknown_nested_dataset_key_suggests_the_close_one(tmp_path: Path) -> None:
-    text = GOOD.replace("    type: alpaca\n", "    type: alpaca\n    field_mesages: conversations\n")
+    text = GOOD_CONFIG.replace("    type: alpaca\n", "    type: alpaca\n    field_mesages: conversations\n")
     (finding,) = load_errors(tmp_path, text)
     assert finding.code == "HB004" and finding.key == "datasets.0.field_mesages"
     assert "Did you mean `field_messages`" in finding.message
@@ -114,25 +102,25 @@ def test_unknown_nested_dataset_key_suggests_the_close_one(tmp_path: Path) -> No
 
 
 def test_unknown_key_in_user_defined_format_is_reported_once(tmp_path: Path) -> None:
-    text = GOOD.replace("    type: alpaca\n", "    type:\n      field_instrction: q\n      format: '{instruction}'\n")
+    text = GOOD_CONFIG.replace("    type: alpaca\n", "    type:\n      field_instrction: q\n      format: '{instruction}'\n")
     findings = load_errors(tmp_path, text)
     assert [(f.code, f.key) for f in findings] == [("HB004", "datasets.0.type.field_instrction")]
     assert "field_instruction" in findings[0].message
 
 
 def test_unknown_key_with_no_close_match_has_no_suggestion(tmp_path: Path) -> None:
-    (finding,) = load_errors(tmp_path, GOOD + "zzqqxx: 1\n")
+    (finding,) = load_errors(tmp_path, GOOD_CONFIG + "zzqqxx: 1\n")
     assert finding.code == "HB004" and "Did you mean" not in finding.message
 
 
 def test_every_unknown_key_is_reported_at_once(tmp_path: Path) -> None:
-    findings = load_errors(tmp_path, GOOD + "lora_rr: 4\nseeed: 1\n")
+    findings = load_errors(tmp_path, GOOD_CONFIG + "lora_rr: 4\nseeed: 1\n")
     assert sorted(f.key for f in findings) == ["lora_rr", "seeed"]  # type: ignore[type-var]
 
 
 @pytest.mark.parametrize("key", sorted(AXOLOTL_KEYS_NOT_SUPPORTED))
 def test_axolotl_only_key_is_named_as_unsupported(tmp_path: Path, key: str) -> None:
-    (finding,) = load_errors(tmp_path, GOOD + f"{key}: 1\n")
+    (finding,) = load_errors(tmp_path, GOOD_CONFIG + f"{key}: 1\n")
     assert finding.code == "HB005" and finding.key == key
     assert AXOLOTL_KEYS_NOT_SUPPORTED[key] in finding.message
     assert "Did you mean" not in finding.message
@@ -140,13 +128,13 @@ def test_axolotl_only_key_is_named_as_unsupported(tmp_path: Path, key: str) -> N
 
 @pytest.mark.parametrize("key", sorted(AXOLOTL_KEYS_NOT_SUPPORTED))
 def test_axolotl_only_key_left_empty_asks_for_nothing(tmp_path: Path, key: str) -> None:
-    read_config(write(tmp_path, GOOD + f"{key}:\n"))
+    read_config(write_config(tmp_path, GOOD_CONFIG + f"{key}:\n"))
 
 
 @pytest.mark.parametrize("key", sorted(DERIVED_KEYS))
 def test_derived_key_cannot_be_set(tmp_path: Path, key: str) -> None:
     value = {"compute_dtype": "bfloat16", "world_size": 4}[key]
-    (finding,) = load_errors(tmp_path, GOOD + f"{key}: {value}\n")
+    (finding,) = load_errors(tmp_path, GOOD_CONFIG + f"{key}: {value}\n")
     assert finding.code == "HB006" and finding.key == key
 
 
@@ -167,7 +155,7 @@ def test_derived_key_cannot_be_set(tmp_path: Path, key: str) -> None:
 def test_type_error_names_path_value_and_expected_type(
     tmp_path: Path, line: str, path: str, given: str, expected: str
 ) -> None:
-    text = GOOD if path != "datasets" else "base_model: org/m\n"
+    text = GOOD_CONFIG if path != "datasets" else "base_model: org/m\n"
     findings = load_errors(tmp_path, text + line + "\n")
     (finding,) = [f for f in findings if f.key == path]
     assert finding.code == "HB008"
@@ -175,7 +163,7 @@ def test_type_error_names_path_value_and_expected_type(
 
 
 def test_nested_type_error_names_the_dataset_path(tmp_path: Path) -> None:
-    text = GOOD.replace("    type: alpaca\n", "    type: alpaca\n    roles_to_train: assistant\n")
+    text = GOOD_CONFIG.replace("    type: alpaca\n", "    type: alpaca\n    roles_to_train: assistant\n")
     (finding,) = load_errors(tmp_path, text)
     assert finding.code == "HB008" and finding.key == "datasets.0.roles_to_train"
     assert "'assistant'" in finding.message and "list" in finding.message
@@ -189,28 +177,28 @@ def test_dataset_without_path_is_required(tmp_path: Path) -> None:
 
 def test_empty_values_mean_not_set(tmp_path: Path) -> None:
     """Axolotl's examples leave options empty (``fp16:``) to mean "default"."""
-    text = GOOD + "fp16:\ntf32:\ndebug:\nlora_fan_in_fan_out:\ndeepspeed:\nspecial_tokens:\nsequence_len:\n"
-    cfg, _ = read_config(write(tmp_path, text))
+    text = GOOD_CONFIG + "fp16:\ntf32:\ndebug:\nlora_fan_in_fan_out:\ndeepspeed:\nspecial_tokens:\nsequence_len:\n"
+    cfg, _ = read_config(write_config(tmp_path, text))
     assert cfg.fp16 is False and cfg.tf32 is False and cfg.sequence_len == 2048
     assert not {"fp16", "tf32", "lora_fan_in_fan_out", "sequence_len"} & cfg.model_fields_set
-    text = GOOD.replace("    type: alpaca\n", "    type:\n    roles_to_train:\n    train_on_eos:\n")
-    cfg, _ = read_config(write(tmp_path, text))
+    text = GOOD_CONFIG.replace("    type: alpaca\n", "    type:\n    roles_to_train:\n    train_on_eos:\n")
+    cfg, _ = read_config(write_config(tmp_path, text))
     assert cfg.datasets is not None
     assert (cfg.datasets[0].type, cfg.datasets[0].roles_to_train) == ("alpaca", ["assistant"])
 
 
 def test_empty_value_that_means_off_is_kept(tmp_path: Path) -> None:
-    cfg, _ = read_config(write(tmp_path, GOOD + "max_grad_norm:\n"))
+    cfg, _ = read_config(write_config(tmp_path, GOOD_CONFIG + "max_grad_norm:\n"))
     assert cfg.max_grad_norm is None  # null turns clipping off; the default would be 1.0
 
 
 def test_empty_required_key_is_reported_as_required(tmp_path: Path) -> None:
-    findings = load_errors(tmp_path, GOOD.replace("base_model: org/some-model", "base_model:"))
+    findings = load_errors(tmp_path, GOOD_CONFIG.replace("base_model: org/some-model", "base_model:"))
     assert [(f.code, f.key) for f in findings] == [("HB007", "base_model")]
 
 
 def test_empty_unknown_key_is_still_an_error(tmp_path: Path) -> None:
-    (finding,) = load_errors(tmp_path, GOOD + "lora_fan_in_fanout:\n")
+    (finding,) = load_errors(tmp_path, GOOD_CONFIG + "lora_fan_in_fanout:\n")
     assert finding.code == "HB004" and "lora_fan_in_fan_out" in finding.message
 
 
@@ -236,17 +224,17 @@ def test_empty_unknown_key_is_still_an_error(tmp_path: Path) -> None:
     ],
 )
 def test_override_values_are_yaml(tmp_path: Path, override: str, check: Any) -> None:
-    cfg, _ = read_config(write(tmp_path, GOOD), [override])
+    cfg, _ = read_config(write_config(tmp_path, GOOD_CONFIG), [override])
     assert check(cfg)
 
 
 def test_later_override_wins(tmp_path: Path) -> None:
-    cfg, _ = read_config(write(tmp_path, GOOD), ["lora_r=4", "lora_r=32"])
+    cfg, _ = read_config(write_config(tmp_path, GOOD_CONFIG), ["lora_r=4", "lora_r=32"])
     assert cfg.lora_r == 32
 
 
 def test_override_to_empty_means_not_set(tmp_path: Path) -> None:
-    cfg, _ = read_config(write(tmp_path, GOOD), ["micro_batch_size="])
+    cfg, _ = read_config(write_config(tmp_path, GOOD_CONFIG), ["micro_batch_size="])
     assert cfg.micro_batch_size == 1
 
 
@@ -264,7 +252,7 @@ def test_override_to_empty_means_not_set(tmp_path: Path) -> None:
     ],
 )
 def test_bad_overrides_are_findings(tmp_path: Path, override: str, code: str) -> None:
-    findings = load_errors(tmp_path, GOOD, [override])
+    findings = load_errors(tmp_path, GOOD_CONFIG, [override])
     assert [f.code for f in findings] == [code]
 
 
@@ -280,7 +268,7 @@ def test_parse_yaml_empty_is_empty_mapping() -> None:
 
 
 def test_load_config_strict_raises_with_every_error(tmp_path: Path) -> None:
-    path = write(tmp_path, GOOD + "warmup_steps: 5\nwarmup_ratio: 0.1\nfp16: true\n")
+    path = write_config(tmp_path, GOOD_CONFIG + "warmup_steps: 5\nwarmup_ratio: 0.1\nfp16: true\n")
     with pytest.raises(ConfigError) as info:
         load_config(path, world_size=1, hardware=CPU)
     assert {f.code for f in info.value.findings} == {"HB110", "HB115"}
@@ -294,7 +282,7 @@ def test_validation_does_not_import_torch(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    path = write(tmp_path, GOOD)
+    path = write_config(tmp_path, GOOD_CONFIG)
     probe = (
         "import sys\n"
         "from hellbender.config.normalize import load_config\n"
