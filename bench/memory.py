@@ -160,7 +160,7 @@ def _row(r: dict[str, Any], base: dict[str, Any] | None) -> str:
         return f"| {r['name']} | {r['seq']} | failed: {r['error']} | | | | | |"
     over = r["peak_mib"] - r["loaded_mib"]
     if base is None or "error" in base:
-        ratios = "| | |"
+        ratios = "| | | |"  # three empty ratio cells between the time and the loss
     else:
         b_over = base["peak_mib"] - base["loaded_mib"]
         ratios = (f"| {r['peak_mib'] / base['peak_mib']:.2f} | {over / b_over:.2f} "
