@@ -30,7 +30,7 @@ test: $(STAMP)
 	$(PY) -m pytest -n 2 --dist loadgroup -q tests
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests bench scripts examples
+	$(VENV)/bin/ruff check src tests bench examples
 
 bench: $(STAMP)
 	@echo "benchmarks live in bench/; run one with: $(PY) bench/<name>.py"
