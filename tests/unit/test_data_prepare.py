@@ -312,9 +312,11 @@ def test_cache_reused_identical_and_fast_then_rebuilt_on_one_byte(tmp_path: Path
     started = time.perf_counter()
     first = prepare_datasets(cfg, tok)
     build = time.perf_counter() - started
-    started = time.perf_counter()
-    second = prepare_datasets(cfg, tok)
-    reuse = time.perf_counter() - started
+    reuse = float("inf")
+    for _ in range(3):  # best of three: one short call is easily stretched by a busy machine
+        started = time.perf_counter()
+        second = prepare_datasets(cfg, tok)
+        reuse = min(reuse, time.perf_counter() - started)
     assert not first.from_cache and second.from_cache and second.cache_dir == first.cache_dir
     assert samples(second.train) == samples(first.train) and samples(second.eval) == samples(first.eval)
     assert second.report.datasets == first.report.datasets

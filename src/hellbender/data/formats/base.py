@@ -102,3 +102,17 @@ def get_str(row: Mapping[str, Any], key: str, *, required: bool, what: str = "fi
     if not isinstance(value, str):
         raise BadRow("wrong_type", f"{what} {key!r} must be a string, got {type_name(value)}")
     return value
+
+
+def get_nonempty_list(row: Any, key: str, *, items: str) -> list[Any]:
+    """``row[key]`` as a non-empty list of ``items`` (e.g. "messages"). Missing, not a list or
+    empty: :class:`BadRow` with the reason ``missing_field``, ``wrong_type`` or ``empty_<items>``."""
+    row = as_object(row)
+    if key not in row or row[key] is None:
+        raise BadRow("missing_field", f"field {key!r} is missing")
+    value = row[key]
+    if not isinstance(value, list):
+        raise BadRow("wrong_type", f"field {key!r} must be a list of {items}, got {type_name(value)}")
+    if not value:
+        raise BadRow(f"empty_{items}", f"field {key!r} is an empty list")
+    return value

@@ -32,7 +32,7 @@ from typing import Any
 
 from hellbender.config.schema import DatasetConfig
 from hellbender.data.errors import BadRow, DataError
-from hellbender.data.formats.base import PromptFormat, Rendered, as_object, type_name
+from hellbender.data.formats.base import PromptFormat, Rendered, get_nonempty_list, type_name
 
 # Templates shipped by name. Written for hellbender; each puts a special end-of-turn token right
 # after every content, which is what exact end-of-turn masking relies on.
@@ -272,15 +272,7 @@ class ChatTemplateFormat(PromptFormat):
         return Features({"messages": List(message)})
 
     def normalize(self, row: Any) -> dict[str, Any]:
-        row = as_object(row)
-        key = self.field_messages
-        if key not in row or row[key] is None:
-            raise BadRow("missing_field", f"field {key!r} is missing")
-        raw = row[key]
-        if not isinstance(raw, list):
-            raise BadRow("wrong_type", f"field {key!r} must be a list of messages, got {type_name(raw)}")
-        if not raw:
-            raise BadRow("empty_messages", f"field {key!r} is an empty list")
+        raw = get_nonempty_list(row, self.field_messages, items="messages")
         messages = []
         for i, msg in enumerate(raw):
             if not isinstance(msg, Mapping):

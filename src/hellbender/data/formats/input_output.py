@@ -11,7 +11,13 @@ from collections.abc import Mapping
 from typing import Any
 
 from hellbender.data.errors import BadRow
-from hellbender.data.formats.base import PromptFormat, Rendered, as_object, get_str, type_name
+from hellbender.data.formats.base import (
+    PromptFormat,
+    Rendered,
+    get_nonempty_list,
+    get_str,
+    type_name,
+)
 
 
 class InputOutputFormat(PromptFormat):
@@ -27,15 +33,7 @@ class InputOutputFormat(PromptFormat):
         return Features({"segments": List({"text": Value("string"), "label": Value("bool")})})
 
     def normalize(self, row: Any) -> dict[str, Any]:
-        row = as_object(row)
-        key = self.field_segments
-        if key not in row or row[key] is None:
-            raise BadRow("missing_field", f"field {key!r} is missing")
-        segments = row[key]
-        if not isinstance(segments, list):
-            raise BadRow("wrong_type", f"field {key!r} must be a list of segments, got {type_name(segments)}")
-        if not segments:
-            raise BadRow("empty_segments", f"field {key!r} is an empty list")
+        segments = get_nonempty_list(row, self.field_segments, items="segments")
         out = []
         for i, seg in enumerate(segments):
             if not isinstance(seg, Mapping):
