@@ -162,6 +162,33 @@ def test_type_error_names_path_value_and_expected_type(
     assert f"`{path}`" in finding.message and given in finding.message and expected in finding.message
 
 
+@pytest.mark.parametrize(
+    ("line", "path", "expected"),
+    [
+        ("bf16: autox", "bf16", ["a valid boolean", "'auto'"]),
+        ("gradient_checkpointing: maybe", "gradient_checkpointing", ["a valid boolean", "'selective'"]),
+        ("eval_steps: often", "eval_steps", ["a valid integer", "a valid number"]),
+        ("lora_target_modules: 5", "lora_target_modules", ["a valid list", "a valid string"]),
+    ],
+)
+def test_union_type_error_is_one_finding_at_the_users_key(
+    tmp_path: Path, line: str, path: str, expected: list[str]
+) -> None:
+    """A key typed as a union is one finding at the key the user wrote (not `bf16.bool` and
+    `bf16` separately), and it names every accepted type."""
+    findings = load_errors(tmp_path, GOOD_CONFIG + line + "\n")
+    assert [f.key for f in findings] == [path]
+    assert all(e in findings[0].message for e in expected), findings[0].message
+
+
+def test_union_type_error_inside_a_dataset(tmp_path: Path) -> None:
+    text = GOOD_CONFIG.replace("    type: alpaca\n", "    type: alpacax\n    data_files: 3\n")
+    findings = load_errors(tmp_path, text)
+    assert sorted(f.key or "" for f in findings) == ["datasets.0.data_files", "datasets.0.type"]
+    (type_finding,) = [f for f in findings if f.key == "datasets.0.type"]
+    assert "'alpaca'" in type_finding.message and "UserDefinedFormat" in type_finding.message
+
+
 def test_nested_type_error_names_the_dataset_path(tmp_path: Path) -> None:
     text = GOOD_CONFIG.replace("    type: alpaca\n", "    type: alpaca\n    roles_to_train: assistant\n")
     (finding,) = load_errors(tmp_path, text)

@@ -257,34 +257,68 @@ def unknown_key_findings(data: dict[str, Any], lines: dict[str, int] | None = No
     return findings
 
 
+def _data_path(loc: tuple[Any, ...], data: Any, missing: bool) -> list[str]:
+    """The part of a pydantic error location that names places in the user's data.
+
+    For a field typed as a union, pydantic adds one tag per member to the location
+    (``bf16.bool``, ``eval_steps.int``, ``datasets.0.type.UserDefinedFormat``); those are not keys
+    the user wrote. Walking the location against the data keeps exactly the keys and indices that
+    exist (plus, for a missing key, the key itself).
+    """
+    path: list[str] = []
+    node = data
+    for i, part in enumerate(loc):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            node = node[part]
+        elif missing and i == len(loc) - 1:
+            pass
+        else:
+            continue  # a union member's tag
+        path.append(str(part))
+    return path
+
+
+def _expected(messages: list[str]) -> str:
+    """Merge the per-union-member messages of one key into one sentence."""
+    unique = list(dict.fromkeys(messages))
+    if len(unique) > 1:  # "a valid boolean, unable to interpret input" → "a valid boolean"
+        unique = list(dict.fromkeys(m.split(", unable to")[0] for m in unique))
+    prefix = "Input should be "
+    if all(m.startswith(prefix) for m in unique):
+        return "should be " + " or ".join(m.removeprefix(prefix) for m in unique)
+    return "; ".join(unique)
+
+
 def _type_findings(exc: ValidationError, data: dict[str, Any], lines: dict[str, int]) -> list[Finding]:
-    findings: list[Finding] = []
-    seen: set[str] = set()
+    """One finding per key path, however many union members pydantic tried for it."""
+    missing: dict[str, str] = {}
+    wrong: dict[str, tuple[Any, list[str]]] = {}
     for err in exc.errors():
-        loc = [str(p) for p in err["loc"]]
-        # pydantic reports each member of a union; the path up to the model field is what matters
-        clean = [p for p in loc if not (p.startswith(("literal[", "function-")) or ("[" in p and p.endswith("]")))]
-        path = ".".join(clean) or "<root>"
-        if path in seen:
-            continue
-        seen.add(path)
+        is_missing = err["type"] == "missing"
+        parts = _data_path(err["loc"], data, is_missing)
+        path = ".".join(parts) or "<root>"
+        if is_missing:
+            missing.setdefault(path, parts[-1] if parts else path)
+        else:
+            wrong.setdefault(path, (err.get("input"), []))[1].append(err["msg"])
+    findings: list[Finding] = []
+    for path, key in missing.items():
         line = f" (line {lines[path]})" if path in lines else ""
-        if err["type"] == "missing":
-            findings.append(
-                Finding("HB007", "error", f"`{path}`{line} is required.", fix=f"Add `{clean[-1]}:`.", key=path)
-            )
-            continue
-        given = err.get("input")
+        findings.append(Finding("HB007", "error", f"`{path}`{line} is required.", fix=f"Add `{key}:`.", key=path))
+    for path, (given, messages) in wrong.items():
+        line = f" (line {lines[path]})" if path in lines else ""
         findings.append(
             Finding(
                 "HB008",
                 "error",
-                f"`{path}`{line} = {given!r} ({type(given).__name__}): {err['msg']}.",
+                f"`{path}`{line} = {given!r} ({type(given).__name__}): {_expected(messages)}.",
                 fix=f"Give `{path}` a value of the expected type.",
                 key=path,
             )
         )
-    return findings
+    return sorted(findings, key=lambda f: lines.get(f.key or "", 0))
 
 
 def _drop_unset_nulls(mapping: dict[Any, Any], model: type[BaseModel]) -> dict[Any, Any]:
