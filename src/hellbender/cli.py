@@ -13,7 +13,8 @@ import click
 
 from hellbender import __version__
 
-CONFIG = click.argument("config", type=click.Path(exists=True, dir_okay=False))
+# No `exists=True`: a missing file is a config error (HB000, exit 1) like any other, not a usage error.
+CONFIG = click.argument("config", type=click.Path(dir_okay=False))
 OVERRIDES = click.argument("overrides", nargs=-1)
 
 
@@ -61,6 +62,10 @@ def validate(config: str, overrides: tuple[str, ...], resolved: bool, fix: bool)
     from hellbender.config.findings import ConfigError, has_errors
     from hellbender.config.normalize import load_config
 
+    if fix and overrides:
+        # the fix would be computed from the overridden values and written into the file
+        click.echo("ERROR: --fix rewrites the file itself and cannot be combined with key=value overrides.")
+        sys.exit(1)
     try:
         cfg, findings = load_config(config, list(overrides), strict=False)
     except ConfigError as exc:
@@ -69,8 +74,10 @@ def validate(config: str, overrides: tuple[str, ...], resolved: bool, fix: bool)
         sys.exit(1)
     if fix:
         from hellbender.config.fix import fix_file
+        from hellbender.config.load import read_config
 
-        for change in fix_file(config, cfg):
+        raw, _ = read_config(config)
+        for change in fix_file(config, cfg, raw):
             click.echo(f"fixed: {change}")
         cfg, findings = load_config(config, list(overrides), strict=False)
     for finding in findings:

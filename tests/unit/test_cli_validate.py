@@ -99,9 +99,61 @@ def test_resolved_prints_every_derived_value(tmp_path: Path) -> None:
     HellbenderConfig.model_validate(resolved)
 
 
-def test_missing_file_is_a_usage_error(tmp_path: Path) -> None:
+def test_missing_or_unreadable_file_exits_1_with_a_finding(tmp_path: Path) -> None:
     result = invoke("validate", str(tmp_path / "nope.yaml"))
-    assert result.exit_code == 2
+    assert result.exit_code == 1 and "ERROR HB000" in result.output and "nope.yaml" in result.output
+    utf16 = tmp_path / "utf16.yaml"
+    utf16.write_bytes(GOOD.encode("utf-16"))
+    result = invoke("validate", str(utf16))
+    assert result.exit_code == 1 and "not UTF-8" in result.output
+
+
+def test_a_key_given_twice_is_an_error_with_its_lines(tmp_path: Path) -> None:
+    result = invoke("validate", str(write_config(tmp_path, GOOD + "learning_rate: 0.1\nlearning_rate: 0.2\n")))
+    assert result.exit_code == 1 and "ERROR HB001" in result.output
+    assert "'learning_rate' a second time" in result.output
+
+
+@pytest.mark.parametrize("world", ["abc", "0", "-2"])
+def test_a_bad_world_size_in_the_environment_is_a_finding(tmp_path: Path, world: str) -> None:
+    result = CliRunner().invoke(
+        main, ["validate", str(write_config(tmp_path, GOOD))], env={**ISOLATED_ENV, "WORLD_SIZE": world}
+    )
+    assert result.exit_code == 1 and "ERROR HB152" in result.output and repr(world) in result.output
+
+
+@pytest.mark.parametrize(
+    ("preset", "expected"),
+    [
+        ({}, "expandable_segments:True,roundup_power2_divisions:16"),
+        ({"PYTORCH_CUDA_ALLOC_CONF": "mine"}, None),
+        ({"PYTORCH_ALLOC_CONF": "mine"}, "mine"),
+    ],
+)
+def test_the_cli_sets_the_allocator_variable_only_when_unset(
+    tmp_path: Path, preset: dict[str, str], expected: str | None
+) -> None:
+    """The real process: what torch would read after the CLI's group callback ran."""
+    import os
+
+    script = (
+        "import os, sys\n"
+        "from hellbender.cli import main\n"
+        "try:\n"
+        "    main(['validate', sys.argv[1]])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print('ALLOC=' + repr(os.environ.get('PYTORCH_ALLOC_CONF')))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")}
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(write_config(tmp_path, GOOD))],
+        env={**env, **preset},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert f"ALLOC={expected!r}" in done.stdout, done.stdout + done.stderr
 
 
 # ------------------------------------------------------------------ --fix
@@ -196,6 +248,35 @@ def test_fix_leaves_ambiguous_findings_alone(tmp_path: Path, text: str) -> None:
     assert result.exit_code == 1
     assert "fixed:" not in result.output
     assert path.read_text() == text
+
+
+def test_fix_refuses_overrides(tmp_path: Path) -> None:
+    """A fix computed from overridden values would write what the file never said."""
+    path = write_config(tmp_path, GOOD_CONFIG + "batch_size: 16\n")
+    before = path.read_text()
+    result = invoke("validate", str(path), "micro_batch_size=4", "--fix")
+    assert result.exit_code == 1 and "cannot be combined" in result.output
+    assert path.read_text() == before
+
+
+@pytest.mark.parametrize("word", ["off", "no", "'false'", '"no"'])
+def test_fix_reads_yaml_1_1_false_words_as_false(tmp_path: Path, word: str) -> None:
+    """`flash_attention: off` is false to the config loader (YAML 1.1); --fix must not turn it on."""
+    path = write_config(tmp_path, GOOD + f"flash_attention: {word}\n")
+    result = invoke("validate", str(path), "--fix")
+    assert result.exit_code == 0, result.output
+    text = path.read_text()
+    assert "flash_attention" not in text and "attn_implementation" not in text
+
+
+def test_fix_through_a_symlink_rewrites_the_target_and_keeps_its_mode(tmp_path: Path) -> None:
+    target = write_config(tmp_path, GOOD_CONFIG + "batch_size: 16\n", "real.yaml")
+    target.chmod(0o600)
+    link = tmp_path / "link.yaml"
+    link.symlink_to(target)
+    assert invoke("validate", str(link), "--fix").exit_code == 0
+    assert link.is_symlink() and (target.stat().st_mode & 0o777) == 0o600
+    assert "\nbatch_size" not in target.read_text() and "gradient_accumulation_steps: 8" in target.read_text()
 
 
 def test_fix_without_anything_to_fix_leaves_file_byte_identical(tmp_path: Path) -> None:

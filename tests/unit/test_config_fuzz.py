@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from hellbender.cli import main
 from hellbender.config.findings import ConfigError, Finding
 from hellbender.config.fix import fix_file
+from hellbender.config.load import read_config
 from hellbender.config.normalize import Hardware, load_config
 from hellbender.config.schema import DatasetConfig, HellbenderConfig
 
@@ -276,6 +277,51 @@ def test_cli_validate_exits_0_or_1_never_a_traceback(workdir: Path, data: dict[s
     assert "Traceback" not in result.output
 
 
+@st.composite
+def raw_config_file(draw: st.DrawFn) -> bytes:
+    """What PyYAML-built configs never contain: raw bytes, other encodings, a key given twice,
+    and YAML 1.1 truth values spelled as words."""
+    text = dump(draw(st.sampled_from(SEEDS)))
+    kind = draw(st.sampled_from(["bytes", "utf16", "duplicate", "yaml11"]))
+    if kind == "bytes":
+        return draw(st.binary(max_size=300))
+    if kind == "utf16":
+        return text.encode("utf-16")
+    if kind == "duplicate":
+        lines = text.splitlines(keepends=True)
+        i = draw(st.integers(0, len(lines) - 1))
+        return "".join([*lines[: i + 1], lines[i], *lines[i + 1 :]]).encode()
+    flag = draw(st.sampled_from(["flash_attention", "sdp_attention", "sample_packing", "bf16", "load_in_4bit"]))
+    word = draw(st.sampled_from(["off", "on", "yes", "no", "Off", "'false'", '"no"', "y", "n"]))
+    return (text + f"{flag}: {word}\n").encode()
+
+
+@settings(FUZZ, max_examples=60)
+@given(
+    content=raw_config_file(),
+    world=st.sampled_from(["", "abc", "0", "-2", " 2 ", "1", "8"]),
+    fix=st.booleans(),
+)
+def test_cli_raw_files_and_bad_environment_never_a_traceback(
+    workdir: Path, content: bytes, world: str, fix: bool
+) -> None:
+    path = workdir / "raw.yaml"
+    path.write_bytes(content)
+    args = ["validate", str(path), *(["--fix"] if fix else [])]
+    env = {"PYTORCH_ALLOC_CONF": None, "PYTORCH_CUDA_ALLOC_CONF": None, "WORLD_SIZE": world}
+    result = CliRunner().invoke(main, args, env=env)
+    assert result.exit_code in (0, 1), result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    if (world.strip() and not world.strip().isdecimal()) or world.strip() == "0":
+        assert result.exit_code == 1
+
+
+# YAML 1.1 spellings, written into the file as they are: PyYAML (which reads the config) takes the
+# bare words as booleans, ruamel (which rewrites it) as strings; quoted ones are strings to both
+# and pydantic reads them as booleans.
+FLAG_WORDS = ["true", "false", "off", "on", "yes", "no", "'false'", '"no"', "'true'", ""]
+
+
 @settings(FUZZ, max_examples=150)
 @given(
     mbs=st.integers(1, 4),
@@ -283,14 +329,14 @@ def test_cli_validate_exits_0_or_1_never_a_traceback(workdir: Path, data: dict[s
     batch=st.one_of(st.none(), st.integers(1, 48)),
     flags=st.dictionaries(
         st.sampled_from(["flash_attention", "sdp_attention", "xformers_attention", "eager_attention", "flex_attention"]),
-        st.one_of(st.none(), st.booleans()),
+        st.sampled_from(FLAG_WORDS),
         max_size=3,
     ),
     attn=st.one_of(st.none(), st.sampled_from(["sdpa", "eager", "flash_attention_2"])),
     world=worlds,
 )
 def test_fix_never_changes_what_a_config_means(
-    workdir: Path, mbs: int, gas: int | None, batch: int | None, flags: dict[str, bool | None], attn: str | None, world: int
+    workdir: Path, mbs: int, gas: int | None, batch: int | None, flags: dict[str, str], attn: str | None, world: int
 ) -> None:
     data: dict[str, Any] = {
         "base_model": "org/model",
@@ -299,16 +345,16 @@ def test_fix_never_changes_what_a_config_means(
         "gradient_accumulation_steps": gas,
         "batch_size": batch,
         "attn_implementation": attn,
-        **flags,
     }
     path = workdir / "fixme.yaml"
-    path.write_text("# user comment\n" + yaml.safe_dump(data, sort_keys=False))
+    flag_lines = "".join(f"{flag}: {word}\n" for flag, word in flags.items())
+    path.write_text("# user comment\n" + yaml.safe_dump(data, sort_keys=False) + flag_lines)
     gpu = Hardware(cuda=True, cuda_bf16=True, description="simulated GPU")
     before, findings = load_config(path, world_size=world, hardware=gpu, strict=False)
     if any(f.severity == "error" for f in findings):
         return  # --fix only rewrites configs whose meaning is unambiguous
     shutil.copy(path, workdir / "fixme.orig")
-    fix_file(path, before)
+    fix_file(path, before, read_config(path)[0])
     after, later = load_config(path, world_size=world, hardware=gpu, strict=False)
     assert not any(f.severity == "error" for f in later)
     for key in ("batch_size", "gradient_accumulation_steps", "micro_batch_size", "attn_implementation"):

@@ -69,12 +69,21 @@ def _mapping_indent(text: str) -> int:
     return 2
 
 
-def fix_file(path: str | Path, cfg: HellbenderConfig) -> list[str]:
-    """Rewrite ``path`` in place; ``cfg`` is the normalized config. Returns what was changed."""
+def fix_file(path: str | Path, cfg: HellbenderConfig, raw: HellbenderConfig) -> list[str]:
+    """Rewrite ``path`` in place. Returns what was changed.
+
+    ``cfg`` is the normalized config and ``raw`` the validated one before normalization, both of
+    the file alone (no command-line overrides: a fix computed from overridden values would write
+    values the file never asked for). Truth values come from ``raw``, never from ruamel: ruamel reads
+    YAML 1.2, where ``off`` and ``no`` are strings (truthy), while the config is read as YAML 1.1,
+    where they are false.
+    """
+    import shutil
+
     from ruamel.yaml import YAML
     from ruamel.yaml.util import load_yaml_guess_indent
 
-    path = Path(path)
+    path = Path(path).resolve()  # a symlinked config: rewrite its target, keep the link
     text = path.read_text(encoding="utf-8")
     yaml = YAML()  # round-trip: comments and order survive
     yaml.preserve_quotes = True
@@ -103,7 +112,7 @@ def fix_file(path: str | Path, cfg: HellbenderConfig) -> list[str]:
             changes.append("removed batch_size (derived from micro_batch_size × gradient_accumulation_steps)")
 
     legacy = [flag for flag in LEGACY_ATTN_FLAGS if flag in data]
-    enabled = {LEGACY_ATTN_FLAGS[f] for f in legacy if data[f]}
+    enabled = {LEGACY_ATTN_FLAGS[f] for f in legacy if getattr(raw, f)}
     if legacy and len(enabled | ({data["attn_implementation"]} if data.get("attn_implementation") else set())) <= 1:
         if enabled and not data.get("attn_implementation"):
             backend = next(iter(enabled))
@@ -118,5 +127,6 @@ def fix_file(path: str | Path, cfg: HellbenderConfig) -> list[str]:
         tmp = path.with_name(path.name + ".hbtmp")
         with tmp.open("w", encoding="utf-8") as fh:
             yaml.dump(data, fh)
+        shutil.copymode(path, tmp)  # keep the file's permissions (a 600 config stays 600)
         tmp.replace(path)  # atomic: a crash never leaves a half-written config
     return changes

@@ -122,10 +122,37 @@ def _key_lines(text: str) -> dict[str, int]:
     return lines
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error.
+
+    Plain PyYAML keeps the last value silently; a config that says ``learning_rate`` twice is a
+    mistake the user should see (and ruamel, used by ``--fix``, refuses such files anyway).
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, yaml.Node] = {}
+        for key_node, _ in node.value:
+            # merge keys (`<<: *anchor`) may legitimately be overridden; complex keys are rare
+            # enough to leave to PyYAML
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)  # type: ignore[no-untyped-call]
+            first = seen.get(key)
+            if first is not None:
+                raise yaml.constructor.ConstructorError(
+                    f"while constructing a mapping (key {key!r} first given on line {first.start_mark.line + 1})",
+                    node.start_mark,
+                    f"found the key {key!r} a second time",
+                    key_node.start_mark,
+                )
+            seen[key] = key_node
+        return super().construct_mapping(node, deep=deep)
+
+
 def parse_yaml(text: str, source: str = "<config>") -> dict[str, Any]:
-    """Parse YAML text into a mapping, with line/column on syntax errors."""
+    """Parse YAML text into a mapping, with line/column on syntax errors and repeated keys."""
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_StrictLoader)
     except (yaml.YAMLError, RecursionError) as exc:
         raise _yaml_error(exc, source) from None
     if data is None:
@@ -369,6 +396,17 @@ def read_config(path: str | Path, overrides: list[str] | None = None) -> tuple[H
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError([Finding("HB000", "error", f"cannot read config {path}: {exc.strerror}")]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            [
+                Finding(
+                    "HB000",
+                    "error",
+                    f"cannot read config {path}: not UTF-8 text (byte {exc.start}: {exc.reason}).",
+                    fix="Save the file as UTF-8.",
+                )
+            ]
+        ) from None
     data = parse_yaml(text, str(path))
     data = apply_overrides(data, list(overrides or []))
     return validate_mapping(data, str(path), text), data

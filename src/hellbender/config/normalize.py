@@ -46,6 +46,11 @@ def _cpu_flags() -> set[str]:
     return set(match.group(1).split()) if match else set()
 
 
+# Device nodes whose presence means a GPU driver is loaded (only then is torch imported to ask):
+# NVIDIA on Linux, WSL2's GPU paravirtualization (NVIDIA under Windows), AMD ROCm (torch.cuda too).
+GPU_DRIVER_NODES = ("/dev/nvidiactl", "/proc/driver/nvidia/version", "/dev/dxg", "/dev/kfd")
+
+
 def detect_hardware() -> Hardware:
     """Probe the machine without importing torch unless an NVIDIA driver is present.
 
@@ -54,7 +59,7 @@ def detect_hardware() -> Hardware:
     """
     flags = _cpu_flags()
     cpu_bf16 = bool({"avx512_bf16", "amx_bf16"} & flags)
-    if os.path.exists("/dev/nvidiactl") or os.path.exists("/proc/driver/nvidia/version"):
+    if any(os.path.exists(node) for node in GPU_DRIVER_NODES):
         import torch
 
         if torch.cuda.is_available():
@@ -238,13 +243,35 @@ def data_parallel_size(world_size: int, cfg: HellbenderConfig) -> int:
     return max(1, world_size // model_parallel)
 
 
+def _world_size_from_env() -> tuple[int, list[Finding]]:
+    """``WORLD_SIZE`` as set by torchrun; 1 when unset. A value that is not a positive integer is
+    an error (and 1 is used so the other rules can still run)."""
+    raw = os.environ.get("WORLD_SIZE", "").strip()
+    if not raw:
+        return 1, []
+    if raw.isdecimal() and int(raw) >= 1:
+        return int(raw), []
+    return 1, [
+        Finding(
+            "HB152",
+            "error",
+            f"the environment variable WORLD_SIZE={raw!r} is not a positive integer.",
+            fix="Unset WORLD_SIZE or let torchrun set it.",
+        )
+    ]
+
+
 def normalize(
     cfg: HellbenderConfig, *, world_size: int | None = None, hardware: Hardware | None = None
 ) -> tuple[HellbenderConfig, list[Finding]]:
     """Derive every computed key. Returns the new config and the findings made on the way."""
     findings: list[Finding] = []
     hw = hardware if hardware is not None else detect_hardware()
-    world = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size is not None:
+        world = world_size
+    else:
+        world, env_finding = _world_size_from_env()
+        findings += env_finding
     update: dict[str, object] = {"world_size": world}
 
     if cfg.sequence_parallel_degree and "context_parallel_size" not in cfg.model_fields_set:
