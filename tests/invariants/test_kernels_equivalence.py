@@ -153,30 +153,42 @@ class _Shapes(TorchDispatchMode):
 
 
 @pytest.mark.parametrize(
-    "options",
+    ("options", "lora"),
     [
-        {"chunked_cross_entropy": True, "chunked_cross_entropy_num_chunks": 3},
-        {"tiled_mlp": True},
-        {"gradient_checkpointing": "selective", "tiled_mlp": True, "tiled_mlp_num_shards": 4},
+        ({"chunked_cross_entropy": True, "chunked_cross_entropy_num_chunks": 3}, False),
+        ({"tiled_mlp": True}, False),
+        ({"gradient_checkpointing": "selective", "tiled_mlp": True, "tiled_mlp_num_shards": 4}, False),
+        ({"gradient_checkpointing": True}, False),
+        ({"gradient_checkpointing": True, "activation_offloading": "disk"}, False),
+        ({"lora_mlp_kernel": True, "lora_qkv_kernel": True, "lora_o_kernel": True}, True),
+        (
+            {"lora_mlp_kernel": True, "lora_qkv_kernel": True, "lora_o_kernel": True,
+             "gradient_checkpointing": True, "activation_offloading": "disk", "chunked_cross_entropy": True},
+            True,
+        ),
     ],
-    ids=str,
+    ids=lambda v: str(v) if isinstance(v, dict) else None,
 )
-def test_padded_batches_keep_every_shape_constant(options: dict[str, Any]) -> None:
+def test_padded_batches_keep_every_shape_constant(options: dict[str, Any], lora: bool) -> None:
     """With pad_to_sequence_len, two batches with different trained tokens run identical shapes.
 
     Constant shapes are what lets torch.compile reuse its graph and the allocator reuse its
     blocks; chunking by *positions* (ignored tokens masked, not dropped) keeps them constant.
+    The log covers forward, backward and (for disk offloading) the copies to and from disk.
     """
-    model = _model(False)
-    cfg = _cfg(False, sequence_len=T, pad_to_sequence_len=True, **options)
+    model = _model(lora)
+    cfg = _cfg(lora, sequence_len=T, pad_to_sequence_len=True, **options)
     logs = []
     with optimized(model, cfg):
         for seed, n_pad in ((0, 3), (1, 11)):
             inputs, labels = _batch(seed, n_pad)
             model.zero_grad(set_to_none=True)
-            with _Shapes() as shapes:
-                loss_sum(model, inputs, labels, cfg).backward()
+            with activation_offloading(model, cfg.activation_offloading, min_bytes=0) as stats:
+                with _Shapes() as shapes:
+                    loss_sum(model, inputs, labels, cfg).backward()
             logs.append(shapes.log)
+            if cfg.activation_offloading:
+                assert stats.tensors > 0  # the offloading really ran inside the recorded step
     assert logs[0] == logs[1]
 
 
