@@ -126,6 +126,32 @@ def test_axolotl_only_key_is_named_as_unsupported(tmp_path: Path, key: str) -> N
     assert "Did you mean" not in finding.message
 
 
+@pytest.mark.parametrize(
+    ("text", "key", "says"),
+    [
+        ("load_best_model_at_end: true\n", "load_best_model_at_end", "does not support yet."),
+        ("ddp_timeout: 1800\n", "ddp_timeout", "does not support yet."),
+        ("kd_alpha: 0.5\n", "kd_alpha", "Axolotl plugin"),
+        ("optimizer: paged_adamw_8bit\n", "optimizer", "adamw_torch"),
+        ("lr_scheduler: one_cycle\n", "lr_scheduler", "cosine"),
+    ],
+)
+def test_any_axolotl_key_or_value_is_named_as_unsupported_not_misspelled(
+    tmp_path: Path, text: str, key: str, says: str
+) -> None:
+    """Axolotl's whole option list (hellbender.config.axolotl_keys), not just the keys with a
+    hand-written reason: `load_best_model_at_end` must not be told "did you mean lora_model_dir"."""
+    (finding,) = load_errors(tmp_path, GOOD_CONFIG + text)
+    assert finding.code == "HB005" and finding.key == key, finding.render()
+    assert says in finding.message + (finding.fix or "") and "Did you mean" not in finding.message
+
+
+def test_axolotl_dataset_key_is_named_as_unsupported(tmp_path: Path) -> None:
+    text = GOOD_CONFIG.replace("    type: alpaca\n", "    type: alpaca\n    drop_system_message: true\n")
+    (finding,) = load_errors(tmp_path, text)
+    assert finding.code == "HB005" and finding.key == "datasets.0.drop_system_message"
+
+
 @pytest.mark.parametrize("key", sorted(AXOLOTL_KEYS_NOT_SUPPORTED))
 def test_axolotl_only_key_left_empty_asks_for_nothing(tmp_path: Path, key: str) -> None:
     read_config(write_config(tmp_path, GOOD_CONFIG + f"{key}:\n"))
@@ -147,7 +173,7 @@ def test_derived_key_cannot_be_set(tmp_path: Path, key: str) -> None:
         ("lora_r: sixteen", "lora_r", "'sixteen'", "integer"),
         ("learning_rate: fast", "learning_rate", "'fast'", "number"),
         ("sample_packing: maybe", "sample_packing", "'maybe'", "boolean"),
-        ("optimizer: paged_adamw_8bit", "optimizer", "'paged_adamw_8bit'", "adamw_torch"),
+        ("optimizer: adam_fancy", "optimizer", "'adam_fancy'", "adamw_torch"),
         ("micro_batch_size: 0", "micro_batch_size", "0", "greater than or equal to 1"),
         ("datasets: 5", "datasets", "5", "list"),
     ],
@@ -318,3 +344,10 @@ def test_validation_does_not_import_torch(tmp_path: Path) -> None:
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("key", ["save_strategy", "eval_strategy"])
+def test_unquoted_no_strategy_means_no(tmp_path: Path, key: str) -> None:
+    """YAML 1.1 reads `save_strategy: no` as false; Axolotl configs write it unquoted."""
+    cfg, _ = read_config(write_config(tmp_path, GOOD_CONFIG + f"{key}: no\n"))
+    assert getattr(cfg, key) == "no"

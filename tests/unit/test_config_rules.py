@@ -168,7 +168,7 @@ def _non_default_value(key: str) -> Any:
     field = HellbenderConfig.model_fields[key]
     args = typing.get_args(field.annotation) or (field.annotation,)
     if bool in args:
-        return True
+        return not field.default
     if int in args:
         return 2
     if list in [typing.get_origin(a) for a in args]:

@@ -21,8 +21,15 @@ from typing import Any, get_args
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from hellbender.config.axolotl_keys import (
+    AXOLOTL_DATASET_KEYS,
+    AXOLOTL_LR_SCHEDULERS,
+    AXOLOTL_OPTIMIZERS,
+    AXOLOTL_PLUGIN_KEYS,
+    AXOLOTL_TOP_LEVEL_KEYS,
+)
 from hellbender.config.findings import ConfigError, Finding
-from hellbender.config.schema import DatasetConfig, HellbenderConfig
+from hellbender.config.schema import DatasetConfig, HellbenderConfig, Optimizer, Scheduler
 
 # Keys Axolotl accepts that hellbender recognises but does not implement (yet). Loading one is an
 # error that says so, instead of a misleading "did you mean".
@@ -233,13 +240,13 @@ def unknown_key_findings(data: dict[str, Any], lines: dict[str, int] | None = No
             path = f"{prefix}.{key_str}" if prefix else key_str
             line = f" (line {lines[path]})" if path in lines else ""
             if key_str not in known:
-                if model is HellbenderConfig and key_str in AXOLOTL_KEYS_NOT_SUPPORTED:
+                reason = _axolotl_reason(key_str, model)
+                if reason is not None:
                     findings.append(
                         Finding(
                             "HB005",
                             "error",
-                            f"`{path}`{line} is an Axolotl option hellbender does not support yet: "
-                            f"{AXOLOTL_KEYS_NOT_SUPPORTED[key_str]}.",
+                            f"`{path}`{line} is an Axolotl option hellbender does not support yet{reason}.",
                             fix=f"Remove `{key_str}` from the config.",
                             key=path,
                         )
@@ -281,7 +288,37 @@ def unknown_key_findings(data: dict[str, Any], lines: dict[str, int] | None = No
     # A dataset `type:` given as a mapping is checked as a UserDefinedFormat by the walk itself
     # (_nested_model finds it in the union).
     check(data, HellbenderConfig, "")
+    for key, supported, axolotl in (
+        ("optimizer", get_args(Optimizer), AXOLOTL_OPTIMIZERS),
+        ("lr_scheduler", get_args(Scheduler), AXOLOTL_LR_SCHEDULERS),
+    ):
+        value = data.get(key)
+        if isinstance(value, str) and value not in supported and value in axolotl:
+            line = f" (line {lines[key]})" if key in lines else ""
+            findings.append(
+                Finding(
+                    "HB005",
+                    "error",
+                    f"`{key}: {value}`{line} is an Axolotl {key.replace('_', ' ')} hellbender does not support yet.",
+                    fix=f"Use one of: {', '.join(supported)}.",
+                    key=key,
+                )
+            )
     return findings
+
+
+def _axolotl_reason(key: str, model: type[BaseModel]) -> str | None:
+    """For a key hellbender does not know: ``": why"`` (or ``""``) if Axolotl has it, else None."""
+    if model is HellbenderConfig:
+        if key in AXOLOTL_KEYS_NOT_SUPPORTED:
+            return f": {AXOLOTL_KEYS_NOT_SUPPORTED[key]}"
+        if key in AXOLOTL_PLUGIN_KEYS:
+            return " (it belongs to an Axolotl plugin)"
+        if key in AXOLOTL_TOP_LEVEL_KEYS:
+            return ""
+    elif model is DatasetConfig and key in AXOLOTL_DATASET_KEYS:
+        return " in a dataset entry"
+    return None
 
 
 def _data_path(loc: tuple[Any, ...], data: Any, missing: bool) -> list[str]:
@@ -365,7 +402,7 @@ def _drop_unset_nulls(mapping: dict[Any, Any], model: type[BaseModel]) -> dict[A
                 accepts_none = field.annotation is Any or type(None) in get_args(field.annotation)
                 if field.default is None or not accepts_none:
                     continue
-            elif model is HellbenderConfig and key in AXOLOTL_KEYS_NOT_SUPPORTED:
+            elif _axolotl_reason(str(key), model) is not None:
                 continue
         out[key] = value
     return out

@@ -45,6 +45,11 @@ NOT_YET_IMPLEMENTED: dict[str, str] = {
     "dp_replicate_size": "N-D parallelism",
     "group_by_length": "length-grouped batching",
     "early_stopping_patience": "early stopping",
+    "skip_prepare_dataset": "lazy dataset preparation",
+    "ddp": "DistributedDataParallel",
+    "save_safetensors": "pickled (.bin) weight files; outputs are always safetensors",
+    "wandb_watch": "W&B gradient watching",
+    "wandb_log_model": "W&B model upload",
 }
 
 
@@ -434,7 +439,10 @@ def not_yet_implemented(cfg: HellbenderConfig, hw: Hardware, raw: HellbenderConf
     defaults = HellbenderConfig.model_fields
     out: list[Finding] = []
     for key, feature in NOT_YET_IMPLEMENTED.items():
-        if key in raw.model_fields_set and getattr(raw, key) != defaults[key].default:
+        value = getattr(raw, key)
+        # `ddp: false` asks for nothing; every other key asks for its feature by differing from
+        # its default
+        if key in raw.model_fields_set and value != defaults[key].default and not (key == "ddp" and not value):
             out += _err(
                 "HB199",
                 f"`{key}` ({feature}) is recognised but not supported by this hellbender release yet.",

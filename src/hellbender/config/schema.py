@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 AttnImplementation = Literal[
     "eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3", "xformers"
@@ -302,6 +302,13 @@ class HellbenderConfig(_Strict):
     saves_per_epoch: int | None = Field(None, ge=1, description="Checkpoints per epoch.")
     save_strategy: Literal["no", "steps", "epoch", "best"] | None = Field(None, description="When to checkpoint.")
     save_total_limit: int | None = Field(None, ge=1, description="Keep at most this many checkpoints.")
+
+    @field_validator("eval_strategy", "save_strategy", mode="before")
+    @classmethod
+    def _unquoted_no(cls, value: Any) -> Any:
+        """YAML 1.1 reads an unquoted ``no`` as false; ``save_strategy: no`` means "no"."""
+        return "no" if value is False else value
+
     save_safetensors: bool = Field(True, description="Write weights as safetensors.")
     save_only_model: bool = Field(False, description="Checkpoints without optimizer state (cannot resume exactly).")
     output_dir: str = Field("./outputs", description="Where checkpoints, weights, metrics and plots go.")
