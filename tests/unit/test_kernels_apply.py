@@ -76,6 +76,16 @@ def test_lora_kernels_without_an_adapter_are_noted_not_applied() -> None:
         assert all("forward" not in vars(layer.mlp) for layer in decoder_layers(model))
 
 
+def test_cpu_activation_offloading_is_noted_as_a_noop_at_apply_time() -> None:
+    model = build_tiny_model(seed=0)
+    with optimized(model, _cfg(gradient_checkpointing=True, activation_offloading=True)):
+        notes = [line for line in describe(model) if line.startswith("activation_offloading")]
+    assert len(notes) == 1 and "no-op on CPU" in notes[0]
+    with optimized(model, _cfg(gradient_checkpointing=True, activation_offloading="disk")):
+        notes = [line for line in describe(model) if line.startswith("activation_offloading")]
+    assert len(notes) == 1 and "no-op" not in notes[0]
+
+
 def test_loss_method_choice() -> None:
     assert loss_method(_cfg()) == "plain"
     assert loss_method(_cfg(tiled_mlp=True)) == "chunked"  # the tiled loss goes with the tiled MLP

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from hellbender.kernels import offload
 from hellbender.kernels.offload import activation_offloading
 
 
@@ -83,13 +85,21 @@ def test_folder_is_removed_when_the_step_fails(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
-def test_cpu_offload_on_a_cpu_model_is_a_noop_that_says_so(caplog: pytest.LogCaptureFixture) -> None:
+def test_cpu_offload_on_a_cpu_model_is_a_noop_that_says_so(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(offload, "_said", set())  # the warning is once per process: start afresh
+    caplog.set_level(logging.WARNING, logger=offload.__name__)
     net = _Net()
     x = torch.randn(8, 16, requires_grad=True)
-    with activation_offloading(net, True, min_bytes=0) as stats:
-        net(x).backward()
-    assert stats.mode == "cpu-noop" and stats.tensors == 0
-    assert "no-op" in stats.notes[0]
+    for _ in range(2):  # two steps, one warning
+        with activation_offloading(net, True, min_bytes=0) as stats:
+            net(x).backward()
+        assert stats.mode == "cpu-noop" and stats.tensors == 0
+        assert "no-op" in stats.notes[0]
+    warnings = [r for r in caplog.records if r.name == offload.__name__]
+    assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING
+    assert "no-op" in warnings[0].getMessage() and "activation_offloading: disk" in warnings[0].getMessage()
 
 
 def test_off_and_invalid_modes() -> None:

@@ -109,7 +109,11 @@ def _apply(model: nn.Module, cfg: HellbenderConfig, patches: Patches) -> None:
     if cfg.activation_offloading:
         if not cfg.gradient_checkpointing:
             raise ValueError("activation_offloading needs gradient_checkpointing (rule HB108)")
-        patches.note(f"activation_offloading: {cfg.activation_offloading} (the loop's activation_offloading context)")
+        if cfg.activation_offloading is True and device.type == "cpu":
+            patches.note("activation_offloading: true is a no-op on CPU (the activations already live in CPU "
+                         "memory); activation_offloading: disk moves them out of RAM")
+        else:
+            patches.note(f"activation_offloading: {cfg.activation_offloading} (the loop's activation_offloading context)")
 
     method = loss_method(cfg)
     if method in ("chunked", "cut", "liger_fused_linear"):
