@@ -13,6 +13,8 @@ only change the order of floating-point sums (observed differences are ~1e-7 to 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -21,6 +23,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from hellbender.config.schema import HellbenderConfig
 from hellbender.kernels import activation_offloading, loss_sum, optimized
+from hellbender.kernels.chunked_ce import chunk_bounds
+from hellbender.kernels.model_parts import decoder_layers
 from hellbender.kernels.testing import graph_node_names, saved_storage_bytes
 from hellbender.models.tiny import build_tiny_model
 
@@ -192,24 +196,25 @@ def test_padded_batches_keep_every_shape_constant(options: dict[str, Any], lora:
     assert logs[0] == logs[1]
 
 
+def _lora_dropout_mlp_model() -> torch.nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    base = build_tiny_model(vocab_size=VOCAB, seed=0)
+    m = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.3, target_modules=["gate_proj", "up_proj", "down_proj"]))
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "lora_B" in name:
+                p.fill_(0.05)
+    return m.train()
+
+
 def test_tiled_mlp_replays_dropout_exactly() -> None:
     """Randomness inside a tiled MLP (LoRA dropout) is replayed in the recomputation.
 
     The reference is the untiled model run from the same RNG state: identical masks give
     identical losses and gradients; a recomputation with fresh masks would not.
     """
-    from peft import LoraConfig, get_peft_model
-
-    def build() -> torch.nn.Module:
-        base = build_tiny_model(vocab_size=VOCAB, seed=0)
-        m = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.3, target_modules=["gate_proj", "up_proj", "down_proj"]))
-        with torch.no_grad():
-            for name, p in m.named_parameters():
-                if "lora_B" in name:
-                    p.fill_(0.05)
-        return m.train()
-
-    model = build()
+    model = _lora_dropout_mlp_model()
     plain = _cfg(True)
     torch.manual_seed(123)
     ref_loss, ref_grads, _, _, _ = _step(model, plain)
@@ -222,6 +227,48 @@ def test_tiled_mlp_replays_dropout_exactly() -> None:
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
     for name in ref_grads:
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6)
+
+
+@contextlib.contextmanager
+def _plain_mlps_in_shards(model: torch.nn.Module, num_shards: int) -> Iterator[None]:
+    """Each MLP applied shard by shard with autograd on (nothing recomputed): it draws the same
+    dropout masks, in the same order, as a tiled forward with ``num_shards`` shards."""
+    mlps = [layer.mlp for layer in decoder_layers(model)]
+    for mlp in mlps:
+        def sharded(x: torch.Tensor, fn=mlp.forward) -> torch.Tensor:
+            flat = x.reshape(-1, x.shape[-1])
+            out = torch.cat([fn(flat[s:e]) for s, e in chunk_bounds(flat.shape[0], num_shards)])
+            return out.view(*x.shape[:-1], out.shape[-1])
+
+        mlp.forward = sharded
+    try:
+        yield
+    finally:
+        for mlp in mlps:
+            del mlp.forward
+
+
+def test_tiled_mlp_replays_dropout_exactly_over_several_shards() -> None:
+    """With 3 shards each shard's dropout masks must be replayed in its own recomputation (a
+    replay that restarted the RNG per shard, or did not restore it, would give other masks).
+    Plain path: the same MLPs run per shard with autograd on, from the same seed."""
+    model = _lora_dropout_mlp_model()
+    shards = 3
+    with _plain_mlps_in_shards(model, shards):
+        torch.manual_seed(123)
+        ref_loss, ref_grads, _, _, _ = _step(model, _cfg(True))
+        torch.manual_seed(124)
+        other_seed_loss = _step(model, _cfg(True))[0]
+    assert other_seed_loss.item() != ref_loss.item()  # the masks do change the numbers
+    cfg = _cfg(True, tiled_mlp=True, tiled_mlp_num_shards=shards)
+    with optimized(model, cfg):
+        torch.manual_seed(123)
+        loss, grads, nodes, _, _ = _step(model, cfg)
+    assert "TiledMLPFunctionBackward" in nodes
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    assert grads.keys() == ref_grads.keys()
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
 
 
 def test_packed_rows_through_the_real_collator_match_plain_path() -> None:
