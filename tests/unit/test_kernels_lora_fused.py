@@ -122,6 +122,55 @@ def test_unsupported_adapters_are_refused(kwargs: dict[str, Any], message: str) 
     undo_optimizations(model)
 
 
+def _lora_with_biases(bias: str) -> torch.nn.Module:
+    """LoRA on every projection of a tiny Llama whose projections have (nonzero) biases;
+    peft's ``bias`` decides which biases train."""
+    model = get_peft_model(
+        build_tiny_model(vocab_size=300, seed=0, attention_bias=True, mlp_bias=True),
+        LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=ALL, bias=bias),
+    )
+    _randomize_b(model)
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("base_layer.bias"):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    return model.train()
+
+
+@pytest.mark.parametrize("kernel", sorted(KERNELS))
+def test_trainable_base_bias_is_refused(kernel: str) -> None:
+    """The fused Functions return no gradient for the base layer's bias: a trainable one must be
+    refused, not silently left untrained (peft's bias='all' makes them trainable)."""
+    model = _lora_with_biases("all")
+    assert any(p.requires_grad for n, p in model.named_parameters() if n.endswith("base_layer.bias"))
+    with pytest.raises(ValueError, match="bias is trainable"):
+        apply_optimizations(model, _cfg(**{kernel: True}))
+    layer = decoder_layers(model)[0]
+    assert "forward" not in vars(layer.mlp) and "forward" not in vars(layer.self_attn)
+
+
+def test_frozen_base_bias_matches_peft() -> None:
+    """A frozen bias (peft's default bias='none') is fused: it is added in the forward and the
+    loss and LoRA gradients equal peft's."""
+    model = _lora_with_biases("none")
+    ids = _ids()
+
+    def step(cfg: HellbenderConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        loss = loss_sum(model, {"input_ids": ids}, ids, cfg)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    ref_loss, ref_grads = step(_cfg())
+    with optimized(model, _cfg(**KERNELS)):
+        loss, grads = step(_cfg(**KERNELS))
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    assert grads.keys() == ref_grads.keys() and grads
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6)
+
+
 def test_autocast_bf16_is_as_accurate_as_peft_under_autocast() -> None:
     """fp32 adapters under bf16 autocast (the LoRA mixed-precision recipe): both paths round in
     bf16, so each is compared with the fp32 result; the fused one must be no further from it."""

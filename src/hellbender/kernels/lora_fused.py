@@ -18,9 +18,9 @@ Gradients of A and B follow from ``y = xWᵀ + s·(xAᵀ)Bᵀ``:
 ``dB = s·dYᵀ(xAᵀ)``, ``dA = s·(dY B)ᵀ x``, ``dx = dY W + s·(dY B) A``; the base weight is frozen.
 
 Scope (checked when patching, with a clear error otherwise): vanilla LoRA (no DoRA / variants,
-no ``lora_bias``, ``lora_dropout: 0`` — dropout would have to be replayed), frozen base weights,
-``nn.Linear`` bases or bitsandbytes 4-bit bases (dequantized on the fly, as peft does for
-merging). At call time a layer that is merged, disabled or has several active adapters falls back
+no ``lora_bias``, ``lora_dropout: 0`` — dropout would have to be replayed), frozen base weights
+and biases, ``nn.Linear`` bases or bitsandbytes 4-bit bases (dequantized on the fly, as peft does
+for merging). At call time a layer that is merged, disabled or has several active adapters falls back
 to peft's own forward, so the fused path never computes something peft would not.
 Autocast state is replayed in the backward so mixed-precision matmuls run in the same dtype.
 """
@@ -88,6 +88,7 @@ def make_proj(module: nn.Module, what: str) -> Proj:
             if module.weight.requires_grad:
                 raise ValueError(f"{what}: {type(module).__name__} has a trainable base weight; the fused "
                                  "LoRA kernels are for adapters over a frozen base")
+            _refuse_trainable_bias(module, what)
             return Proj(base=module)
         raise ValueError(f"{what}: cannot fuse a {type(module).__name__}")
     adapters = [a for a in module.active_adapters if a in module.lora_A]
@@ -105,7 +106,17 @@ def make_proj(module: nn.Module, what: str) -> Proj:
     base = module.get_base_layer()
     if getattr(base, "weight", None) is None or base.weight.requires_grad:
         raise ValueError(f"{what}: the base weight must exist and be frozen")
+    _refuse_trainable_bias(base, what)
     return Proj(base=base, lora=module, adapter=adapter)
+
+
+def _refuse_trainable_bias(base: nn.Module, what: str) -> None:
+    # The Functions return gradients for x and the LoRA weights only: a trainable bias would
+    # silently get none.
+    bias = getattr(base, "bias", None)
+    if bias is not None and bias.requires_grad:
+        raise ValueError(f"{what}: the base layer's bias is trainable (peft bias='all' / 'lora_only'?); the "
+                         "fused LoRA kernels do not compute bias gradients. Freeze it or turn the kernel off")
 
 
 def _usable_now(projs: tuple[Proj, ...]) -> bool:
