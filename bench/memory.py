@@ -153,11 +153,14 @@ def run_one(name: str, seq: int, steps: int, folder: str) -> dict[str, Any]:
 
 HEADER = ("| config | seq | peak MiB | over load MiB | s/step | peak ratio | over-load ratio | time ratio "
           "| loss |\n|---|---|---|---|---|---|---|---|---|")
+COLUMNS = HEADER.splitlines()[0].count("|") - 1
 
 
 def _row(r: dict[str, Any], base: dict[str, Any] | None) -> str:
     if "error" in r:
-        return f"| {r['name']} | {r['seq']} | failed: {r['error']} | | | | | |"
+        message = " ".join(r["error"]).replace("|", "\\|")  # the last stderr line, kept inside its cell
+        cells = [r["name"], str(r["seq"]), f"failed: {message}"]
+        return "| " + " | ".join(cells + [""] * (COLUMNS - len(cells))) + " |"
     over = r["peak_mib"] - r["loaded_mib"]
     if base is None or "error" in base:
         ratios = "| | | |"  # three empty ratio cells between the time and the loss
