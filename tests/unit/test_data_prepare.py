@@ -133,12 +133,18 @@ BAD_CASES = [
     ),
     ({"type": "alpaca"}, "d.csv", "instruction,output\nsay hi,hi\nsay,hi,extra\n", 3, "invalid_csv", "3 values"),
     ({"type": "alpaca"}, "d.json", '[\n {"instruction": "a", "output": "b"},\n {"instruction": "a" "output": "b"}\n]', 3, "invalid_json", "invalid JSON"),
+    # A byte that is not UTF-8 (0xe9: "é" in Latin-1) spoils its line only.
+    ({"type": "alpaca"}, "d.jsonl", b'{"instruction": "a", "output": "b"}\n{"instruction": "caf\xe9", "output": "b"}\n', 2, "not_utf8", "byte 0xe9"),
+    ({"type": "alpaca"}, "d.csv", b"instruction,output\nsay hi,hi\ncaf\xe9,hi\n", 3, "not_utf8", "column 'instruction': not UTF-8"),
+    ({"type": "completion"}, "d.txt", b"some text\nhello caf\xe9\nmore text\n", 2, "not_utf8", "byte 0xe9"),
 ]
 
 
 def _bad_dataset(tmp_path: Path, extras: dict, name: str, content: Any) -> Path:
     path = tmp_path / name
-    if isinstance(content, str):
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif isinstance(content, str):
         path.write_text(content)
     else:
         write_jsonl(path, content)

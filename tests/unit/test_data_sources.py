@@ -190,3 +190,61 @@ def test_fingerprint_follows_content_not_metadata(tmp_path: Path) -> None:
     assert source.fingerprint() == first
     f.write_text(json.dumps(ROWS[0]).replace("3", "4") + "\n")  # one byte
     assert source.fingerprint() != first
+
+
+
+# ------------------------------------------------------------------ bytes that are not UTF-8
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "expected"),
+    [
+        (
+            "d.jsonl",
+            b'{"output": "1"}\n{"output": "caf\xe9"}\n{"output": "3"}\n',
+            [(1, {"output": "1"}), (2, "!not_utf8"), (3, {"output": "3"})],
+        ),
+        ("d.txt", b"one\ncaf\xe9\nthree\n", [(1, {"text": "one"}), (2, "!not_utf8"), (3, {"text": "three"})]),
+        ("d.csv", b"output\n1\ncaf\xe9\n3\n", [(2, {"output": "1"}), (3, "!not_utf8"), (4, {"output": "3"})]),
+    ],
+    ids=["jsonl", "txt", "csv"],
+)
+def test_byte_that_is_not_utf8_is_a_bad_row_on_its_line(
+    tmp_path: Path, name: str, content: bytes, expected: list[tuple[int, Any]]
+) -> None:
+    f = tmp_path / name
+    f.write_bytes(content)  # 0xe9 is "é" in Latin-1, never valid alone in UTF-8
+    assert read(f) == [(f"{f}, line {n}", value) for n, value in expected]
+    (bad,) = [rec for rec in resolve_source(DatasetConfig(path=str(f))).records() if rec.error is not None]
+    assert "not UTF-8: byte 0xe9" in bad.error.problem
+    assert bad.raw is not None and "caf\\xe9" in bad.raw  # shown escaped, so the rejects file can hold it
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "where"),
+    [
+        ("d.json", b'[\n {"output": "1"},\n {"output": "caf\xe9"}\n]\n', "line 3: byte 0xe9 is not UTF-8"),
+        ("d.csv", b"outp\xe9t\n1\n", "line 1 (the header): not UTF-8: byte 0xe9"),
+    ],
+    ids=["json", "csv-header"],
+)
+def test_byte_that_is_not_utf8_in_a_whole_document_is_a_data_error(
+    tmp_path: Path, name: str, content: bytes, where: str
+) -> None:
+    # A JSON array (or a CSV header) cannot lose one piece and still be read: no bad row to skip.
+    f = tmp_path / name
+    f.write_bytes(content)
+    with pytest.raises(DataError) as err:
+        read(f)
+    assert f"dataset {str(f)!r}: {f}, {where}" in str(err.value)
+
+
+@pytest.mark.parametrize(("name", "what"), [("d.parquet", "parquet"), ("d.arrow", "Arrow IPC")])
+def test_corrupt_table_file_is_a_data_error_naming_dataset_and_file(tmp_path: Path, name: str, what: str) -> None:
+    folder = tmp_path / "data"
+    folder.mkdir()
+    f = folder / name
+    f.write_bytes(b"not a table at all\n")
+    with pytest.raises(DataError) as err:
+        read(folder)  # the dataset (a folder) and the file in it are named apart
+    assert str(err.value).startswith(f"dataset {str(folder)!r}: cannot read {f} as {what}")

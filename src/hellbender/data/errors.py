@@ -12,6 +12,7 @@ from __future__ import annotations
 # Stable reason codes: the report, the rejects file and the tests all use these strings.
 BAD_ROW_REASONS: dict[str, str] = {
     "invalid_json": "invalid JSON",
+    "not_utf8": "not UTF-8",
     "invalid_csv": "malformed CSV row",
     "missing_field": "missing field",
     "wrong_type": "wrong type",

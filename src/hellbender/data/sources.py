@@ -21,6 +21,7 @@ import csv
 import hashlib
 import json
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -222,14 +223,33 @@ def _load_hub(ds: DatasetConfig) -> Any:
 # ------------------------------------------------------------------ readers, one per file type
 
 
+# Text sources are read with errors="surrogateescape": a byte that is not UTF-8 becomes one lone
+# surrogate (U+DC80..U+DCFF) instead of a UnicodeDecodeError that would abort the whole file. The
+# readers then find it and name its line: a bad row where rows are lines, else a DataError.
+_UNDECODABLE = re.compile("[\udc80-\udcff]")
+
+
+def _not_utf8(text: str) -> str | None:
+    """What is wrong with ``text`` (decoded with surrogateescape), or None if it was valid UTF-8."""
+    found = _UNDECODABLE.search(text)
+    if found is None:
+        return None
+    return f"not UTF-8: byte 0x{ord(found.group()) - 0xDC00:02x} at character {found.start() + 1}"
+
+
+def _shown(text: str) -> str:
+    """``text`` with undecodable bytes as ``\\xNN`` escapes: writable to the (UTF-8) rejects file."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _jsonl_rows(path: Path, ds: DatasetConfig) -> Iterator[Record]:
     with path.open("rb") as f:
         for number, raw in enumerate(f, start=1):
             where = Location(str(path), line=number)
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                yield Record(where, error=BadRow("invalid_json", f"not UTF-8 ({exc})"), raw=repr(raw))
+            line = raw.decode("utf-8", "surrogateescape")
+            problem = _not_utf8(line)
+            if problem is not None:
+                yield Record(where, error=BadRow("not_utf8", problem), raw=_shown(line))
                 continue
             if not line.strip():
                 continue  # blank lines separate nothing and hold no row
@@ -247,7 +267,7 @@ def _line_of(text: str, pos: int, start_pos: int, start_line: int) -> int:
 
 def _json_rows(path: Path, ds: DatasetConfig) -> Iterator[Record]:
     """A JSON array (rows get their line), an object with ``field``, or JSON Lines in a .json file."""
-    text = path.read_text(encoding="utf-8")
+    text = path.read_bytes().decode("utf-8", "surrogateescape")
     stripped = text.lstrip()
     decoder = json.JSONDecoder()
     if stripped.startswith("{") and ds.field is None:
@@ -258,12 +278,14 @@ def _json_rows(path: Path, ds: DatasetConfig) -> Iterator[Record]:
         try:
             value, end = decoder.raw_decode(text, start)
             if not text[end:].strip():
+                _require_utf8(text, path, ds)
                 yield Record(Location(str(path), line=text.count("\n", 0, start) + 1), value=value)
                 return
         except json.JSONDecodeError:
             pass
         yield from _jsonl_rows(path, ds)
         return
+    _require_utf8(text, path, ds)
     if ds.field is not None:
         try:
             whole = json.loads(text)
@@ -326,18 +348,39 @@ def _json_rows(path: Path, ds: DatasetConfig) -> Iterator[Record]:
         expect_value = False
 
 
+def _require_utf8(text: str, path: Path, ds: DatasetConfig) -> None:
+    """A JSON document is one piece: a byte that is not UTF-8 in it cannot be skipped as one row."""
+    found = _UNDECODABLE.search(text)
+    if found is not None:
+        line = text.count("\n", 0, found.start()) + 1
+        byte = ord(found.group()) - 0xDC00
+        raise DataError(
+            f"dataset {ds.path!r}: {path}, line {line}: byte 0x{byte:02x} is not UTF-8. "
+            "A JSON file must be UTF-8 text: save it as UTF-8."
+        )
+
+
 def _csv_rows(path: Path, ds: DatasetConfig) -> Iterator[Record]:
-    with path.open(newline="", encoding="utf-8") as f:
+    with path.open(newline="", encoding="utf-8", errors="surrogateescape") as f:
         reader = csv.reader(f)
         try:
             header = next(reader)
         except StopIteration:
             return
+        problem = _not_utf8(",".join(header))
+        if problem is not None:  # without column names no row of the file can be read
+            raise DataError(f"dataset {ds.path!r}: {path}, line 1 (the header): {problem}. Save the file as UTF-8.")
         start = reader.line_num + 1
         for values in reader:
             where = Location(str(path), line=start)
             start = reader.line_num + 1
             if not values:
+                continue
+            problems = [(i, _not_utf8(v)) for i, v in enumerate(values) if _UNDECODABLE.search(v)]
+            if problems:
+                i, problem = problems[0]
+                column = f"column {header[i]!r}" if i < len(header) else f"value {i + 1}"
+                yield Record(where, error=BadRow("not_utf8", f"{column}: {problem}"), raw=_shown(",".join(values)))
                 continue
             if len(values) != len(header):
                 yield Record(
@@ -353,11 +396,16 @@ def _csv_rows(path: Path, ds: DatasetConfig) -> Iterator[Record]:
 
 def _txt_rows(path: Path, ds: DatasetConfig) -> Iterator[Record]:
     """One row per non-blank line, in the ``text_column`` field (as datasets' text loader does)."""
-    with path.open(encoding="utf-8") as f:
+    with path.open(encoding="utf-8", errors="surrogateescape") as f:
         for number, line in enumerate(f, start=1):
             line = line.rstrip("\r\n")
-            if line.strip():
-                yield Record(Location(str(path), line=number), value={ds.text_column: line})
+            if not line.strip():
+                continue
+            problem = _not_utf8(line)
+            if problem is not None:
+                yield Record(Location(str(path), line=number), error=BadRow("not_utf8", problem), raw=_shown(line))
+                continue
+            yield Record(Location(str(path), line=number), value={ds.text_column: line})
 
 
 def _table_rows(table_source: Any, label: str) -> Iterator[Record]:
@@ -374,10 +422,20 @@ def _table_rows(table_source: Any, label: str) -> Iterator[Record]:
             yield Record(Location(label, row=number), value=value)
 
 
+def _unreadable(path: Path, ds: DatasetConfig, what: str, exc: Exception) -> DataError:
+    """A table file pyarrow cannot read (corrupt, truncated, not that format): no row is usable."""
+    return DataError(f"dataset {ds.path!r}: cannot read {path} as {what}: {exc}")
+
+
 def _parquet_rows(path: Path, ds: DatasetConfig) -> Iterator[Record]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    yield from _table_rows(pq.read_table(path), str(path))
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise _unreadable(path, ds, "parquet", exc) from exc
+    yield from _table_rows(table, str(path))
 
 
 def _arrow_rows(path: Path, ds: DatasetConfig) -> Iterator[Record]:
@@ -385,11 +443,14 @@ def _arrow_rows(path: Path, ds: DatasetConfig) -> Iterator[Record]:
     import pyarrow as pa
 
     try:
-        with pa.memory_map(str(path)) as source:
-            table = pa.ipc.open_stream(source).read_all()
-    except pa.ArrowInvalid:
-        with pa.memory_map(str(path)) as source:
-            table = pa.ipc.open_file(source).read_all()
+        try:
+            with pa.memory_map(str(path)) as source:
+                table = pa.ipc.open_stream(source).read_all()
+        except pa.ArrowInvalid:
+            with pa.memory_map(str(path)) as source:
+                table = pa.ipc.open_file(source).read_all()
+    except (pa.ArrowException, OSError) as exc:
+        raise _unreadable(path, ds, "Arrow IPC (stream or file format)", exc) from exc
     yield from _table_rows(table, str(path))
 
 
