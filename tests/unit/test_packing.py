@@ -225,19 +225,75 @@ def test_collator_rejects_bad_rows() -> None:
 
 @pytest.mark.parametrize("packing", [True, False])
 def test_constant_shapes_over_an_epoch_with_pad_to_sequence_len(packing: bool) -> None:
-    lengths = np.random.default_rng(3).integers(1, 40, size=57).tolist()
+    # 61 samples: 30 bins packed, 61 rows unpacked; either way micro-batches of 4 leave a short last one.
+    lengths = np.random.default_rng(3).integers(1, 40, size=61).tolist()
     samples = make_samples(lengths, seed=3)
-    collate = Collator(0, sequence_len=40, pad_to_sequence_len=True, attn_implementation="sdpa")
+    collate = Collator(0, sequence_len=40, pad_to_sequence_len=True, attn_implementation="sdpa", micro_batch_size=4)
     for drop_last in (False, True):
         sampler = build_batch_sampler(
             lengths, sequence_len=40, micro_batch_size=4, sample_packing=packing, seed=0, drop_last=drop_last
         )
-        shapes = [collate(rows_of(samples, mb))["input_ids"].shape for mb in sampler]
-        assert len(shapes) == len(sampler)
-        assert all(s == (4, 40) for s in shapes[:-1])
-        # The last micro-batch may have fewer rows (never a different width) unless drop_last.
-        assert shapes[-1][1] == 40
-        assert shapes[-1][0] == 4 if drop_last else 1 <= shapes[-1][0] <= 4
+        batches = [collate(rows_of(samples, mb)) for mb in sampler]
+        assert len(batches) == len(sampler)
+        if not drop_last:  # the case the filler rows exist for: a short last micro-batch
+            assert len(sampler.micro_batches()[-1]) < 4
+        # Every batch, the last one included, is exactly micro_batch_size × sequence_len.
+        assert all(b[key].shape == (4, 40) for b in batches for key in ("input_ids", "labels", "position_ids"))
+        assert all(int(b["cu_seqlens"][-1]) == 4 * 40 for b in batches)
+        # Filler rows add no token, real or trained: every sample counted once, nothing more.
+        assert sum(int(b["num_tokens"]) for b in batches) == sum(lengths[i] for mb in sampler for r in mb for i in r)
+
+
+def test_filler_rows_change_neither_loss_nor_gradients() -> None:
+    """A short micro-batch topped up with filler rows gives the loss and gradients of its real rows,
+    compared with a plain reference: each document run alone, summed cross-entropy."""
+    from hellbender.models.tiny import build_tiny_model
+
+    samples = make_samples([9, 5, 12, 4], seed=4)
+    rows = [[samples[0], samples[1]], [samples[2], samples[3]]]  # 2 packed rows of a 4-row micro-batch
+    filled = Collator(0, sequence_len=32, pad_to_sequence_len=True, attn_implementation="sdpa", micro_batch_size=4)
+    batch = filled(rows)
+    assert batch["input_ids"].shape == (4, 32)
+    assert (batch["input_ids"][2:] == 0).all() and (batch["labels"][2:] == IGNORE_INDEX).all()
+    assert batch["position_ids"][2:].tolist() == [list(range(32))] * 2
+    own_docs = batch["document_ids"][2:, 0].tolist()
+    assert len(set(own_docs)) == 2 and not set(own_docs) & set(batch["document_ids"][:2].reshape(-1).tolist())
+    unfilled = Collator(0, sequence_len=32, pad_to_sequence_len=True, attn_implementation="sdpa")(rows)
+    assert unfilled["input_ids"].shape == (2, 32)
+    assert batch["num_trained_tokens"] == unfilled["num_trained_tokens"]
+    assert batch["num_tokens"] == unfilled["num_tokens"]
+
+    def loss_and_grads(run: object) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model = build_tiny_model(seed=3, vocab_size=128, num_hidden_layers=2, pad_token_id=None)
+        loss = run(model)  # type: ignore[operator]
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    def reference(model: torch.nn.Module) -> torch.Tensor:
+        total = torch.zeros(())
+        for s in samples:
+            logits = model(input_ids=torch.tensor([s["input_ids"]]), use_cache=False).logits[0]
+            total = total + F.cross_entropy(logits[:-1], torch.tensor(s["labels"][1:]), reduction="sum")
+        return total
+
+    ref_loss, ref_grads = loss_and_grads(reference)
+    for attn in ("sdpa", "eager"):
+        loss, grads = loss_and_grads(
+            lambda m, attn=attn: causal_lm_loss_sum(m(**model_inputs(batch, attn)).logits, batch["labels"])
+        )
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+        for g, ref in zip(grads, ref_grads, strict=True):
+            torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-6)
+
+
+def test_collator_without_fill_or_padding_keeps_the_rows_given() -> None:
+    samples = make_samples([5, 3], seed=2)
+    # micro_batch_size only fills rows when every row is padded to sequence_len anyway.
+    by_longest = Collator(0, sequence_len=16, pad_to_sequence_len=False, attn_implementation="sdpa", micro_batch_size=4)
+    assert by_longest([[samples[0]], [samples[1]]])["input_ids"].shape == (2, 5)
+    filled = Collator(0, sequence_len=16, pad_to_sequence_len=True, attn_implementation="sdpa", micro_batch_size=1)
+    with pytest.raises(ValueError, match="more than micro_batch_size=1"):
+        filled([[samples[0]], [samples[1]]])
 
 
 # ----------------------------------------------------------------------------------- attention

@@ -244,3 +244,28 @@ def test_cuda_training_matches_cpu(tmp_path: Path) -> None:
         losses[device] = list(train(cfg, model, samples, None, pad_token_id=PAD).losses.values())
     assert losses["cuda"] == pytest.approx(losses["cpu"], rel=1e-4)
     assert peak_memory_bytes() == torch.cuda.max_memory_allocated()
+
+
+def test_every_batch_has_the_same_shape_with_pad_to_sequence_len(tmp_path: Path) -> None:
+    """5 samples, micro-batch 2: the last training micro-batch (and the last eval batch of 3 samples)
+    holds one sample, yet the model only ever sees (2, sequence_len) batches; the losses equal those
+    of a run without pad_to_sequence_len (same rows, padded only to the longest, never filled)."""
+    from hellbender.train.loop import evaluate
+
+    samples, evals = make_samples(5, seed=12), make_samples(3, seed=13)
+    shapes: dict[str, list[tuple[int, ...]]] = {}
+    runs = {}
+    for pad in (True, False):
+        cfg = make_cfg(tmp_path / str(pad), micro_batch_size=2, pad_to_sequence_len=pad, num_epochs=1,
+                       optimizer="sgd", learning_rate=0.5)  # fmt: skip
+        model = build_tiny_model(seed=0)
+        seen: list[tuple[int, ...]] = []
+        record = lambda _module, args, _out, seen=seen: seen.append(tuple(args[0].shape))  # noqa: E731
+        model.get_input_embeddings().register_forward_hook(record)
+        result = train(cfg, model, samples, None, pad_token_id=PAD)
+        metrics = evaluate(model, evals, cfg, PAD)
+        shapes[str(pad)], runs[pad] = seen, (list(result.losses.values()), metrics["eval_loss"])
+    assert len(shapes["True"]) == 3 + 2 and set(shapes["True"]) == {(2, 64)}
+    assert (1, 64) not in shapes["False"] and shapes["False"][2][0] == 1  # the short batch really exists
+    assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-5)
+    assert runs[True][1] == pytest.approx(runs[False][1], rel=1e-5)

@@ -5,7 +5,7 @@ Two halves, used together by the training loop::
     sampler = build_batch_sampler(lengths, sequence_len=2048, micro_batch_size=4,
                                   sample_packing=True, seed=cfg.seed)
     collate = Collator(tokenizer.pad_token_id, sequence_len=2048, pad_to_sequence_len=True,
-                       attn_implementation="sdpa")
+                       attn_implementation="sdpa", micro_batch_size=4)
     for epoch in range(num_epochs):
         sampler.set_epoch(epoch)
         steps_this_epoch = len(sampler)          # exact, known before the first batch
@@ -35,6 +35,13 @@ the backend-specific kwargs):
 * The first label of every document is set to -100: after the loss's shift it would be predicted
   from the last token of the *previous* document. In an unpacked row it is dropped by the shift
   anyway, so packed and unpacked training count exactly the same tokens.
+
+Filler rows: with ``pad_to_sequence_len`` and a ``micro_batch_size``, a micro-batch with fewer
+rows (the last one of an epoch) is topped up with rows of pure padding, so *every* batch has the
+shape (micro_batch_size, sequence_len) and a compiled or shape-specialized model never sees a new
+shape. A filler row is a document of its own (own document id, positions 0..W-1, its own segment in
+``cu_seqlens``) with every label -100: no real token can attend to it and it has no trained token,
+so the loss and the gradients are those of the real rows alone (it only costs its compute).
 
 Padding (at the end of a row) is attached to the row's last document: its position ids simply
 continue and it shares that document's segment. This is harmless — attention is causal, so no
@@ -161,7 +168,8 @@ class BatchSampler:
     next (different tie-breaking gives different bins); it is always exact for the epoch set.
 
     Each micro-batch has ``micro_batch_size`` rows except the last one of an epoch, which may have
-    fewer unless ``drop_last``.
+    fewer unless ``drop_last`` (with ``pad_to_sequence_len`` the :class:`Collator` tops it up with
+    filler rows instead, so no sample is dropped).
     """
 
     def __init__(
@@ -297,9 +305,10 @@ class Collator:
     :func:`hellbender.train.loss.count_trained_tokens` of ``labels``;
     ``num_tokens`` 0-d long: real (non-padding) tokens.
 
-    Width: ``sequence_len`` with ``pad_to_sequence_len`` (every micro-batch then has exactly shape
-    (rows, sequence_len); the last micro-batch of an epoch may have fewer *rows* unless the
-    sampler drops it), otherwise the longest row of this micro-batch.
+    Width: ``sequence_len`` with ``pad_to_sequence_len``, otherwise the longest row of this
+    micro-batch. Rows: with ``pad_to_sequence_len`` and ``micro_batch_size`` given, always
+    ``micro_batch_size`` (a shorter micro-batch gets filler rows, see the module docstring), so
+    every batch has exactly the shape (micro_batch_size, sequence_len); otherwise the rows given.
 
     The attention masks themselves are built by :func:`hellbender.models.attention.model_inputs`
     on the device, from ``document_ids`` / ``cu_seqlens``.
@@ -312,6 +321,7 @@ class Collator:
         sequence_len: int,
         pad_to_sequence_len: bool,
         attn_implementation: str,
+        micro_batch_size: int | None = None,
     ) -> None:
         if pad_token_id is None:
             raise ValueError("pad_token_id is None: set a pad token on the tokenizer before collating.")
@@ -319,6 +329,8 @@ class Collator:
         self.sequence_len = int(sequence_len)
         self.pad_to_sequence_len = pad_to_sequence_len
         self.attn_implementation = attn_implementation
+        # Rows every batch is filled up to; None (or padding to the longest row) keeps the rows given.
+        self.fill_rows_to = micro_batch_size if pad_to_sequence_len else None
 
     def __call__(self, rows: Sequence[Sequence[Mapping[str, Any]]]) -> dict[str, torch.Tensor]:
         if not rows:
@@ -357,10 +369,13 @@ class Collator:
 
         width = self.sequence_len if self.pad_to_sequence_len else max(row_lengths)
         n_rows = len(rows)
-        input_ids = np.full((n_rows, width), self.pad_token_id, dtype=np.int64)
-        labels = np.full((n_rows, width), IGNORE_INDEX, dtype=np.int64)
-        position_ids = np.empty((n_rows, width), dtype=np.int64)
-        document_ids = np.empty((n_rows, width), dtype=np.int32)
+        if self.fill_rows_to is not None and n_rows > self.fill_rows_to:
+            raise ValueError(f"the micro-batch has {n_rows} rows, more than micro_batch_size={self.fill_rows_to}")
+        total_rows = max(n_rows, self.fill_rows_to or 0)
+        input_ids = np.full((total_rows, width), self.pad_token_id, dtype=np.int64)
+        labels = np.full((total_rows, width), IGNORE_INDEX, dtype=np.int64)
+        position_ids = np.empty((total_rows, width), dtype=np.int64)
+        document_ids = np.empty((total_rows, width), dtype=np.int32)
         seq_lens: list[int] = []
         doc = 0
         for r in range(n_rows):
@@ -383,6 +398,12 @@ class Collator:
                 position_ids[r, offset:] = np.arange(last_len, last_len + width - offset)
                 document_ids[r, offset:] = doc - 1
                 seq_lens[-1] += width - offset
+        for r in range(n_rows, total_rows):
+            # A filler row: pure padding, a document of its own, no trained label (see the module docstring).
+            position_ids[r] = np.arange(width)
+            document_ids[r] = doc
+            seq_lens.append(width)
+            doc += 1
 
         seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32)
         cu_seqlens = torch.zeros(len(seq_lens) + 1, dtype=torch.int32)

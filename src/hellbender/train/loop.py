@@ -198,10 +198,11 @@ def evaluate(
 ) -> dict[str, float]:
     """Mean loss over every trained token of ``data`` (and its perplexity), ``eval_batch_size`` rows."""
     samples = data if isinstance(data, Samples) else Samples(data)
+    batch_size = cfg.eval_batch_size or cfg.micro_batch_size
     sampler = build_batch_sampler(
         samples.lengths,
         sequence_len=cfg.sequence_len,
-        micro_batch_size=cfg.eval_batch_size or cfg.micro_batch_size,
+        micro_batch_size=batch_size,
         sample_packing=bool(cfg.eval_sample_packing),
         seed=cfg.seed,
         shuffle=False,
@@ -211,6 +212,7 @@ def evaluate(
         sequence_len=cfg.sequence_len,
         pad_to_sequence_len=bool(cfg.pad_to_sequence_len),
         attn_implementation=cfg.attn_implementation or "sdpa",
+        micro_batch_size=batch_size,  # with pad_to_sequence_len: filler rows keep every shape equal
     )
     device = next(model.parameters()).device
     amp = lambda: autocast_context(cfg, model, device)  # noqa: E731
@@ -322,8 +324,11 @@ def train(
         raise ValueError("save_strategy: best needs an evaluation set (val_set_size or test_datasets)")
     sampler = build_batch_sampler(samples.lengths, sequence_len=cfg.sequence_len, micro_batch_size=cfg.micro_batch_size,
                                   sample_packing=cfg.sample_packing, seed=cfg.seed)  # fmt: skip
+    # With pad_to_sequence_len every batch is (micro_batch_size, sequence_len): an epoch's short last
+    # micro-batch gets filler rows (no trained token) rather than a new shape or dropped samples.
     collate = Collator(pad_token_id, sequence_len=cfg.sequence_len, pad_to_sequence_len=bool(cfg.pad_to_sequence_len),
-                       attn_implementation=cfg.attn_implementation or "sdpa")  # fmt: skip
+                       attn_implementation=cfg.attn_implementation or "sdpa",
+                       micro_batch_size=cfg.micro_batch_size)  # fmt: skip
     plan = plan_steps(sampler, cfg, accumulation)
     total = sum(plan)
     optimizer = build_optimizer(cfg, model)
