@@ -132,7 +132,6 @@ BAD_CASES = [
         "too long",
     ),
     ({"type": "alpaca"}, "d.csv", "instruction,output\nsay hi,hi\nsay,hi,extra\n", 3, "invalid_csv", "3 values"),
-    ({"type": "alpaca"}, "d.json", '[\n {"instruction": "a", "output": "b"},\n {"instruction": "a" "output": "b"}\n]', 3, "invalid_json", "invalid JSON"),
     # A byte that is not UTF-8 (0xe9: "é" in Latin-1) spoils its line only.
     ({"type": "alpaca"}, "d.jsonl", b'{"instruction": "a", "output": "b"}\n{"instruction": "caf\xe9", "output": "b"}\n', 2, "not_utf8", "byte 0xe9"),
     ({"type": "alpaca"}, "d.csv", b"instruction,output\nsay hi,hi\ncaf\xe9,hi\n", 3, "not_utf8", "column 'instruction': not UTF-8"),
@@ -181,6 +180,22 @@ def test_bad_row_skipped_counted_and_rejected(
     assert problem in rejects[0]["problem"]
     assert Path(prepared.report.rejects_file or "").parent == prepared.cache_dir
     assert "skipped" in prepared.report.render()
+
+
+@pytest.mark.parametrize("mode", ["error", "skip"])
+def test_broken_json_array_is_an_error_even_when_skipping(tmp_path: Path, tok: Any, mode: str) -> None:
+    # One broken element makes the rest of the array unreadable: skipping it as one bad row
+    # used to drop rows 3-10 uncounted.
+    rows = [json.dumps(ALPACA_OK)] * 10
+    rows[1] = '{"instruction": "a" "output": "b"}'
+    path = tmp_path / "d.json"
+    path.write_text("[\n" + ",\n".join(rows) + "\n]\n")
+    cfg = make_cfg(datasets=[{"path": str(path)}], dataset_prepared_path=str(tmp_path / "p"), on_bad_row=mode)
+    with pytest.raises(DataError) as err:
+        prepare_datasets(cfg, tok)
+    message = str(err.value)
+    assert repr(str(path)) in message and f"{path}, line 3: invalid JSON" in message
+    assert "rows after line 3 cannot be read" in message
 
 
 def test_skip_mode_counts_many_reasons_at_once(tmp_path: Path, tok: Any) -> None:

@@ -61,10 +61,30 @@ def test_json_array_rows_know_their_lines(tmp_path: Path) -> None:
     assert read(f) == [(f"{f}, line {n}", row) for n, row in zip(starts, ROWS, strict=True)]
 
 
-def test_json_array_with_broken_row(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("text", "line", "problem"),
+    [
+        ('[\n  {"a": 1},\n  {"a": 2 "b": 3},\n  {"a": 4}\n]\n', 3, "Expecting ',' delimiter at column 11"),
+        ('[\n  {"a": 1}\n  {"a": 4}\n]\n', 3, "expected ',' or ']' between rows"),
+        ('[\n  {"a": 1}\n]\n{"a": 4}\n', 3, "more text after the closing ']'"),
+        ('oops\n{"a": 1}\n', 1, "expected an array of rows"),
+    ],
+    ids=["broken-element", "missing-comma", "text-after-array", "not-an-array"],
+)
+def test_broken_json_document_stops_instead_of_losing_the_rest(tmp_path: Path, text: str, line: int, problem: str) -> None:
+    # Rows after a break in a JSON document cannot be found reliably; reading them as "one bad
+    # row" would silently drop them all under on_bad_row: skip. So the reader raises, naming
+    # the file and the line, before yielding anything past the break.
     f = tmp_path / "d.json"
-    f.write_text('[\n  {"instruction": "a", "output": "b"},\n  {"instruction": "c" "output": "d"}\n]\n')
-    assert read(f) == [(f"{f}, line 2", {"instruction": "a", "output": "b"}), (f"{f}, line 3", "!invalid_json")]
+    f.write_text(text)
+    rows = []
+    with pytest.raises(DataError) as err:
+        for rec in resolve_source(DatasetConfig(path=str(f))).records():
+            rows.append(rec.value)
+    message = str(err.value)
+    assert f"{f}, line {line}: invalid JSON: {problem}" in message
+    assert f"rows after line {line} cannot be read" in message and "on_bad_row: skip" in message
+    assert None not in rows  # no bad-row record was handed on as if the break were skippable
 
 
 def test_json_object_with_field_and_json_lines_in_json(tmp_path: Path) -> None:

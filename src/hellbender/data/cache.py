@@ -32,7 +32,8 @@ from hellbender.config.schema import HellbenderConfig
 DEFAULT_PREPARED_PATH = "./last_run_prepared"
 META_FILE = "meta.json"
 # Bump when the preparation logic changes in a way that changes its output within one release.
-PIPELINE_VERSION = 1
+# 2: a broken JSON array is an error, not one skipped row (caches that lost its remaining rows go).
+PIPELINE_VERSION = 2
 
 # Top-level keys that change what preparation produces.
 TOKENIZATION_KEYS = (

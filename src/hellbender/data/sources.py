@@ -290,12 +290,7 @@ def _json_rows(path: Path, ds: DatasetConfig) -> Iterator[Record]:
         try:
             whole = json.loads(text)
         except json.JSONDecodeError as exc:
-            yield Record(
-                Location(str(path), line=exc.lineno),
-                error=BadRow("invalid_json", f"invalid JSON: {exc.msg} at column {exc.colno}"),
-                raw=None,
-            )
-            return
+            raise _unreadable_json(path, ds, exc.lineno, f"invalid JSON: {exc.msg} at column {exc.colno}") from exc
         if not isinstance(whole, dict) or ds.field not in whole:
             raise DataError(f"dataset {ds.path!r}: {path} has no top-level key {ds.field!r} (`field:`).")
         rows = whole[ds.field]
@@ -306,13 +301,10 @@ def _json_rows(path: Path, ds: DatasetConfig) -> Iterator[Record]:
         return
     if not stripped.startswith("["):
         line = text.count("\n", 0, len(text) - len(stripped)) + 1
-        yield Record(
-            Location(str(path), line=line),
-            error=BadRow("invalid_json", "invalid JSON: expected an array of rows"),
-            raw=stripped[:200],
-        )
-        return
-    # Walk the array element by element so every row knows the line it starts on.
+        raise _unreadable_json(path, ds, line, "invalid JSON: expected an array of rows, an object or JSON Lines")
+    # Walk the array element by element so every row knows the line it starts on. Once one
+    # element does not parse, where the next one starts is a guess: the reader stops with a
+    # DataError rather than drop the rest of the file as if it were one bad row.
     pos = len(text) - len(stripped) + 1
     line, line_pos = 1, 0
     expect_value = True
@@ -320,6 +312,9 @@ def _json_rows(path: Path, ds: DatasetConfig) -> Iterator[Record]:
         while pos < len(text) and text[pos] in " \t\r\n":
             pos += 1
         if pos < len(text) and text[pos] == "]":
+            if text[pos + 1 :].strip():
+                line = _line_of(text, pos, line_pos, line)
+                raise _unreadable_json(path, ds, line, "invalid JSON: more text after the closing ']'")
             return
         if not expect_value:
             if pos < len(text) and text[pos] == ",":
@@ -327,25 +322,26 @@ def _json_rows(path: Path, ds: DatasetConfig) -> Iterator[Record]:
                 expect_value = True
                 continue
             line = _line_of(text, pos, line_pos, line)
-            yield Record(
-                Location(str(path), line=line),
-                error=BadRow("invalid_json", "invalid JSON: expected ',' or ']' between rows"),
-                raw=text[pos : pos + 200],
-            )
-            return
+            raise _unreadable_json(path, ds, line, "invalid JSON: expected ',' or ']' between rows")
         line = _line_of(text, pos, line_pos, line)
         line_pos = pos
         try:
             value, pos = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as exc:
-            yield Record(
-                Location(str(path), line=exc.lineno),
-                error=BadRow("invalid_json", f"invalid JSON: {exc.msg} at column {exc.colno}"),
-                raw=text[line_pos : line_pos + 200],
-            )
-            return  # the rest of the array cannot be parsed reliably
+            raise _unreadable_json(path, ds, exc.lineno, f"invalid JSON: {exc.msg} at column {exc.colno}") from exc
         yield Record(Location(str(path), line=line), value=value)
         expect_value = False
+
+
+def _unreadable_json(path: Path, ds: DatasetConfig, line: int, problem: str) -> DataError:
+    """A JSON document broken at ``line``: nothing after it can be read, so it cannot be one
+    skipped bad row (``on_bad_row: skip`` would silently lose every row after it)."""
+    return DataError(
+        f"dataset {ds.path!r}: {path}, line {line}: {problem} [invalid_json]. The rows after line {line} "
+        "cannot be read, so this is an error even with `on_bad_row: skip`.\n"
+        "    fix: correct the file, or convert it to JSON Lines (one row per line), where a bad line is "
+        "skipped alone."
+    )
 
 
 def _require_utf8(text: str, path: Path, ds: DatasetConfig) -> None:
