@@ -269,3 +269,22 @@ def test_every_batch_has_the_same_shape_with_pad_to_sequence_len(tmp_path: Path)
     assert (1, 64) not in shapes["False"] and shapes["False"][2][0] == 1  # the short batch really exists
     assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-5)
     assert runs[True][1] == pytest.approx(runs[False][1], rel=1e-5)
+
+
+def test_packing_efficiency_is_logged_before_the_first_step(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Step 0 of metrics.jsonl is the plan, with the packing efficiency recomputed here by hand:
+    real tokens / (rows × sequence_len) of epoch 0's packed rows."""
+    from hellbender.train.metrics import read_metrics
+
+    samples = make_samples(9, seed=14)
+    cfg = make_cfg(tmp_path, sample_packing=True, micro_batch_size=2, max_steps=2)
+    train(cfg, build_tiny_model(seed=0), samples, None, pad_token_id=PAD)
+    sampler = build_batch_sampler([len(s["input_ids"]) for s in samples], sequence_len=64, micro_batch_size=2,
+                                  sample_packing=True, seed=cfg.seed)  # fmt: skip
+    rows = [row for mb in sampler for row in mb]
+    expected = sum(len(samples[i]["input_ids"]) for row in rows for i in row) / (len(rows) * 64)
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert records[0]["step"] == 0 and records[0]["packing_efficiency"] == pytest.approx(expected)
+    assert records[0]["rows_per_epoch"] == len(rows) and records[0]["total_steps"] == 2
+    assert [r["step"] for r in records[1:]] == [1, 2]
+    assert f"packing efficiency {expected:.1%}" in capsys.readouterr().err

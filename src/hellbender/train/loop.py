@@ -345,6 +345,8 @@ def train(
     params = [p for p in model.parameters() if p.requires_grad]
     amp = lambda: autocast_context(cfg, model, device)  # noqa: E731
     log = RunLogger(cfg, out, total_steps=total, initial_step=state.global_step, enabled=world.is_main)
+    if state.global_step == 0:  # a resumed run's file already holds its plan record
+        _log_plan(log, sampler, plan, cfg)
     window = {"loss_sum": 0.0, "trained": 0.0, "tokens": 0.0, "time": 0.0}
 
     def save() -> None:
@@ -411,6 +413,30 @@ def train(
     finally:
         log.close()
     return result
+
+
+def _log_plan(log: RunLogger, sampler: Any, plan: list[int], cfg: HellbenderConfig) -> None:
+    """Say what the run will do before it does it: steps, and how full the rows are.
+
+    The packing efficiency (real tokens / rows × sequence_len, of the first epoch) is the fraction
+    of compute spent on real tokens when rows are padded to ``sequence_len``; a low value means
+    sample_packing (or a shorter sequence_len) would train faster. Recorded as step 0 of
+    ``metrics.jsonl`` (and the other sinks) so it stays with the run's numbers.
+    """
+    sampler.set_epoch(0)  # plan_steps left it at the last epoch; epoch 0 is iterated first anyway
+    plan_record = {
+        "packing_efficiency": sampler.efficiency(),
+        "total_steps": sum(plan),
+        "epochs": len(plan),
+        "rows_per_epoch": sampler.num_rows(),
+        "micro_batches_per_epoch": len(sampler),
+    }
+    log.log(0, plan_record)
+    log.progress.message(
+        f"plan: {sum(plan)} optimizer steps over {len(plan)} epoch(s); {sampler.num_rows()} rows of up to "
+        f"{cfg.sequence_len} tokens in {len(sampler)} micro-batches per epoch; packing efficiency "
+        f"{plan_record['packing_efficiency']:.1%} (sample_packing {'on' if cfg.sample_packing else 'off'})"
+    )
 
 
 def _check_same_plan(resume_from: Path, plan: list[int]) -> None:
