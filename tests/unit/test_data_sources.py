@@ -268,3 +268,37 @@ def test_corrupt_table_file_is_a_data_error_naming_dataset_and_file(tmp_path: Pa
     with pytest.raises(DataError) as err:
         read(folder)  # the dataset (a folder) and the file in it are named apart
     assert str(err.value).startswith(f"dataset {str(folder)!r}: cannot read {f} as {what}")
+
+
+# ------------------------------------------------------------------ byte order marks, error columns
+
+BOM = b"\xef\xbb\xbf"  # what Notepad and Excel's "CSV UTF-8" put at the start of a file
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "first"),
+    [
+        ("d.jsonl", BOM + b'{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": "d"}\n', (1, {"instruction": "a", "output": "b"})),
+        ("d.csv", BOM + b"instruction,output\na,b\nc,d\n", (2, {"instruction": "a", "output": "b"})),
+        ("d.json", BOM + b'[{"instruction": "a", "output": "b"},\n {"instruction": "c", "output": "d"}]\n', (1, {"instruction": "a", "output": "b"})),
+        ("d.txt", BOM + b"a b\nc d\n", (1, {"text": "a b"})),
+    ],
+    ids=["jsonl", "csv", "json", "txt"],
+)
+def test_utf8_byte_order_mark_is_not_part_of_the_first_row(
+    tmp_path: Path, name: str, content: bytes, first: tuple[int, Any]
+) -> None:
+    f = tmp_path / name
+    f.write_bytes(content)
+    got = read(f)
+    assert len(got) == 2 and got[0] == (f"{f}, line {first[0]}", first[1])
+    assert "\ufeff" not in repr(got)
+
+
+def test_jsonl_error_column_is_on_the_bad_line(tmp_path: Path) -> None:
+    f = tmp_path / "d.jsonl"
+    f.write_bytes(b'{"instruction": "a", "output": "b"\n{"instruction": "a"}\n{"a": [1, 2\r\n')
+    problems = [rec.error.problem for rec in resolve_source(DatasetConfig(path=str(f))).records() if rec.error]
+    # Both lines end too early: the error is right after their last character, not at
+    # "column 1" of a line 2 made of the line end.
+    assert problems == ["invalid JSON: Expecting ',' delimiter at column 35", "invalid JSON: Expecting ',' delimiter at column 12"]

@@ -223,7 +223,9 @@ def _load_hub(ds: DatasetConfig) -> Any:
 # ------------------------------------------------------------------ readers, one per file type
 
 
-# Text sources are read with errors="surrogateescape": a byte that is not UTF-8 becomes one lone
+# Text sources are decoded as "utf-8-sig": a UTF-8 byte order mark (which Windows tools write at
+# the start of a file) is dropped instead of becoming part of the first JSON line or CSV column
+# name. They are read with errors="surrogateescape": a byte that is not UTF-8 becomes one lone
 # surrogate (U+DC80..U+DCFF) instead of a UnicodeDecodeError that would abort the whole file. The
 # readers then find it and name its line: a bad row where rows are lines, else a DataError.
 _UNDECODABLE = re.compile("[\udc80-\udcff]")
@@ -246,7 +248,10 @@ def _jsonl_rows(path: Path, ds: DatasetConfig) -> Iterator[Record]:
     with path.open("rb") as f:
         for number, raw in enumerate(f, start=1):
             where = Location(str(path), line=number)
-            line = raw.decode("utf-8", "surrogateescape")
+            # Per line with -sig: also files concatenated with their BOMs. Without the line end,
+            # so an error at the end of a line gets this line's column (json counts a trailing
+            # newline as the start of line 2, column 1).
+            line = raw.decode("utf-8-sig", "surrogateescape").rstrip("\r\n")
             problem = _not_utf8(line)
             if problem is not None:
                 yield Record(where, error=BadRow("not_utf8", problem), raw=_shown(line))
@@ -267,7 +272,7 @@ def _line_of(text: str, pos: int, start_pos: int, start_line: int) -> int:
 
 def _json_rows(path: Path, ds: DatasetConfig) -> Iterator[Record]:
     """A JSON array (rows get their line), an object with ``field``, or JSON Lines in a .json file."""
-    text = path.read_bytes().decode("utf-8", "surrogateescape")
+    text = path.read_bytes().decode("utf-8-sig", "surrogateescape")
     stripped = text.lstrip()
     decoder = json.JSONDecoder()
     if stripped.startswith("{") and ds.field is None:
@@ -357,7 +362,7 @@ def _require_utf8(text: str, path: Path, ds: DatasetConfig) -> None:
 
 
 def _csv_rows(path: Path, ds: DatasetConfig) -> Iterator[Record]:
-    with path.open(newline="", encoding="utf-8", errors="surrogateescape") as f:
+    with path.open(newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
         reader = csv.reader(f)
         try:
             header = next(reader)
@@ -392,7 +397,7 @@ def _csv_rows(path: Path, ds: DatasetConfig) -> Iterator[Record]:
 
 def _txt_rows(path: Path, ds: DatasetConfig) -> Iterator[Record]:
     """One row per non-blank line, in the ``text_column`` field (as datasets' text loader does)."""
-    with path.open(encoding="utf-8", errors="surrogateescape") as f:
+    with path.open(encoding="utf-8-sig", errors="surrogateescape") as f:
         for number, line in enumerate(f, start=1):
             line = line.rstrip("\r\n")
             if not line.strip():
