@@ -9,6 +9,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from data_fixtures import make_cfg, smollm2_folder, smollm2_tokenizer, trained_runs, words
 
@@ -18,7 +19,7 @@ from hellbender.data.cache import TOKENIZATION_KEYS, is_complete
 from hellbender.data.errors import DataError
 from hellbender.data.formats import build_format
 from hellbender.data.prepare import cache_key_for, prepare_datasets
-from hellbender.data.report import format_example
+from hellbender.data.report import format_example, histogram_figure
 from hellbender.data.tokenize import IGNORE_INDEX, encode
 
 
@@ -453,6 +454,20 @@ def test_debug_example_marks_trained_tokens(tok: Any) -> None:
     styled = format_example(ids.tolist(), labels.tolist(), tok, color=True)
     trained = [styled.plain[s.start : s.end] for s in styled.spans if "green" in str(s.style)]
     assert trained == ["hello<|im_end|>"]
+
+
+@pytest.mark.parametrize(("low", "high", "sequence_len"), [(30, 40, 2048), (37, 37, 512), (100, 900, 512)])
+def test_length_histogram_bars_are_visible(low: int, high: int, sequence_len: int) -> None:
+    # Samples far shorter than sequence_len: bins over the data's own range (30-40) were drawn
+    # as slivers under one pixel wide on an axis that reaches 2048.
+    lengths = np.random.default_rng(0).integers(low, high, size=200, endpoint=True)
+    fig = histogram_figure(lengths, sequence_len)
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    bars = [patch for patch in ax.patches if patch.get_height() > 0]
+    assert sum(patch.get_height() for patch in bars) == len(lengths)
+    assert sum(patch.get_window_extent().width for patch in bars) >= 5  # pixels
+    assert ax.get_xlim()[0] <= 0 and ax.get_xlim()[1] >= max(sequence_len, high)
 
 
 def test_preprocess_command(tmp_path: Path) -> None:
