@@ -113,7 +113,7 @@ def _tb_tag(key: str) -> str:
 
 
 class WandbSink:
-    def __init__(self, cfg: HellbenderConfig) -> None:
+    def __init__(self, cfg: HellbenderConfig, output_dir: Path) -> None:
         import wandb
 
         self._wandb = wandb
@@ -124,7 +124,8 @@ class WandbSink:
             id=cfg.wandb_run_id,
             mode=cfg.wandb_mode,  # type: ignore[arg-type]
             resume="allow" if cfg.wandb_run_id else None,
-            dir=cfg.output_dir,
+            # Beside metrics.jsonl: the loop may write to another folder than cfg.output_dir.
+            dir=str(output_dir),
             config=cfg.model_dump(mode="json"),
         )
 
@@ -177,7 +178,7 @@ def build_sinks(cfg: HellbenderConfig, output_dir: Path) -> list[Sink]:
         sinks.append(TensorBoardSink(output_dir / "runs"))
     if cfg.wandb_project:
         _require("wandb", "wandb_project")
-        sinks.append(WandbSink(cfg))
+        sinks.append(WandbSink(cfg, output_dir))
     if cfg.mlflow_tracking_uri or cfg.mlflow_experiment_name:
         _require("mlflow", "mlflow_tracking_uri" if cfg.mlflow_tracking_uri else "mlflow_experiment_name")
         sinks.append(MlflowSink(cfg))
