@@ -326,6 +326,37 @@ def test_template_branching_on_content_falls_back_to_search() -> None:
     assert trained_runs(ids, labels, tok) == ["fine then<|im_end|>"]
 
 
+def test_fallback_search_does_not_take_header_words_for_contents() -> None:
+    # The empty first content makes the walk fail (the template prints "(nothing)"), so the
+    # fallback search places the contents. Contents equal to role names must be found where
+    # they are printed, not inside the role headers that precede them.
+    tok = smollm2_tokenizer()
+    template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+        "{% if m['content'] == '' %}(nothing){% else %}{{ m['content'] }}{% endif %}<|im_end|>\n{% endfor %}"
+    )
+    fmt = make_format(tok, chat_template=template, train_on_eos="turn")
+    msgs = [
+        {"role": "user", "content": ""},
+        {"role": "assistant", "content": "assistant"},
+        {"role": "user", "content": "user"},
+        {"role": "assistant", "content": "user"},
+    ]
+    # Where each content is, from the template's shape alone.
+    expected, pos = [], 0
+    for i, m in enumerate(msgs):
+        pos += len(f"<|im_start|>{m['role']}\n")
+        expected.append((i, pos, pos + len(m["content"])))
+        pos += len(m["content"] or "(nothing)") + len("<|im_end|>\n")
+    plain = [{"role": m["role"], "content": m["content"]} for m in msgs]
+    text, spans = ct.locate_contents(fmt.template, plain, fmt.template_kwargs)
+    assert len(text) == pos and spans == expected
+    ids, labels = tokenize_row(fmt, tok, {"messages": msgs})
+    assert trained_runs(ids, labels, tok) == ["assistant<|im_end|>", "user<|im_end|>"]
+    # The last trained run ends the text: the final "user" is the assistant's content.
+    assert tok.decode(ids[-2:]) == "<|im_end|>\n" and labels[-2] == ids[-2] and labels[-3] == ids[-3]
+
+
 def test_template_that_rewrites_content_is_a_bad_row() -> None:
     tok = smollm2_tokenizer()
     fmt = make_format(tok, chat_template="{% for m in messages %}{{ m['content'] | upper }}<|im_end|>{% endfor %}")

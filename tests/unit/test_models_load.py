@@ -294,3 +294,55 @@ def test_find_smollm2_gguf() -> None:
     assert path.suffix == ".gguf"
     with path.open("rb") as fh:
         assert fh.read(4) == b"GGUF"
+
+
+REMOTE_CODE = '''
+from pathlib import Path
+
+from transformers import LlamaConfig, LlamaForCausalLM
+
+Path({marker!r}).write_text("the folder's code ran")
+
+
+class HbConfig(LlamaConfig):
+    model_type = "hb_custom"
+
+
+class HbModel(LlamaForCausalLM):
+    config_class = HbConfig
+'''
+
+
+def test_remote_code_runs_only_with_trust_remote_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A folder whose config names a custom model_type and maps the Auto classes to code shipped in
+    the folder (auto_map): refused by default without running that code; loaded with
+    trust_remote_code: true, giving the tiny model's own numbers."""
+    import json
+    import sys
+
+    import transformers.dynamic_module_utils as dynamic
+
+    # transformers copies the folder's code into its modules cache and imports it from there:
+    # keep both the copy and the sys.path entry inside this test.
+    monkeypatch.setattr(dynamic, "HF_MODULES_CACHE", str(tmp_path / "modules"))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    folder = save_tiny_model_folder(tmp_path / "remote_model", seed=SEED, rope_theta=50000.0)
+    marker = tmp_path / "REMOTE_CODE_RAN"
+    (folder / "custom_llama.py").write_text(REMOTE_CODE.format(marker=str(marker)))
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="hb_custom", architectures=["HbModel"],
+                  auto_map={"AutoConfig": "custom_llama.HbConfig", "AutoModelForCausalLM": "custom_llama.HbModel"})  # fmt: skip
+    (folder / "config.json").write_text(json.dumps(config))
+
+    cfg = make_cfg(folder)
+    assert cfg.trust_remote_code is False  # the default
+    tokenizer = load_tokenizer(cfg)
+    with pytest.raises(ValueError, match=r"ships its own model code .* only with `trust_remote_code: true`"):
+        load_model(cfg, tokenizer)
+    assert not marker.exists()
+
+    model = load_model(make_cfg(folder, trust_remote_code=True), tokenizer)
+    assert marker.exists()
+    assert type(model).__name__ == "HbModel" and model.config.model_type == "hb_custom"
+    with torch.no_grad():
+        torch.testing.assert_close(model(INPUT).logits, reference_model()(INPUT).logits)

@@ -33,7 +33,8 @@ DEFAULT_PREPARED_PATH = "./last_run_prepared"
 META_FILE = "meta.json"
 # Bump when the preparation logic changes in a way that changes its output within one release.
 # 2: a broken JSON array is an error, not one skipped row (caches that lost its remaining rows go).
-PIPELINE_VERSION = 2
+# 3: chat masking's fallback search anchors each content on the template text before it.
+PIPELINE_VERSION = 3
 
 # Top-level keys that change what preparation produces.
 TOKENIZATION_KEYS = (

@@ -453,9 +453,20 @@ def load_model(cfg: HellbenderConfig, tokenizer: PreTrainedTokenizerBase) -> Pre
     config_source = (
         resolve_source(cfg.base_model_config, cfg, "base_model_config") if cfg.base_model_config else path
     )
-    config = AutoConfig.from_pretrained(
-        config_source, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision_of_model
-    )
+    try:
+        config = AutoConfig.from_pretrained(
+            config_source, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision_of_model
+        )
+    except ValueError as exc:
+        # transformers' refusal asks for a Python argument and links hf.co even for a local folder;
+        # say which config key allows it and what allowing it means.
+        if cfg.trust_remote_code or "trust_remote_code" not in str(exc):
+            raise
+        raise ValueError(
+            f"{cfg.base_model_config or cfg.base_model} ships its own model code (auto_map in its "
+            "config.json), which hellbender runs only with `trust_remote_code: true` in the config. "
+            "Read that code first: it runs with your permissions."
+        ) from exc
     changed = apply_config_overrides(config, cfg.overrides_of_model_config)
     if changed:
         logger.info("model config overrides applied: %s", changed)

@@ -14,8 +14,8 @@ Here a conversation is rendered twice, whatever its length:
 
 Both renders and the walk are O(length of the conversation). If a template rewrites contents in
 some other way (or branches on them), the walk falls back to searching each content in order in
-the real render; if even that fails the row is a bad row (``template_mismatch``) — never a
-silently wrong mask.
+the real render, each after the template text that precedes it in the skeleton; if even that
+fails the row is a bad row (``template_mismatch``) — never a silently wrong mask.
 
 Which spans are trained: a message is trained when its per-message ``training`` flag says so, or
 else when its role is in ``roles_to_train``. The end-of-turn token (``<|im_end|>``, ``<|eot_id|>``,
@@ -189,7 +189,7 @@ def locate_contents(
     fragments, order = parts[0::2], [int(i) for i in parts[1::2]]
     spans = _walk(text, fragments, order, messages)
     if spans is None:
-        spans = _search_in_order(text, order, messages)
+        spans = _search_in_order(text, fragments, order, messages)
     if spans is None:
         raise BadRow(
             "template_mismatch",
@@ -221,12 +221,23 @@ def _walk(
 
 
 def _search_in_order(
-    text: str, order: list[int], messages: Sequence[Mapping[str, Any]]
+    text: str, fragments: list[str], order: list[int], messages: Sequence[Mapping[str, Any]]
 ) -> list[tuple[int, int, int]] | None:
-    """Fallback for templates that branch on content: find each content after the previous one."""
-    order = order or list(range(len(messages)))
+    """Fallback for templates that branch on content: find each content after the previous one.
+
+    Each content is searched only after the template text that precedes it in the skeleton
+    (``fragments[j]``, itself searched after the previous content). Searching from the previous
+    content alone found a content equal to a word of the template — "assistant" — inside the
+    next role header, training the header and no end-of-turn token.
+    """
+    if not order:
+        return None  # the skeleton shows no content as is: there is no template text to anchor on
     pos, spans = 0, []
-    for idx in order:
+    for j, idx in enumerate(order):
+        anchor = text.find(fragments[j], pos)
+        if anchor < 0:
+            return None  # the template text around this content changed too: cannot place it
+        pos = anchor + len(fragments[j])
         best = None
         for cand in _candidates(messages[idx]["content"]):
             at = text.find(cand, pos)
