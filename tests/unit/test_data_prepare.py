@@ -211,6 +211,43 @@ def test_skip_mode_counts_many_reasons_at_once(tmp_path: Path, tok: Any) -> None
     assert lines == [2, 3, 4, 5, 6]
 
 
+# ------------------------------------------------------------------ end-of-turn tokens
+
+# Llama-3-style markers written as text: SmolLM2's tokenizer has no <|eot_id|> special token.
+TEXT_MARKER_TEMPLATE = (
+    "{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+    "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
+)
+
+
+@pytest.mark.parametrize(
+    ("template", "train_on_eos", "warned"),
+    [(TEXT_MARKER_TEMPLATE, "turn", True), (TEXT_MARKER_TEMPLATE, "none", False), ("chatml", "turn", False)],
+    ids=["text-markers", "text-markers-eos-none", "chatml"],
+)
+def test_missing_end_of_turn_token_is_warned_once_and_counted(
+    tmp_path: Path, tok: Any, caplog: pytest.LogCaptureFixture, template: str, train_on_eos: str, warned: bool
+) -> None:
+    path = write_jsonl(tmp_path / "c.jsonl", chat_rows(5, 1))
+    ds = {"path": str(path), "type": "chat_template", "chat_template": template, "train_on_eos": train_on_eos}
+    cfg = make_cfg(datasets=[ds], dataset_prepared_path=str(tmp_path / "p"))
+    with caplog.at_level("WARNING", logger="hellbender"):
+        prepared = prepare_datasets(cfg, tok)
+    warnings = [r.getMessage() for r in caplog.records if "end-of-turn" in r.getMessage()]
+    stats = prepared.report.datasets[0]
+    if not warned:
+        assert stats.no_eot == 0 and warnings == [] and "end-of-turn" not in prepared.report.render()
+        return
+    runs = [trained_runs(r["input_ids"], r["labels"], tok) for r in prepared.train]
+    assert all(not run.endswith("<|eot_id|>") for sample in runs for run in sample)  # really none trained
+    assert stats.no_eot == stats.kept == 5
+    assert len(warnings) == 1  # once for the dataset, not once per sample
+    assert repr(str(path)) in warnings[0] and "train_on_eos: turn" in warnings[0] and "5 of 5 samples" in warnings[0]
+    line = "no end-of-turn token found to train in 5 of 5 samples"
+    assert line in prepared.report.render()
+    assert line in prepare_datasets(cfg, tok).report.render()  # a run that reuses the cache shows it too
+
+
 # ------------------------------------------------------------------ lengths
 
 

@@ -34,7 +34,8 @@ META_FILE = "meta.json"
 # Bump when the preparation logic changes in a way that changes its output within one release.
 # 2: a broken JSON array is an error, not one skipped row (caches that lost its remaining rows go).
 # 3: chat masking's fallback search anchors each content on the template text before it.
-PIPELINE_VERSION = 3
+# 4: the report counts samples with no end-of-turn token found (no_eot); older caches lack it.
+PIPELINE_VERSION = 4
 
 # Top-level keys that change what preparation produces.
 TOKENIZATION_KEYS = (

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -48,6 +49,8 @@ HISTOGRAM_FILE = "lengths.png"
 MAP_BATCH_SIZE = 256
 # Below this many rows per process, starting workers costs more than it saves.
 MIN_ROWS_PER_PROCESS = 64
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -331,11 +334,34 @@ def _process(
     chunk = table.column("_chunk").to_numpy()
     e.stats.extra_chunks = int(np.count_nonzero(chunk > 0))
     e.stats.truncated = int(np.count_nonzero(table.column("_truncated").to_numpy(zero_copy_only=False)[keep]))
+    e.stats.no_eot = int(np.count_nonzero(table.column("_no_eot").to_numpy(zero_copy_only=False)[keep]))
+    if e.stats.no_eot:
+        _warn_no_eot(e, len(keep))
     lengths = table.column("length").to_numpy()[keep].astype(np.int64)
     trained = table.column("_trained").to_numpy()[keep].astype(np.int64)
     kept = mapped.select(keep).select_columns(FINAL_COLUMNS)
     hashes = _hashes(table, keep) if cfg.dataset_exact_deduplication else []
     return _Part(kept, lengths, trained, hashes)
+
+
+def _warn_no_eot(e: _Entry, kept: int) -> None:
+    """Once per dataset: train_on_eos asked for end-of-turn tokens and the tokenizer has none.
+
+    An end-of-turn token is a *special* token right after a content. A custom template whose
+    markers (e.g. ``<|eot_id|>``) are not special tokens of this tokenizer is tokenized as plain
+    text, so the model would never be trained to end its turn; say so rather than train silently.
+    """
+    logger.warning(
+        "dataset %r: train_on_eos: %s asks for end-of-turn tokens, but in %s of %s samples no special "
+        "token follows a trained content, so none is trained (the model would not learn to stop). The "
+        "chat template's end-of-turn marker is probably plain text to this tokenizer. Use a template "
+        "written with the tokenizer's own special tokens (e.g. chat_template: tokenizer_default), make "
+        "the marker a special token (special_tokens: eos_token), or set train_on_eos: none.",
+        e.config.path,
+        e.config.train_on_eos,
+        f"{e.stats.no_eot:,}",
+        f"{kept:,}",
+    )
 
 
 def _final_features() -> Any:

@@ -29,6 +29,7 @@ class DatasetStats:
     dropped: dict[str, int] = field(default_factory=dict)  # by DROP_REASONS key
     truncated: int = 0
     extra_chunks: int = 0  # samples added by splitting long completion texts
+    no_eot: int = 0  # kept samples where train_on_eos asked for end-of-turn tokens and none was found
     kept: int = 0  # samples kept
     tokens: int = 0
     trained_tokens: int = 0
@@ -133,6 +134,8 @@ class PrepReport:
                 parts.append("dropped: " + _reasons(d.dropped, DROP_REASONS))
             if d.extra_chunks:
                 parts.append(f"long texts split into {d.extra_chunks:,} extra chunks")
+            if d.no_eot:
+                parts.append(f"WARNING: no end-of-turn token found to train in {d.no_eot:,} of {d.kept:,} samples")
             if parts:
                 lines.append(f"{_short(d.name)} ({d.split}): " + "; ".join(parts))
         return lines

@@ -11,7 +11,9 @@ token is decided in O(1), so a sample costs O(characters + tokens).
 
 **End of turn.** For each ``(after, limit)`` in ``Rendered.eot`` the first special token starting
 in ``[after, limit)`` — with only whitespace tokens before it — is trained, together with that
-whitespace. That token is what the model must emit to end its turn.
+whitespace. That token is what the model must emit to end its turn. A sample that asks for
+end-of-turn tokens and gets none is flagged (``_no_eot``): its template's end-of-turn marker is
+plain text to this tokenizer, and preparation warns about it instead of silently training none.
 
 **Labels are not shifted**: ``labels[i]`` is ``input_ids[i]`` or -100; the loss shifts.
 
@@ -79,11 +81,12 @@ def trained_mask(
     ids: Sequence[int],
     offsets: Sequence[tuple[int, int]],
     special_ids: frozenset[int],
-) -> np.ndarray:
-    """Boolean mask over ``ids``: which tokens are trained (see the module docstring)."""
+) -> tuple[np.ndarray, int]:
+    """Boolean mask over ``ids``: which tokens are trained (see the module docstring), and how
+    many of the end-of-turn tokens ``rendered.eot`` asks for were found."""
     n = len(ids)
     if n == 0:
-        return np.zeros(0, dtype=bool)
+        return np.zeros(0, dtype=bool), 0
     text = rendered.text
     # fromiter over the flattened pairs: half the cost of np.asarray on a list of tuples.
     offs = np.fromiter(chain.from_iterable(offsets), dtype=np.int64, count=2 * n).reshape(n, 2)
@@ -102,27 +105,36 @@ def trained_mask(
     # Starts are sorted except for tokens a post-processor appends with offsets (0, 0); the running
     # maximum is sorted always and equal to the starts everywhere else.
     sorted_starts = np.maximum.accumulate(starts)
+    found = 0
     for after, limit in rendered.eot:
         first = int(np.searchsorted(sorted_starts, after, side="left"))
         k = first
         while k < n and sorted_starts[k] < limit:
             if ids[k] in special_ids:
                 mask[first : k + 1] = True
+                found += 1
                 break
             if not text[region_start[k] : ends[k]].isspace():
                 break  # something other than whitespace follows the content: no end-of-turn token
             k += 1
-    return mask
+    return mask, found
 
 
 def encode(
     rendered: Sequence[Rendered], tokenizer: Any, special_ids: frozenset[int] | None = None
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Tokenize rendered rows (one batched call per ``add_special_tokens`` value) → (ids, labels)."""
+    return [(ids, labels) for ids, labels, _ in encode_checked(rendered, tokenizer, special_ids)]
+
+
+def encode_checked(
+    rendered: Sequence[Rendered], tokenizer: Any, special_ids: frozenset[int] | None = None
+) -> list[tuple[np.ndarray, np.ndarray, bool]]:
+    """:func:`encode`, plus per row whether it asked for end-of-turn tokens and none was found."""
     backend = backend_of(tokenizer)
     special = special_token_ids(tokenizer) if special_ids is None else special_ids
     eos = tokenizer.eos_token_id
-    out: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(rendered)
+    out: list[tuple[np.ndarray, np.ndarray, bool] | None] = [None] * len(rendered)
     for add_special in (True, False):
         idx = [i for i, r in enumerate(rendered) if r.add_special_tokens == add_special]
         if not idx:
@@ -132,14 +144,14 @@ def encode(
             r = rendered[i]
             id_list = enc.ids  # each attribute access converts from Rust: read it once
             ids = np.fromiter(id_list, dtype=np.int64, count=len(id_list))
-            mask = trained_mask(r, id_list, enc.offsets, special)
+            mask, found_eot = trained_mask(r, id_list, enc.offsets, special)
             if r.append_eos and eos is not None:
                 if len(ids) and ids[-1] == eos:  # the tokenizer's post-processor already closed the text
                     mask[-1] = True
                 else:
                     ids = np.append(ids, eos)
                     mask = np.append(mask, True)
-            out[i] = (ids, np.where(mask, ids, IGNORE_INDEX))
+            out[i] = (ids, np.where(mask, ids, IGNORE_INDEX), bool(r.eot) and found_eot == 0)
     return out  # type: ignore[return-value]
 
 
@@ -169,7 +181,9 @@ def apply_limits(ids: np.ndarray, labels: np.ndarray, limits: Limits, *, chunk: 
     return [_checked(ids[:size], labels[:size], limits, truncated=True, chunk=0)]
 
 
-OUTPUT_COLUMNS = ("input_ids", "labels", "length", "_status", "_problem", "_idx", "_truncated", "_chunk", "_trained")
+OUTPUT_COLUMNS = (
+    "input_ids", "labels", "length", "_status", "_problem", "_idx", "_truncated", "_chunk", "_trained", "_no_eot"
+)
 
 
 def output_features() -> Any:
@@ -187,6 +201,7 @@ def output_features() -> Any:
             "_truncated": Value("bool"),
             "_chunk": Value("int32"),
             "_trained": Value("int32"),
+            "_no_eot": Value("bool"),  # end-of-turn tokens were asked for and none was found
         }
     )
 
@@ -206,7 +221,7 @@ def tokenize_batch(
     """
     out: dict[str, list[Any]] = {name: [] for name in OUTPUT_COLUMNS}
 
-    def emit(sample: Sample, idx: int, problem: str = "") -> None:
+    def emit(sample: Sample, idx: int, problem: str = "", no_eot: bool = False) -> None:
         out["input_ids"].append(sample.input_ids)
         out["labels"].append(sample.labels)
         out["length"].append(len(sample.input_ids))
@@ -216,6 +231,7 @@ def tokenize_batch(
         out["_truncated"].append(sample.truncated)
         out["_chunk"].append(sample.chunk)
         out["_trained"].append(int(np.count_nonzero(sample.labels != IGNORE_INDEX)))
+        out["_no_eot"].append(no_eot)
 
     keys = list(batch)
     rendered: list[Rendered] = []
@@ -228,13 +244,13 @@ def tokenize_batch(
             rendered_idx.append(idx)
         except BadRow as exc:
             failures[idx] = exc
-    encoded = dict(zip(rendered_idx, encode(rendered, tokenizer), strict=True))
+    encoded = dict(zip(rendered_idx, encode_checked(rendered, tokenizer), strict=True))
     by_idx = dict(zip(rendered_idx, rendered, strict=True))
     for idx in indices:
         if idx in failures:
             emit(Sample(_EMPTY, _EMPTY, f"bad:{failures[idx].reason}"), idx, failures[idx].problem)
             continue
-        ids, labels = encoded[idx]
+        ids, labels, no_eot = encoded[idx]
         for sample in apply_limits(ids, labels, limits, chunk=by_idx[idx].chunk):
-            emit(sample, idx)
+            emit(sample, idx, no_eot=no_eot)
     return out
