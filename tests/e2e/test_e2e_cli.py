@@ -90,22 +90,82 @@ def test_merge_lora_writes_a_plain_model(project: Path, tmp_path: Path) -> None:
                                    rtol=1e-5, atol=1e-5)  # fmt: skip
 
 
-def test_inference_streams_the_greedy_answer(project: Path) -> None:
+@pytest.fixture
+def stream_events(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    """What the streamer printed, and when ``generate`` returned, in order: ("text", chunk) for
+    every non-empty chunk TextStreamer hands to stdout, ("returned", "") when generate returns."""
+    from transformers import TextStreamer
+    from transformers.generation.utils import GenerationMixin
+
+    events: list[tuple[str, str]] = []
+    on_text, generate = TextStreamer.on_finalized_text, GenerationMixin.generate
+
+    def record_text(self: TextStreamer, text: str, stream_end: bool = False) -> None:
+        if text:
+            events.append(("text", text))
+        on_text(self, text, stream_end=stream_end)
+
+    def record_return(self: GenerationMixin, *args: object, **kwargs: object) -> object:
+        out = generate(self, *args, **kwargs)
+        events.append(("returned", ""))
+        return out
+
+    monkeypatch.setattr(TextStreamer, "on_finalized_text", record_text)
+    monkeypatch.setattr(GenerationMixin, "generate", record_return)
+    return events
+
+
+def streamed_answers(events: list[tuple[str, str]]) -> list[list[str]]:
+    """The chunks streamed during each generate call (split where generate returned)."""
+    answers: list[list[str]] = [[]]
+    for kind, text in events:
+        if kind == "returned":
+            answers.append([])
+        else:
+            answers[-1].append(text)
+    assert answers[-1] == [], "text printed after the last generate returned: not streamed"
+    return answers[:-1]
+
+
+def check_streamed(answer: str, chunks: list[str]) -> None:
+    """``answer`` (the plain greedy reference) reached stdout as ``chunks`` while generate ran.
+
+    TextStreamer prints whole words: it holds text back until a space (or newline) arrives, so an
+    answer with a space inside comes out in more than one piece before generate returns, and one
+    without (the tiny model often writes none) only in the final flush, still inside generate.
+    """
+    assert answer.strip(), "an empty answer proves nothing (and is found anywhere in the output)"
+    assert "".join(chunks) == answer
+    if " " in answer.strip():
+        assert len(chunks) > 1, chunks
+
+
+def test_inference_streams_the_greedy_answer(project: Path, stream_events: list[tuple[str, str]]) -> None:
     tokenizer = AutoTokenizer.from_pretrained(str(project / "out"))
     model = plain_adapter_model(project)
-    expected = greedy_answer(model, tokenizer, "Say hello.", 6)
-    result = invoke("inference", str(project / "cfg.yaml"), "--prompt", "Say hello.", "--max-new-tokens", "6")
+    n = 12
+    # Computed before each command (its generate calls are recorded too, so the events are cleared).
+    expected = greedy_answer(model, tokenizer, "Name an animal.", n)
+    stream_events.clear()
+    result = invoke("inference", str(project / "cfg.yaml"), "--prompt", "Name an animal.", "--max-new-tokens", str(n))
     assert result.exit_code == 0, result.output
-    assert expected.strip() and expected in result.stdout
+    assert expected in result.stdout
+    [chunks] = streamed_answers(stream_events)
+    check_streamed(expected, chunks)
 
     # Without --prompt: every line of stdin is a prompt.
-    prompts = ["Count to three.", "Is it true?"]
-    result = invoke("inference", str(project / "cfg.yaml"), "--max-new-tokens", "6", stdin="\n".join(prompts) + "\n")
+    prompts = ["Is it true?", "Say hello."]
+    answers = [greedy_answer(model, tokenizer, prompt, n) for prompt in prompts]
+    stream_events.clear()
+    result = invoke("inference", str(project / "cfg.yaml"), "--max-new-tokens", str(n), stdin="\n".join(prompts) + "\n")
     assert result.exit_code == 0, result.output
     position = 0
-    for prompt in prompts:
-        answer = greedy_answer(model, tokenizer, prompt, 6)
+    for answer, chunks in zip(answers, streamed_answers(stream_events), strict=True):
+        check_streamed(answer, chunks)
         position = result.stdout.index(answer, position) + len(answer)
+    # The check above only sees streaming for answers with a space inside; at least one must have
+    # one, or this test would no longer tell streaming from printing at the end (pick other prompts).
+    assert sum(" " in a.strip() for a in [expected, *answers]) >= 2, [expected, *answers]
 
 
 def test_diverging_run_exits_1_and_keeps_the_last_checkpoint(project: Path, tmp_path: Path) -> None:
