@@ -199,6 +199,31 @@ def test_broken_json_array_is_an_error_even_when_skipping(tmp_path: Path, tok: A
     assert "rows after line 3 cannot be read" in message
 
 
+def test_template_mismatch_names_file_and_line_and_is_rejected_with_its_row(tmp_path: Path, tok: Any) -> None:
+    # The template rewrites one content ("shout" -> "SHOUT"), so that row's trained span cannot
+    # be placed; the rows around it are fine. The row is found in a worker process, after
+    # tokenization, and must still be reported with its file and line.
+    template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+        "{% if m['content'] == 'shout' %}{{ m['content'] | upper }}{% else %}{{ m['content'] }}{% endif %}"
+        "<|im_end|>\n{% endfor %}"
+    )
+    shouting = {"messages": [{"role": "user", "content": "say it"}, {"role": "assistant", "content": "shout"}]}
+    path = write_jsonl(tmp_path / "c.jsonl", [CHAT_OK, CHAT_OK, shouting, CHAT_OK])
+    ds = {"path": str(path), "type": "chat_template", "chat_template": template}
+
+    with pytest.raises(DataError) as err:
+        prepare_datasets(make_cfg(datasets=[ds], dataset_prepared_path=str(tmp_path / "p")), tok)
+    assert f"{path}, line 3:" in str(err.value) and "[template_mismatch]" in str(err.value)
+
+    cfg = make_cfg(datasets=[ds], dataset_prepared_path=str(tmp_path / "p"), on_bad_row="skip")
+    prepared = prepare_datasets(cfg, tok)
+    assert prepared.report.datasets[0].bad == {"template_mismatch": 1} and len(prepared.train) == 3
+    (reject,) = [json.loads(x) for x in Path(prepared.report.rejects_file or "").read_text().splitlines()]
+    assert (reject["file"], reject["line"], reject["reason"]) == (str(path), 3, "template_mismatch")
+    assert [(m["role"], m["content"]) for m in reject["value"]["messages"]] == [("user", "say it"), ("assistant", "shout")]
+
+
 def test_skip_mode_counts_many_reasons_at_once(tmp_path: Path, tok: Any) -> None:
     rows = [CHAT_OK, "not json", {"messages": []}, {"messages": "x"}, {"msgs": []}, {"messages": [{"role": "x", "content": "y"}]}, CHAT_OK]
     path = write_jsonl(tmp_path / "c.jsonl", rows)
