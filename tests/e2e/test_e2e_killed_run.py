@@ -18,9 +18,12 @@ import textwrap
 import time
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
+from peft import PeftModel
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 from hellbender.config.normalize import load_config
 from hellbender.models.tiny import save_tiny_model_folder
@@ -79,11 +82,15 @@ def write_project(root: Path, out: Path, **extra: object) -> Path:
     return path
 
 
-def test_sigkill_during_checkpoint_write_then_auto_resume(tmp_path: Path) -> None:
-    save_tiny_model_folder(tmp_path / "model", initializer_range=0.1)
+def write_model_and_data(root: Path) -> None:
+    save_tiny_model_folder(root / "model", initializer_range=0.1)
     rows = [{"instruction": f"Repeat {w}.", "input": "", "output": f"{w} {w}."} for w in
             ("one", "two", "three", "four", "five", "six", "seven", "eight")]  # fmt: skip
-    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_sigkill_during_checkpoint_write_then_auto_resume(tmp_path: Path) -> None:
+    write_model_and_data(tmp_path)
 
     killed_out = tmp_path / "killed"
     marker = tmp_path / "paused"
@@ -126,3 +133,41 @@ def test_sigkill_during_checkpoint_write_then_auto_resume(tmp_path: Path) -> Non
     # metrics.jsonl tells one continuous story: steps 1-4 from the killed process, 5-12 resumed.
     steps = [r["step"] for r in read_metrics(killed_out / "metrics.jsonl") if "loss" in r]
     assert steps == list(range(1, 13))
+
+
+def test_a_crash_during_the_final_write_keeps_the_previous_outputs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A finished run is continued (auto-resume: nothing left to train, the outputs are written
+    again) and dies with the new adapter file half-written. The previous outputs must be
+    untouched and loadable; the next start clears the leftover and writes them whole.
+
+    An exception stands in for the kill: nothing between it and the files cleans up, so the disk
+    is left as a SIGKILL at that moment would leave it.
+    """
+    write_model_and_data(tmp_path)
+    out = tmp_path / "final"
+    cfg, _ = load_config(write_project(tmp_path, out, max_steps=2, save_steps=2, lora_dropout=0.0,
+                                       auto_resume_from_checkpoints=True), world_size=1)  # fmt: skip
+    run_train(cfg)
+    outputs = ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "tokenizer_config.json")
+    before = {name: (out / name).read_bytes() for name in outputs}
+
+    real_save = ckpt.save_model_weights
+
+    def dies_half_way(model: torch.nn.Module, path: Path) -> None:
+        real_save(model, path)
+        weights = path / "adapter_model.safetensors"
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+        raise OSError("killed while writing the final adapter (simulated)")
+
+    monkeypatch.setattr(ckpt, "save_model_weights", dies_half_way)
+    with pytest.raises(OSError, match="simulated"):
+        run_train(cfg)
+    monkeypatch.setattr(ckpt, "save_model_weights", real_save)
+    assert {name: (out / name).read_bytes() for name in outputs} == before
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tmp_path / "model")), str(out))
+
+    assert run_train(cfg).resumed_from == out / "checkpoint-2"  # nothing left to train: outputs only
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+    assert {name: (out / name).read_bytes() for name in outputs} == before  # the same weights, whole

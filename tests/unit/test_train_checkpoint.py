@@ -129,3 +129,114 @@ def test_weights_that_do_not_match_are_refused(tmp_path: Path) -> None:
     bigger = build_tiny_model(seed=0, num_hidden_layers=3)
     with pytest.raises(ValueError, match="do not match"):
         ckpt.load_model_weights(bigger, path)
+
+
+# ---------------------------------------------------------------- crashes during the final write
+# and during rotation. Exceptions stand in for a kill: nothing on these paths cleans up on an
+# exception, so the files left on disk are the ones a SIGKILL at the same moment leaves.
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+def write_adapter(model: torch.nn.Module) -> object:
+    return lambda folder: ckpt.save_model_weights(model, folder)
+
+
+def test_a_crash_while_writing_final_outputs_keeps_the_old_ones(tmp_path: Path) -> None:
+    from peft import PeftModel
+
+    old_model, _, _ = trained_setup(0, lora=True, steps=1)
+    new_model, _, _ = trained_setup(0, lora=True, steps=3)
+    ckpt.publish_files(tmp_path, write_adapter(old_model))
+    before = snapshot(tmp_path)
+    assert "adapter_model.safetensors" in before
+
+    def torn_write(folder: Path) -> None:  # the weights file is half on disk when the process dies
+        ckpt.save_model_weights(new_model, folder)
+        weights = folder / "adapter_model.safetensors"
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+        raise OSError("killed while writing (simulated)")
+
+    with pytest.raises(OSError, match="simulated"):
+        ckpt.publish_files(tmp_path, torn_write)
+    assert snapshot(tmp_path) == before
+    loaded = PeftModel.from_pretrained(build_tiny_model(seed=0), str(tmp_path))  # still loadable
+    for (name, a), (_, b) in zip(loaded.named_parameters(), old_model.named_parameters(), strict=True):
+        assert torch.equal(a, b), name
+    assert ckpt.remove_incomplete(tmp_path) == [tmp_path / ckpt.FINAL_STAGING]
+
+    ckpt.publish_files(tmp_path, write_adapter(new_model))  # and the next write goes through
+    after = snapshot(tmp_path)
+    assert after.keys() == before.keys() and after != before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(before)
+
+
+def test_a_crash_between_the_renames_leaves_only_complete_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model_a, _, _ = trained_setup(0, lora=True, steps=1)
+    model_b, _, _ = trained_setup(0, lora=True, steps=3)
+    ckpt.publish_files(tmp_path / "a", write_adapter(model_a))
+    ckpt.publish_files(tmp_path / "b", write_adapter(model_b))
+    old, new = snapshot(tmp_path / "a"), snapshot(tmp_path / "b")
+    assert len(old) >= 2 and old.keys() == new.keys()
+
+    renames = []
+
+    def replace_once(src: object, dst: object) -> None:
+        if renames:
+            raise OSError("killed between two renames (simulated)")
+        renames.append(dst)
+        real_replace(src, dst)
+
+    real_replace = ckpt.os.replace
+    monkeypatch.setattr(ckpt.os, "replace", replace_once)
+    with pytest.raises(OSError, match="simulated"):
+        ckpt.publish_files(tmp_path / "a", write_adapter(model_b))
+    mixed = snapshot(tmp_path / "a")
+    assert mixed.keys() == old.keys()
+    # Each file whole: the one renamed before the crash is new, every other one still old.
+    [renamed] = [Path(p).name for p in renames]
+    assert all(mixed[name] == (new if name == renamed else old)[name] for name in mixed)
+
+
+@pytest.mark.parametrize("moment", ["before deleting", "half-way through deleting"])
+def test_a_crash_during_rotation_keeps_the_newest_checkpoints_loadable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, moment: str
+) -> None:
+    models = {}
+    for step in (1, 2):
+        models[step], opt, sched = trained_setup(step, steps=1)
+        ckpt.save_checkpoint(tmp_path, models[step], opt, sched, ckpt.TrainState(global_step=step), save_total_limit=2)
+    models[3], opt, sched = trained_setup(3, steps=1)
+
+    real_rename, real_rmtree = ckpt.os.rename, ckpt.shutil.rmtree
+
+    def crash_on_trash_rename(src: Path, dst: Path) -> None:
+        if Path(dst).name.startswith(ckpt.TRASH_PREFIX):
+            raise OSError("killed before deleting (simulated)")
+        real_rename(src, dst)
+
+    def crash_mid_delete(path: Path, *args: object, **kwargs: object) -> None:
+        victim = next(p for p in sorted(Path(path).iterdir()) if p.is_file())
+        victim.unlink()  # part of the old checkpoint is gone ...
+        raise OSError("killed while deleting (simulated)")  # ... when the process dies
+
+    if moment == "before deleting":
+        monkeypatch.setattr(ckpt.os, "rename", crash_on_trash_rename)
+    else:
+        monkeypatch.setattr(ckpt.shutil, "rmtree", crash_mid_delete)
+    with pytest.raises(OSError, match="simulated"):
+        ckpt.save_checkpoint(tmp_path, models[3], opt, sched, ckpt.TrainState(global_step=3), save_total_limit=2)
+    monkeypatch.setattr(ckpt.os, "rename", real_rename)
+    monkeypatch.setattr(ckpt.shutil, "rmtree", real_rmtree)
+
+    kept = [int(p.name.split("-")[1]) for p in ckpt.list_checkpoints(tmp_path)]
+    assert kept == ([1, 2, 3] if moment == "before deleting" else [2, 3])
+    for step in kept:  # every checkpoint that is listed loads and holds what was saved
+        other, opt2, sched2 = trained_setup(9, steps=1)
+        assert ckpt.load_checkpoint(tmp_path / f"checkpoint-{step}", other, opt2, sched2).global_step == step
+        for (name, a), (_, b) in zip(other.named_parameters(), models[step].named_parameters(), strict=True):
+            assert torch.equal(a, b), name
+    ckpt.remove_incomplete(tmp_path)  # the next start clears the half-deleted trash
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

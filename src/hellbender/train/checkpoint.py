@@ -16,6 +16,10 @@ filesystems) and the parent fsynced. A folder named ``checkpoint-*`` is therefor
 complete; ``trainer_state.json`` is written last as a second guard (e.g. for folders copied by
 hand). Old checkpoints are removed by first renaming them to ``.trash-*``, so a kill during
 deletion never leaves a half-deleted folder that looks like a checkpoint.
+
+The final outputs of a run (weights, tokenizer) live directly in ``output_dir`` beside other
+files, so they cannot be swapped in as one folder; :func:`publish_files` writes them into
+``.tmp-final-output`` first and then moves each file over its old version (see there).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -40,6 +45,7 @@ OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
 RNG_FILE = "rng.pt"
 SCALER_FILE = "scaler.pt"
+FINAL_STAGING = f"{TMP_PREFIX}final-output"  # a .tmp- folder: removed as a leftover at the next start
 _CHECKPOINT_RE = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 
 
@@ -248,6 +254,34 @@ def save_checkpoint(
         for old in list_checkpoints(output_dir)[:-save_total_limit]:
             _remove_dir(old)
     return final
+
+
+def publish_files(output_dir: Path, write: Callable[[Path], None]) -> list[Path]:
+    """Write files into ``output_dir`` such that a crash never leaves a half-written one there.
+
+    ``write(folder)`` writes everything into the staging folder ``.tmp-final-output``, which is
+    fsynced once complete; only then does each file replace its old version in ``output_dir``
+    with ``os.replace`` (atomic per file). A crash while writing leaves the old files untouched
+    (the staging leftover is removed by :func:`remove_incomplete` at the next start). A crash
+    during the renames, which write no data, can leave some files new and some old — each one
+    complete. Returns the published paths.
+    """
+    staging = output_dir / FINAL_STAGING
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    write(staging)
+    _fsync_tree(staging)
+    published = []
+    for src in sorted(staging.iterdir()):
+        dest = output_dir / src.name
+        if src.is_dir():
+            _remove_dir(dest)  # os.replace cannot replace a non-empty folder
+        os.replace(src, dest)
+        published.append(dest)
+    _fsync_path(output_dir)
+    staging.rmdir()
+    return published
 
 
 def is_complete(path: Path) -> bool:

@@ -316,5 +316,7 @@ def plot_losses(metrics_path: Path, out_path: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out_path)
+    tmp = out_path.with_name(f".{out_path.name}.tmp")  # renamed into place: never a truncated PNG
+    fig.savefig(tmp, format="png")
+    os.replace(tmp, out_path)
     return out_path

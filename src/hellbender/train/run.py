@@ -72,7 +72,10 @@ def use_fp32_master_weights(model: torch.nn.Module, cfg: HellbenderConfig) -> in
 def write_resolved_config(cfg: HellbenderConfig, output_dir: Path) -> Path:
     path = output_dir / RESOLVED_CONFIG
     text = yaml.safe_dump(cfg.model_dump(mode="json", exclude_none=True), sort_keys=False)
-    path.write_text(text, encoding="utf-8")
+    # Through a temporary file and a rename: a crash never leaves a truncated config behind.
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
     return path
 
 
@@ -123,7 +126,7 @@ def run_train(cfg: HellbenderConfig, *, world: World | None = None) -> TrainResu
         )
     if world.is_main:
         for leftover in ckpt.remove_incomplete(out):
-            logger.warning("removed %s, left by a run killed while writing a checkpoint", leftover)
+            logger.warning("removed %s, left by a run killed while writing a checkpoint or its outputs", leftover)
         write_resolved_config(cfg, out)
 
     tokenizer = load_tokenizer(cfg)
@@ -150,8 +153,13 @@ def run_train(cfg: HellbenderConfig, *, world: World | None = None) -> TrainResu
         output_dir=out, resume_from=resume, world=world,
     )  # fmt: skip
     if world.is_main:
-        ckpt.save_model_weights(model, out)
-        tokenizer.save_pretrained(str(out))
+        # Weights and tokenizer may replace those of an earlier run: staged, then moved into place,
+        # so a crash while writing never leaves a half-written output (see publish_files).
+        def write_outputs(folder: Path) -> None:
+            ckpt.save_model_weights(model, folder)
+            tokenizer.save_pretrained(str(folder))
+
+        ckpt.publish_files(out, write_outputs)
         plot_losses(out / METRICS_FILE, out / LOSS_PLOT)
     return result
 
