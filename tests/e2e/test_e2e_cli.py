@@ -182,6 +182,17 @@ def test_diverging_run_exits_1_and_keeps_the_last_checkpoint(project: Path, tmp_
     assert latest.name == f"checkpoint-{step - 1}"
     base = AutoModelForCausalLM.from_pretrained(str(project / "model"))
     PeftModel.from_pretrained(base, str(latest))  # the last good adapter loads
+    # The loss curve up to the stop is drawn, as for a finished run.
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_loss_watchdog_stops_the_run_and_the_plot_is_drawn(project: Path, tmp_path: Path) -> None:
+    out = tmp_path / "watchdog"
+    # The first step's loss of the tiny model is far above 0.5.
+    result = invoke("train", str(project / "cfg.yaml"), f"output_dir={out}", "loss_watchdog_threshold=0.5")
+    assert result.exit_code == 1
+    assert "exceeds loss_watchdog_threshold 0.5" in result.stderr
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_a_second_run_into_the_same_output_dir_needs_auto_resume(project: Path) -> None:

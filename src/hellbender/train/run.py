@@ -11,6 +11,7 @@ model (and say so), which is how a "before" number is measured; ``merge-lora`` r
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -148,10 +149,18 @@ def run_train(cfg: HellbenderConfig, *, world: World | None = None) -> TrainResu
     if resume is not None:
         logger.info("resuming from %s", resume)
 
-    result = train(
-        cfg, model, data.train, data.eval, pad_token_id=tokenizer.pad_token_id,
-        output_dir=out, resume_from=resume, world=world,
-    )  # fmt: skip
+    try:
+        result = train(
+            cfg, model, data.train, data.eval, pad_token_id=tokenizer.pad_token_id,
+            output_dir=out, resume_from=resume, world=world,
+        )  # fmt: skip
+    except BaseException:
+        # A stopped run (NaN/inf loss, the loss watchdog, Ctrl-C, an error) gets its plot too: the
+        # curve up to the stop is what explains it. Best effort, so it never hides why training stopped.
+        if world.is_main:
+            with contextlib.suppress(Exception):
+                plot_losses(out / METRICS_FILE, out / LOSS_PLOT)
+        raise
     if world.is_main:
         # Weights and tokenizer may replace those of an earlier run: staged, then moved into place,
         # so a crash while writing never leaves a half-written output (see publish_files).
