@@ -288,3 +288,36 @@ def test_packing_efficiency_is_logged_before_the_first_step(tmp_path: Path, caps
     assert records[0]["rows_per_epoch"] == len(rows) and records[0]["total_steps"] == 2
     assert [r["step"] for r in records[1:]] == [1, 2]
     assert f"packing efficiency {expected:.1%}" in capsys.readouterr().err
+
+
+def test_resuming_into_another_output_dir_keeps_the_whole_metrics_history(tmp_path: Path) -> None:
+    """A run resumed from the checkpoint of step 3 into a new folder: its metrics.jsonl holds steps
+    1-3 as the first run logged them (from the checkpoint's copy) and 4-6 equal to the first run's."""
+    import shutil
+
+    from hellbender.train.metrics import read_metrics
+
+    samples = make_samples(6, seed=15)
+    values = {"max_steps": 6, "save_steps": 3, "save_strategy": "steps", "logging_steps": 1}
+    first = train(make_cfg(tmp_path / "a", **values), build_tiny_model(seed=0), samples, None, pad_token_id=PAD)
+    original = read_metrics(tmp_path / "a" / "metrics.jsonl")
+    assert [r["step"] for r in original] == list(range(7))  # the plan record, then steps 1-6
+
+    def resume_into(name: str, checkpoint: Path) -> list[dict]:
+        result = train(make_cfg(tmp_path / name, **values), build_tiny_model(seed=1), samples, None,
+                       pad_token_id=PAD, resume_from=checkpoint)  # fmt: skip
+        assert result.losses == {k: v for k, v in first.losses.items() if k > 3}
+        return read_metrics(tmp_path / name / "metrics.jsonl")
+
+    resumed = resume_into("b", tmp_path / "a" / "checkpoint-3")
+    assert resumed[:4] == original[:4]
+    assert [(r["step"], r["loss"]) for r in resumed[4:]] == [(r["step"], r["loss"]) for r in original[4:]]
+
+    # A checkpoint copied away from its run, without the metrics copy (as written before
+    # checkpoints carried one): nothing to restore from, the new file starts at the resume step.
+    shutil.copytree(tmp_path / "a" / "checkpoint-3", tmp_path / "moved" / "checkpoint-3")
+    (tmp_path / "moved" / "checkpoint-3" / "metrics.jsonl").unlink()
+    assert [r["step"] for r in resume_into("c", tmp_path / "moved" / "checkpoint-3")] == [4, 5, 6]
+    # ... but in its run's folder, that folder's metrics.jsonl serves.
+    (tmp_path / "a" / "checkpoint-3" / "metrics.jsonl").unlink()
+    assert resume_into("d", tmp_path / "a" / "checkpoint-3")[:4] == original[:4]

@@ -8,7 +8,9 @@ A checkpoint is a folder ``output_dir/checkpoint-<step>`` holding
 * ``optimizer.pt`` and ``scheduler.pt`` (``state_dict``s), ``rng.pt`` (python, numpy, torch and
   CUDA generator states) — all loadable with ``torch.load(weights_only=True)``, so resuming
   never unpickles arbitrary objects;
-* ``trainer_state.json`` with the step and the data position (epoch, micro-batches consumed).
+* ``trainer_state.json`` with the step and the data position (epoch, micro-batches consumed);
+* a copy of the run's ``metrics.jsonl`` up to this step, so a run resumed into another
+  ``output_dir`` still has its whole history (metrics file and loss plot).
 
 Atomicity: everything is written into ``.tmp-checkpoint-<step>``, every file and the folder are
 fsynced, and only then is the folder renamed to its final name (``rename`` is atomic on POSIX
@@ -232,8 +234,12 @@ def save_checkpoint(
     scaler: torch.amp.GradScaler | None = None,
     save_only_model: bool = False,
     save_total_limit: int | None = None,
+    metrics_file: Path | None = None,
 ) -> Path:
-    """Write ``checkpoint-<global_step>`` atomically, then drop the oldest beyond the limit."""
+    """Write ``checkpoint-<global_step>`` atomically, then drop the oldest beyond the limit.
+
+    ``metrics_file`` (the run's ``metrics.jsonl``, every record up to this step) is copied in.
+    """
     output_dir.mkdir(parents=True, exist_ok=True)
     name = f"{CHECKPOINT_PREFIX}{state.global_step}"
     final = output_dir / name
@@ -245,6 +251,8 @@ def save_checkpoint(
     if not save_only_model:
         _write_training_state(tmp, optimizer, scheduler, scaler)
     torch.save(capture_rng_state(), tmp / RNG_FILE)
+    if metrics_file is not None and metrics_file.is_file():
+        shutil.copyfile(metrics_file, tmp / metrics_file.name)
     _write_json(tmp / STATE_FILE, asdict(state) | {"has_optimizer": not save_only_model})
     _fsync_tree(tmp)
     _remove_dir(final)  # only when re-saving the same step; the new copy is complete already

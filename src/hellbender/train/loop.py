@@ -56,7 +56,7 @@ from hellbender.data.packing import Collator, build_batch_sampler
 from hellbender.kernels import activation_offloading, loss_sum
 from hellbender.models.attention import model_inputs
 from hellbender.train import checkpoint as ckpt
-from hellbender.train.metrics import RunLogger, peak_memory_bytes
+from hellbender.train.metrics import METRICS_FILE, RunLogger, peak_memory_bytes
 from hellbender.train.optim import build_optimizer, build_scheduler
 
 
@@ -344,7 +344,15 @@ def train(
     result.global_step = state.global_step
     params = [p for p in model.parameters() if p.requires_grad]
     amp = lambda: autocast_context(cfg, model, device)  # noqa: E731
-    log = RunLogger(cfg, out, total_steps=total, initial_step=state.global_step, enabled=world.is_main)
+    history = None
+    if resume_from is not None:
+        # The resumed run's metrics up to its step, from the checkpoint (or, for checkpoints written
+        # before they carried a copy, from the folder they sit in): the new output_dir may be empty.
+        history = resume_from / METRICS_FILE
+        if not history.is_file():
+            history = resume_from.parent / METRICS_FILE
+    log = RunLogger(cfg, out, total_steps=total, initial_step=state.global_step, enabled=world.is_main,
+                    history=history)  # fmt: skip
     if state.global_step == 0:  # a resumed run's file already holds its plan record
         _log_plan(log, sampler, plan, cfg)
     window = {"loss_sum": 0.0, "trained": 0.0, "tokens": 0.0, "time": 0.0}
@@ -354,6 +362,7 @@ def train(
             result.checkpoints.append(ckpt.save_checkpoint(
                 out, model, optimizer, scheduler, state, scaler=scaler,
                 save_only_model=cfg.save_only_model, save_total_limit=cfg.save_total_limit,
+                metrics_file=out / METRICS_FILE,
             ))  # fmt: skip
 
     # ---- the loop

@@ -4,7 +4,9 @@ Every sink has the same two methods (``log(step, metrics)`` and ``close()``) and
 :class:`RunLogger` fans a record out to all of them, so the loop calls one object and never
 knows which backends are on. ``metrics.jsonl`` is the source of truth (one JSON object per line,
 flushed per record so a killed run keeps everything up to its last step); the plot is drawn from
-it, not from memory, so ``loss.png`` also covers a resumed run's earlier half.
+it, not from memory, so ``loss.png`` also covers a resumed run's earlier half. Every checkpoint
+carries a copy of it, from which a resumed run restores the records up to its step — also when it
+resumes into another ``output_dir``.
 
 Only the main rank logs (the loop constructs a :class:`RunLogger` with ``enabled=False`` on the
 others), which keeps this module free of any distributed logic.
@@ -64,11 +66,16 @@ class JsonlSink:
 
     @staticmethod
     def truncate_after(path: Path, step: int) -> None:
-        if not path.exists():
+        JsonlSink.restore(path, path, step)
+
+    @staticmethod
+    def restore(source: Path, path: Path, step: int) -> None:
+        """Make ``path`` hold the records of ``source`` up to ``step`` (``source`` may be ``path``)."""
+        if not source.exists():
             return
         kept = [
             line
-            for line in path.read_text(encoding="utf-8").splitlines()
+            for line in source.read_text(encoding="utf-8").splitlines()
             if line.strip() and json.loads(line).get("step", 0) <= step
         ]
         tmp = path.with_suffix(".jsonl.tmp")
@@ -255,7 +262,12 @@ def _fmt_seconds(seconds: float) -> str:
 
 
 class RunLogger:
-    """One object the loop talks to: sinks plus the progress bar; a no-op on non-main ranks."""
+    """One object the loop talks to: sinks plus the progress bar; a no-op on non-main ranks.
+
+    ``history``: the ``metrics.jsonl`` of the run being resumed (a checkpoint's copy); its records
+    up to ``initial_step`` replace ``output_dir/metrics.jsonl``. Without it, that file is only cut
+    back to ``initial_step``.
+    """
 
     def __init__(
         self,
@@ -265,11 +277,14 @@ class RunLogger:
         total_steps: int,
         initial_step: int = 0,
         enabled: bool = True,
+        history: Path | None = None,
     ) -> None:
         self.enabled = enabled
         self.sinks: list[Sink] = []
         if enabled:
-            JsonlSink.truncate_after(output_dir / METRICS_FILE, initial_step)
+            path = output_dir / METRICS_FILE
+            path.parent.mkdir(parents=True, exist_ok=True)
+            JsonlSink.restore(history if history is not None and history.is_file() else path, path, initial_step)
             self.sinks = build_sinks(cfg, output_dir)
         self.progress = Progress(total_steps, initial_step, enabled=enabled)
 
