@@ -203,3 +203,15 @@ def test_a_second_run_into_the_same_output_dir_needs_auto_resume(project: Path) 
     result = invoke("train", str(project / "cfg.yaml"), "auto_resume_from_checkpoints=true")
     assert result.exit_code == 0, result.output
     assert "trained 8/8 steps" in result.stdout and "resuming from" in result.stderr
+
+
+def test_resuming_from_an_earlier_checkpoint_with_later_ones_present_is_refused(project: Path) -> None:
+    """Later checkpoints of the abandoned run would outrank the new ones in save_total_limit's
+    rotation (highest steps are kept); hellbender refuses and deletes nothing."""
+    out = project / "out"
+    before = sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint-"))
+    assert "checkpoint-4" in before and "checkpoint-8" in before
+    result = invoke("train", str(project / "cfg.yaml"), f"resume_from_checkpoint={out / 'checkpoint-4'}")
+    assert result.exit_code == 1
+    assert "holds checkpoints after checkpoint-4" in result.stderr and "checkpoint-8" in result.stderr
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint-")) == before

@@ -301,7 +301,12 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     if not output_dir.is_dir():
         return []
     found = [p for p in output_dir.iterdir() if is_complete(p)]
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
+    return sorted(found, key=step_of)
+
+
+def step_of(path: Path) -> int:
+    """The global step a ``checkpoint-<step>`` folder was written at (from its name)."""
+    return int(path.name[len(CHECKPOINT_PREFIX) :])
 
 
 def find_latest_checkpoint(output_dir: Path) -> Path | None:

@@ -125,6 +125,16 @@ def run_train(cfg: HellbenderConfig, *, world: World | None = None) -> TrainResu
             "Set auto_resume_from_checkpoints: true to continue that run, or use another output_dir "
             "(or delete the checkpoint folders) to start a new one."
         )
+    later = [p for p in earlier if resume is not None and ckpt.step_of(p) > ckpt.step_of(resume)]
+    if later:
+        # Resuming from an earlier checkpoint in the same folder: the abandoned run's later
+        # checkpoints would be re-saved over (same step numbers) and, being the highest steps,
+        # kept by save_total_limit while the new ones are deleted. Refuse; never delete them.
+        raise ValueError(
+            f"output_dir {out} holds checkpoints after {resume.name}, the one to resume from "
+            f"({', '.join(p.name for p in later)}). Move them out of output_dir (or delete them) to "
+            "continue from the earlier one, or resume from the latest."
+        )
     if world.is_main:
         for leftover in ckpt.remove_incomplete(out):
             logger.warning("removed %s, left by a run killed while writing a checkpoint or its outputs", leftover)
