@@ -136,9 +136,7 @@ class HellbenderConfig(_Strict):
         description="Allow loading pickled (.bin/.pt) weights. Off: safetensors only, because "
         "unpickling can run arbitrary code.",
     )
-    model_cache_dir: str | None = Field(
-        None, description="Where GGUF conversions are cached (default ~/.cache/hellbender/models)."
-    )
+    model_cache_dir: str = Field("~/.cache/hellbender/models", description="Where GGUF conversions are cached.")
     overrides_of_model_config: dict[str, Any] | None = Field(
         None, description="Values set on the model config before loading (e.g. rope_scaling)."
     )
@@ -184,9 +182,7 @@ class HellbenderConfig(_Strict):
     val_set_size: float = Field(
         0.0, ge=0.0, description="Evaluation split: a fraction (< 1) or a row count (>= 1)."
     )
-    dataset_prepared_path: str | None = Field(
-        None, description="Cache folder for prepared datasets (default ./last_run_prepared)."
-    )
+    dataset_prepared_path: str = Field("./last_run_prepared", description="Cache folder for prepared datasets.")
     shuffle_merged_datasets: bool = Field(True, description="Shuffle the merged datasets with `seed`.")
     dataset_exact_deduplication: bool = Field(False, description="Drop exact duplicate rows.")
     dataset_num_proc: int | None = Field(
@@ -229,7 +225,7 @@ class HellbenderConfig(_Strict):
     learning_rate: float = Field(2e-5, gt=0, description="Peak learning rate.")
     optimizer: Optimizer = Field("adamw_torch", description="Optimizer.")
     lr_scheduler: Scheduler = Field("cosine", description="Learning-rate schedule after warm-up.")
-    cosine_min_lr_ratio: float | None = Field(None, ge=0, le=1, description="Cosine floor as a fraction of the peak.")
+    cosine_min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Cosine floor as a fraction of the peak.")
     warmup_steps: int | None = Field(None, ge=0, description="Linear warm-up steps.")
     warmup_ratio: float | None = Field(None, ge=0, lt=1, description="Warm-up as a fraction of all steps.")
     weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay.")

@@ -29,7 +29,6 @@ from typing import Any
 import hellbender
 from hellbender.config.schema import HellbenderConfig
 
-DEFAULT_PREPARED_PATH = "./last_run_prepared"
 META_FILE = "meta.json"
 # Bump when the preparation logic changes in a way that changes its output within one release.
 # 2: a broken JSON array is an error, not one skipped row (caches that lost its remaining rows go).
@@ -102,7 +101,7 @@ def cache_key(ingredients: Mapping[str, Any]) -> str:
 
 
 def prepared_root(cfg: HellbenderConfig) -> Path:
-    return Path(cfg.dataset_prepared_path or DEFAULT_PREPARED_PATH).expanduser()
+    return Path(cfg.dataset_prepared_path).expanduser()
 
 
 def is_complete(folder: Path) -> bool:

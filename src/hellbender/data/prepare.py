@@ -17,7 +17,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import shutil
 from collections import Counter
 from dataclasses import dataclass
@@ -164,7 +163,7 @@ def _build(
     scratch.mkdir()
     rejects = _Rejects(tmp / REJECTS_FILE, final / REJECTS_FILE)
     limits = Limits(cfg.sequence_len, cfg.min_sample_len, cfg.excess_length_strategy)
-    num_proc = cfg.dataset_num_proc or cfg.dataset_processes or os.cpu_count() or 1
+    num_proc = cfg.dataset_num_proc  # derived by normalize (dataset_processes, else the CPU count)
     try:
         train_parts = [
             _process(e, i, cfg, tokenizer, limits, num_proc, scratch, rejects) for i, e in enumerate(train)

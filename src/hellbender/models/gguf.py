@@ -41,11 +41,14 @@ from typing import Any
 
 import torch
 
+from hellbender.config.schema import HellbenderConfig
+
 logger = logging.getLogger(__name__)
 
 # Bump when the conversion itself changes (a bug fix, a new fix-up), so stale caches are not reused.
 CONVERSION_VERSION = 1
-DEFAULT_CACHE_DIR = Path("~/.cache/hellbender/models")
+# The config's default (one place for defaults: the schema), for callers that pass no folder.
+DEFAULT_CACHE_DIR = Path(HellbenderConfig.model_fields["model_cache_dir"].default)
 PROVENANCE_FILE = "hellbender_gguf.json"
 _HASH_CHUNK = 1 << 22
 

@@ -180,7 +180,7 @@ def _forward_loss_sum(
     (plain logits + cross-entropy, or chunked / cut / Liger; see :mod:`hellbender.kernels.loss`)."""
     dtype = torch.float32 if cfg.compute_dtype is None else getattr(torch, cfg.compute_dtype)
     with amp():
-        inputs = model_inputs(batch, cfg.attn_implementation or "sdpa", dtype=dtype)
+        inputs = model_inputs(batch, cfg.attn_implementation, dtype=dtype)
         return loss_sum(model, inputs, batch["labels"], cfg)
 
 
@@ -198,7 +198,7 @@ def evaluate(
 ) -> dict[str, float]:
     """Mean loss over every trained token of ``data`` (and its perplexity), ``eval_batch_size`` rows."""
     samples = data if isinstance(data, Samples) else Samples(data)
-    batch_size = cfg.eval_batch_size or cfg.micro_batch_size
+    batch_size = cfg.eval_batch_size
     sampler = build_batch_sampler(
         samples.lengths,
         sequence_len=cfg.sequence_len,
@@ -211,7 +211,7 @@ def evaluate(
         pad_token_id,
         sequence_len=cfg.sequence_len,
         pad_to_sequence_len=bool(cfg.pad_to_sequence_len),
-        attn_implementation=cfg.attn_implementation or "sdpa",
+        attn_implementation=cfg.attn_implementation,
         micro_batch_size=batch_size,  # with pad_to_sequence_len: filler rows keep every shape equal
     )
     device = next(model.parameters()).device
@@ -317,7 +317,7 @@ def train(
     # ---- build the pieces
     out = Path(output_dir or cfg.output_dir)
     device = next(model.parameters()).device
-    accumulation = cfg.gradient_accumulation_steps or 1
+    accumulation = cfg.gradient_accumulation_steps
     samples = Samples(train_data)
     eval_samples = Samples(eval_data) if eval_data is not None and len(eval_data) else None
     if cfg.save_strategy == "best" and eval_samples is None:
@@ -327,7 +327,7 @@ def train(
     # With pad_to_sequence_len every batch is (micro_batch_size, sequence_len): an epoch's short last
     # micro-batch gets filler rows (no trained token) rather than a new shape or dropped samples.
     collate = Collator(pad_token_id, sequence_len=cfg.sequence_len, pad_to_sequence_len=bool(cfg.pad_to_sequence_len),
-                       attn_implementation=cfg.attn_implementation or "sdpa",
+                       attn_implementation=cfg.attn_implementation,
                        micro_batch_size=cfg.micro_batch_size)  # fmt: skip
     plan = plan_steps(sampler, cfg, accumulation)
     total = sum(plan)

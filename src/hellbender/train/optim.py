@@ -113,6 +113,6 @@ def build_scheduler(cfg: HellbenderConfig, optimizer: torch.optim.Optimizer, tot
         kind=cfg.lr_scheduler,
         total_steps=total_steps,
         warmup=warmup_steps(cfg, total_steps),
-        min_lr_ratio=cfg.cosine_min_lr_ratio or 0.0,
+        min_lr_ratio=cfg.cosine_min_lr_ratio,
     )
     return LambdaLR(optimizer, fn)

@@ -150,7 +150,7 @@ def run_train(cfg: HellbenderConfig, *, world: World | None = None) -> TrainResu
     device = pick_device(model)
     if next(model.parameters()).device != device:  # a quantized model is placed while loading
         model.to(device)
-    check_backend_trainable(cfg.attn_implementation or "sdpa", device)
+    check_backend_trainable(cfg.attn_implementation, device)
     # Memory/speed options (checkpointing, kernels, compile): after the adapter, before the
     # optimizer sees the parameters. None of them changes the numbers (tested in kernels/).
     apply_optimizations(model, cfg)
