@@ -351,3 +351,15 @@ def test_unquoted_no_strategy_means_no(tmp_path: Path, key: str) -> None:
     """YAML 1.1 reads `save_strategy: no` as false; Axolotl configs write it unquoted."""
     cfg, _ = read_config(write_config(tmp_path, GOOD_CONFIG + f"{key}: no\n"))
     assert getattr(cfg, key) == "no"
+
+
+def test_unknown_keys_and_type_errors_are_reported_together(tmp_path: Path) -> None:
+    """One round of fixes: a misspelled key does not hide a known key's wrong type."""
+    text = GOOD_CONFIG.replace("    type: alpaca\n", "    type: 5\n    typo_key: 1\n") + "learning_rat: 1\nlora_r: big\n"
+    findings = load_errors(tmp_path, text)
+    assert sorted((f.code, f.key) for f in findings) == [
+        ("HB004", "datasets.0.typo_key"),
+        ("HB004", "learning_rat"),
+        ("HB008", "datasets.0.type"),
+        ("HB008", "lora_r"),
+    ]

@@ -14,6 +14,7 @@ is parsed as YAML, so ``lora_r=16`` is an int and ``bf16=auto`` a string.
 
 from __future__ import annotations
 
+import copy
 import difflib
 from pathlib import Path
 from typing import Any, get_args
@@ -408,6 +409,23 @@ def _drop_unset_nulls(mapping: dict[Any, Any], model: type[BaseModel]) -> dict[A
     return out
 
 
+def _without_paths(data: dict[str, Any], paths: list[str]) -> dict[str, Any]:
+    """A deep copy of ``data`` without the keys at the dotted ``paths`` (list parts are indices)."""
+    out = copy.deepcopy(data)
+    for path in paths:
+        *parents, last = path.split(".")
+        node: Any = out
+        for part in parents:
+            node = node[int(part)] if isinstance(node, list) else node.get(part)
+            if node is None:
+                break
+        if isinstance(node, dict):
+            # keys are matched as strings: YAML may have given an int or bool key
+            for key in [k for k in node if str(k) == last]:
+                del node[key]
+    return out
+
+
 def validate_mapping(data: dict[str, Any], source: str = "<config>", text: str | None = None) -> HellbenderConfig:
     """Turn a parsed mapping into a config object (not yet normalized); raises ConfigError."""
     lines = _key_lines(text) if text else {}
@@ -419,6 +437,13 @@ def validate_mapping(data: dict[str, Any], source: str = "<config>", text: str |
             ]
     findings = unknown_key_findings(data, lines)
     if findings:
+        # Report the known keys' type errors too, so a config gets fixed in one round, not two.
+        # (Only type errors: "required" findings would repeat a misspelled key's suggestion.)
+        rest = _without_paths(data, [f.key for f in findings if f.key])
+        try:
+            HellbenderConfig.model_validate(rest)
+        except ValidationError as exc:
+            findings += [f for f in _type_findings(exc, rest, lines) if f.code == "HB008"]
         raise ConfigError(findings)
     try:
         return HellbenderConfig.model_validate(data)
