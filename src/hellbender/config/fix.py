@@ -7,11 +7,13 @@ Only findings with one obviously right rewrite are fixed: a deprecated ``batch_s
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
 from hellbender.config.normalize import LEGACY_ATTN_FLAGS
 from hellbender.config.schema import HellbenderConfig
+from hellbender.files import write_atomically
 
 
 def _replace_keys(data: Any, old_keys: list[str], new_key: str | None, value: Any) -> None:
@@ -78,8 +80,6 @@ def fix_file(path: str | Path, cfg: HellbenderConfig, raw: HellbenderConfig) -> 
     YAML 1.2, where ``off`` and ``no`` are strings (truthy), while the config is read as YAML 1.1,
     where they are false.
     """
-    import shutil
-
     from ruamel.yaml import YAML
     from ruamel.yaml.util import load_yaml_guess_indent
 
@@ -124,9 +124,11 @@ def fix_file(path: str | Path, cfg: HellbenderConfig, raw: HellbenderConfig) -> 
             changes.append(f"removed legacy flags {', '.join(legacy)}")
 
     if changes:
-        tmp = path.with_name(path.name + ".hbtmp")
-        with tmp.open("w", encoding="utf-8") as fh:
-            yaml.dump(data, fh)
-        shutil.copymode(path, tmp)  # keep the file's permissions (a 600 config stays 600)
-        tmp.replace(path)  # atomic: a crash never leaves a half-written config
+
+        def write(tmp: Path) -> None:
+            with tmp.open("w", encoding="utf-8") as fh:
+                yaml.dump(data, fh)
+            shutil.copymode(path, tmp)  # keep the file's permissions (a 600 config stays 600)
+
+        write_atomically(path, write)  # a crash never leaves a half-written config
     return changes

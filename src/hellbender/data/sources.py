@@ -231,12 +231,17 @@ def _load_hub(ds: DatasetConfig) -> Any:
 _UNDECODABLE = re.compile("[\udc80-\udcff]")
 
 
+def _first_bad_byte(text: str) -> tuple[int, int] | None:
+    """(the byte, its character index) of the first byte of ``text`` (decoded with
+    surrogateescape) that was not UTF-8, or None."""
+    found = _UNDECODABLE.search(text)
+    return None if found is None else (ord(found.group()) - 0xDC00, found.start())
+
+
 def _not_utf8(text: str) -> str | None:
     """What is wrong with ``text`` (decoded with surrogateescape), or None if it was valid UTF-8."""
-    found = _UNDECODABLE.search(text)
-    if found is None:
-        return None
-    return f"not UTF-8: byte 0x{ord(found.group()) - 0xDC00:02x} at character {found.start() + 1}"
+    bad = _first_bad_byte(text)
+    return None if bad is None else f"not UTF-8: byte 0x{bad[0]:02x} at character {bad[1] + 1}"
 
 
 def _shown(text: str) -> str:
@@ -351,10 +356,10 @@ def _unreadable_json(path: Path, ds: DatasetConfig, line: int, problem: str) -> 
 
 def _require_utf8(text: str, path: Path, ds: DatasetConfig) -> None:
     """A JSON document is one piece: a byte that is not UTF-8 in it cannot be skipped as one row."""
-    found = _UNDECODABLE.search(text)
-    if found is not None:
-        line = text.count("\n", 0, found.start()) + 1
-        byte = ord(found.group()) - 0xDC00
+    bad = _first_bad_byte(text)
+    if bad is not None:
+        byte, at = bad
+        line = text.count("\n", 0, at) + 1
         raise DataError(
             f"dataset {ds.path!r}: {path}, line {line}: byte 0x{byte:02x} is not UTF-8. "
             "A JSON file must be UTF-8 text: save it as UTF-8."
@@ -377,9 +382,9 @@ def _csv_rows(path: Path, ds: DatasetConfig) -> Iterator[Record]:
             start = reader.line_num + 1
             if not values:
                 continue
-            problems = [(i, _not_utf8(v)) for i, v in enumerate(values) if _UNDECODABLE.search(v)]
-            if problems:
-                i, problem = problems[0]
+            bad = next(((i, p) for i, v in enumerate(values) if (p := _not_utf8(v)) is not None), None)
+            if bad is not None:
+                i, problem = bad
                 column = f"column {header[i]!r}" if i < len(header) else f"value {i + 1}"
                 yield Record(where, error=BadRow("not_utf8", f"{column}: {problem}"), raw=_shown(",".join(values)))
                 continue

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import resource
 import sys
 import time
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from hellbender.config.schema import HellbenderConfig
+from hellbender.files import write_atomically
 
 METRICS_FILE = "metrics.jsonl"
 LOSS_PLOT = "loss.png"
@@ -78,9 +78,7 @@ class JsonlSink:
             for line in source.read_text(encoding="utf-8").splitlines()
             if line.strip() and json.loads(line).get("step", 0) <= step
         ]
-        tmp = path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-        os.replace(tmp, path)
+        write_atomically(path, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8"))
 
     def log(self, step: int, metrics: Mapping[str, float]) -> None:
         record = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
@@ -331,7 +329,4 @@ def plot_losses(metrics_path: Path, out_path: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = out_path.with_name(f".{out_path.name}.tmp")  # renamed into place: never a truncated PNG
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, out_path)
-    return out_path
+    return write_atomically(out_path, lambda tmp: fig.savefig(tmp, format="png"))  # never a truncated PNG

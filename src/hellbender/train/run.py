@@ -26,6 +26,7 @@ import torch
 import yaml
 
 from hellbender.config.schema import HellbenderConfig
+from hellbender.files import write_atomically
 from hellbender.train import checkpoint as ckpt
 from hellbender.train.loop import TrainResult, World, evaluate, train
 from hellbender.train.metrics import LOSS_PLOT, METRICS_FILE, plot_losses
@@ -73,11 +74,7 @@ def use_fp32_master_weights(model: torch.nn.Module, cfg: HellbenderConfig) -> in
 def write_resolved_config(cfg: HellbenderConfig, output_dir: Path) -> Path:
     path = output_dir / RESOLVED_CONFIG
     text = yaml.safe_dump(cfg.model_dump(mode="json", exclude_none=True), sort_keys=False)
-    # Through a temporary file and a rename: a crash never leaves a truncated config behind.
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def resolve_resume(cfg: HellbenderConfig, output_dir: Path) -> Path | None:
