@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from hellbender.models.tiny import build_tiny_model
+from hellbender.testing.tiny import build_tiny_model
 
 
 def make(variant: str, args: argparse.Namespace, lora: bool) -> tuple[torch.nn.Module, torch.optim.Optimizer]:

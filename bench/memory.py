@@ -72,8 +72,8 @@ def worker(name: str, seq: int, steps: int, folder: str) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from hellbender.config.schema import HellbenderConfig
-    from hellbender.kernels import activation_offloading, apply_optimizations, describe, loss_sum
+    from hellbender.kernels import activation_offloading, apply_optimizations, describe
+    from hellbender.testing.configs import loss_sum, resolved_config
 
     options, _ = CONFIGS[name]
     torch.manual_seed(0)
@@ -90,7 +90,7 @@ def worker(name: str, seq: int, steps: int, folder: str) -> dict[str, Any]:
         model(input_ids=ids[:, :8])
     rss_loaded = _rss_now_kib()
     # Applied after that forward, so torch.compile only ever sees the benchmark's shape.
-    cfg = HellbenderConfig(base_model=folder, sequence_len=seq, **options)
+    cfg = resolved_config(base_model=folder, sequence_len=seq, **options)
     apply_optimizations(model, cfg)
     times: list[float] = []
     losses: list[float] = []

@@ -23,10 +23,10 @@ import numpy as np
 import torch
 from transformers import LlamaForCausalLM
 
-from hellbender.data.packing import IGNORE_INDEX, Collator, build_batch_sampler
+from hellbender.data.packing import IGNORE_INDEX, BatchSampler, Collator
+from hellbender.kernels.loss import causal_lm_loss_sum
 from hellbender.models.attention import model_inputs
-from hellbender.models.tiny import build_tiny_model
-from hellbender.train.loss import causal_lm_loss_sum
+from hellbender.testing.tiny import build_tiny_model
 
 
 def long_tail_lengths(n: int, max_len: int, median: float, seed: int) -> np.ndarray:
@@ -35,7 +35,7 @@ def long_tail_lengths(n: int, max_len: int, median: float, seed: int) -> np.ndar
 
 
 def padded_to_longest_efficiency(lengths: np.ndarray, micro_batch_size: int, seed: int) -> float:
-    sampler = build_batch_sampler(
+    sampler = BatchSampler(
         lengths, sequence_len=int(lengths.max()), micro_batch_size=micro_batch_size, sample_packing=False, seed=seed
     )
     real = cap = 0
@@ -53,13 +53,13 @@ def packing_report(args: argparse.Namespace) -> None:
     times = []
     for rep in range(5):
         t0 = time.perf_counter()
-        sampler = build_batch_sampler(
+        sampler = BatchSampler(
             lengths, sequence_len=args.seq, micro_batch_size=8, sample_packing=True, seed=rep
         )
         n_batches = len(sampler)  # packs the epoch (exact length)
         times.append(time.perf_counter() - t0)
     packed_eff = sampler.efficiency()
-    unpacked = build_batch_sampler(lengths, sequence_len=args.seq, micro_batch_size=8, sample_packing=False, seed=0)
+    unpacked = BatchSampler(lengths, sequence_len=args.seq, micro_batch_size=8, sample_packing=False, seed=0)
     lower_bound = -(-int(lengths.sum()) // args.seq)
     print(f"   packed (BFD):              efficiency {packed_eff:7.2%}  rows {sampler.num_rows()} "
           f"(lower bound {lower_bound}), micro-batches {n_batches}")
@@ -102,7 +102,7 @@ def throughput_report(args: argparse.Namespace) -> None:
         samples.append({"input_ids": ids, "labels": labels})
 
     def collated(packing: bool, micro_batch_size: int) -> list[dict]:
-        sampler = build_batch_sampler(
+        sampler = BatchSampler(
             lengths, sequence_len=seq, micro_batch_size=micro_batch_size, sample_packing=packing, seed=0
         )
         collate = Collator(0, sequence_len=seq, pad_to_sequence_len=packing, attn_implementation="sdpa")

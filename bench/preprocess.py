@@ -91,7 +91,8 @@ def main() -> int:
 
     import datasets
 
-    from hellbender.config.normalize import Hardware, normalize
+    from hellbender.config.hardware import Hardware
+    from hellbender.config.normalize import normalize
     from hellbender.config.schema import HellbenderConfig
     from hellbender.data.prepare import prepare_datasets
 

@@ -90,7 +90,7 @@ def make_dataset(path: Path, n: int, seed: int = 0) -> None:
 
 
 def config(spec: dict[str, Any], packed: bool) -> Any:
-    from hellbender.config.normalize import load_config
+    from hellbender.config.load import load_config
 
     values = {
         "base_model": spec["model"],
@@ -129,11 +129,11 @@ def peak_rss_mb() -> float:
 def worker_hellbender(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
+    from hellbender.commands.train import seed_everything, use_fp32_master_weights
     from hellbender.data.prepare import prepare_datasets
     from hellbender.kernels import apply_optimizations
     from hellbender.models.load import load_model, load_tokenizer
     from hellbender.train.loop import train
-    from hellbender.train.run import seed_everything, use_fp32_master_weights
 
     torch.set_num_threads(spec["threads"])
     cfg = config(spec, packed=spec["mode"] == "packed")
@@ -217,7 +217,7 @@ def resolve_model(root: Path, tiny: bool) -> tuple[str, str]:
             return str(ensure_hf_folder(find_smollm2_gguf())), "SmolLM2-135M-Instruct (from GGUF)"
         except (ImportError, FileNotFoundError) as exc:
             print(f"SmolLM2 not available ({exc}); using a tiny random Llama", file=sys.stderr)
-    from hellbender.models.tiny import save_tiny_model_folder
+    from hellbender.testing.tiny import save_tiny_model_folder
 
     return str(save_tiny_model_folder(root / "tiny", hidden_size=64, intermediate_size=128)), "tiny random Llama"
 

@@ -64,7 +64,7 @@ def measure(cfg, rows: list[dict], label: str) -> tuple[float, list[tuple[str, s
 
 def main() -> int:
     os.chdir(ROOT)
-    from hellbender.config.normalize import load_config
+    from hellbender.config.load import load_config
     from hellbender.models.load import find_smollm2_gguf
 
     started = time.perf_counter()

@@ -21,7 +21,7 @@ OVERRIDES = click.argument("overrides", nargs=-1)
 def _load(config: str, overrides: tuple[str, ...]):
     """Load a config for a command that runs; print findings; exit 1 on errors."""
     from hellbender.config.findings import ConfigError
-    from hellbender.config.normalize import load_config
+    from hellbender.config.load import load_config
 
     try:
         cfg, findings = load_config(config, list(overrides))
@@ -60,7 +60,7 @@ def validate(config: str, overrides: tuple[str, ...], resolved: bool, fix: bool)
     import yaml
 
     from hellbender.config.findings import ConfigError, has_errors
-    from hellbender.config.normalize import load_config
+    from hellbender.config.load import load_config
 
     if fix and overrides:
         # the fix would be computed from the overridden values and written into the file
@@ -183,7 +183,7 @@ def _run_or_exit(cfg, fn, *args, **kwargs):
 @OVERRIDES
 def train(config: str, overrides: tuple[str, ...]) -> None:
     """Fine-tune as CONFIG says; outputs (adapter or model, tokenizer, metrics, loss.png) go to output_dir."""
-    from hellbender.train.run import run_train
+    from hellbender.commands.train import run_train
 
     cfg = _load(config, overrides)
     result = _run_or_exit(cfg, run_train, cfg)
@@ -201,7 +201,7 @@ def train(config: str, overrides: tuple[str, ...]) -> None:
 @OVERRIDES
 def evaluate(config: str, overrides: tuple[str, ...]) -> None:
     """Evaluate the trained model of CONFIG (or the base model before training) on the eval split."""
-    from hellbender.train.run import run_evaluate
+    from hellbender.commands.evaluate import run_evaluate
 
     cfg = _load(config, overrides)
     metrics = _run_or_exit(cfg, run_evaluate, cfg)
@@ -214,7 +214,7 @@ def evaluate(config: str, overrides: tuple[str, ...]) -> None:
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, help="Destination (default output_dir/merged).")
 def merge_lora(config: str, overrides: tuple[str, ...], out_dir: str | None) -> None:
     """Fold the trained LoRA adapter into the base weights; write a plain Hugging Face model folder."""
-    from hellbender.train.run import run_merge_lora
+    from hellbender.commands.merge_lora import run_merge_lora
 
     cfg = _load(config, overrides)
     path = _run_or_exit(cfg, run_merge_lora, cfg, out_dir)
@@ -231,7 +231,7 @@ def inference(
     config: str, overrides: tuple[str, ...], prompt: str | None, max_new_tokens: int, temperature: float
 ) -> None:
     """Generate with the trained model of CONFIG through its chat template, streaming tokens."""
-    from hellbender.train.run import run_inference
+    from hellbender.commands.inference import run_inference
 
     cfg = _load(config, overrides)
     _run_or_exit(cfg, run_inference, cfg, prompt, max_new_tokens=max_new_tokens, temperature=temperature)

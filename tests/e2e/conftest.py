@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from hellbender.models.tiny import save_tiny_model_folder
+from hellbender.testing.tiny import save_tiny_model_folder
 
 ROWS: list[dict[str, str]] = [
     {"instruction": "Name the color of the sky.", "input": "", "output": "The sky is blue."},

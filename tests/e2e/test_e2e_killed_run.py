@@ -25,11 +25,11 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from hellbender.config.normalize import load_config
-from hellbender.models.tiny import save_tiny_model_folder
+from hellbender.commands.train import run_train
+from hellbender.config.load import load_config
+from hellbender.testing.tiny import save_tiny_model_folder
 from hellbender.train import checkpoint as ckpt
 from hellbender.train.metrics import read_metrics
-from hellbender.train.run import run_train
 
 CHILD = textwrap.dedent(
     """

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from hellbender.config.normalize import Hardware, normalize
+from hellbender.config.hardware import Hardware
+from hellbender.config.normalize import normalize
 from hellbender.config.schema import HellbenderConfig
 from hellbender.models.load import find_smollm2_gguf
 
@@ -37,7 +38,9 @@ ROWS = [
 
 
 def test_smollm2_lora_short_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from hellbender.train.run import run_evaluate, run_inference, run_train
+    from hellbender.commands.evaluate import run_evaluate
+    from hellbender.commands.inference import run_inference
+    from hellbender.commands.train import run_train
 
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     raw = HellbenderConfig.model_validate({

@@ -15,10 +15,14 @@ import yaml
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from hellbender.config.normalize import Hardware, normalize
-from hellbender.config.schema import HellbenderConfig
+from hellbender.commands.evaluate import run_evaluate
+from hellbender.commands.merge_lora import run_merge_lora
+from hellbender.commands.train import run_train
+from hellbender.commands.trained import load_for_use, trained_source
+from hellbender.config.hardware import Hardware
+from hellbender.config.normalize import normalize
+from hellbender.config.schema import HellbenderConfig, ResolvedConfig
 from hellbender.train.metrics import read_metrics
-from hellbender.train.run import _load_for_use, run_evaluate, run_merge_lora, run_train, trained_source
 
 ADAPTERS: dict[str, dict[str, object]] = {
     "full": {"learning_rate": 1e-2},
@@ -28,7 +32,7 @@ ADAPTERS: dict[str, dict[str, object]] = {
 }  # fmt: skip
 
 
-def make_cfg(base_settings: dict[str, object], out: Path, **values: object) -> HellbenderConfig:
+def make_cfg(base_settings: dict[str, object], out: Path, **values: object) -> ResolvedConfig:
     # micro_batch_size 2 (from base_settings) takes the whole packed training set every step, so
     # the losses of successive steps are comparable.
     raw = HellbenderConfig.model_validate(
@@ -48,7 +52,7 @@ def make_cfg(base_settings: dict[str, object], out: Path, **values: object) -> H
 @pytest.fixture(scope="module")
 def runs(
     base_settings: dict[str, object], tmp_path_factory: pytest.TempPathFactory
-) -> dict[str, tuple[HellbenderConfig, object]]:
+) -> dict[str, tuple[ResolvedConfig, object]]:
     """Train each kind once; the tests below inspect the results."""
     done = {}
     for kind, values in ADAPTERS.items():
@@ -75,7 +79,7 @@ def test_training_lowers_the_loss(runs: dict, kind: str) -> None:
     assert [r["step"] for r in records if "eval_loss" in r] == [10, 20]
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
     resolved = yaml.safe_load((out / "config.resolved.yaml").read_text())
-    assert HellbenderConfig.model_validate(resolved).compute_dtype == "float32"
+    assert ResolvedConfig.model_validate(resolved).compute_dtype == "float32"  # the whole resolved config
     assert [p.name for p in sorted(out.glob("checkpoint-*"))] == ["checkpoint-10", "checkpoint-20"]
 
 
@@ -96,7 +100,7 @@ def test_outputs_load_back(runs: dict, tiny_assets: Path, kind: str) -> None:
         plain_logits = plain(input_ids=ids).logits
         assert not torch.allclose(plain_logits, base_logits, atol=1e-3)  # training changed the model
         if kind != "qlora":  # hellbender's loader gives the same model (QLoRA's base is 4-bit there)
-            ours, _ = _load_for_use(trained_source(cfg))
+            ours, _ = load_for_use(trained_source(cfg))
             torch.testing.assert_close(ours(input_ids=ids).logits, plain_logits, rtol=1e-5, atol=1e-5)
     # `evaluate` on the saved result reproduces the last evaluation of the training run.
     assert run_evaluate(cfg)["eval_loss"] == pytest.approx(result.evals[20]["eval_loss"], rel=1e-5)

@@ -16,13 +16,14 @@ from typing import Any
 import pytest
 import torch
 
-from hellbender.config.schema import HellbenderConfig
-from hellbender.kernels import loss_sum, optimized
-from hellbender.kernels.testing import graph_node_names
-from hellbender.models.tiny import build_tiny_model
+from hellbender.config.schema import ResolvedConfig
+from hellbender.kernels import optimized
+from hellbender.testing.configs import loss_sum, resolved_config
+from hellbender.testing.probes import graph_node_names
+from hellbender.testing.tiny import build_tiny_model
 
 
-def _step(model: torch.nn.Module, cfg: HellbenderConfig, ids: torch.Tensor, labels: torch.Tensor):
+def _step(model: torch.nn.Module, cfg: ResolvedConfig, ids: torch.Tensor, labels: torch.Tensor):
     model.zero_grad(set_to_none=True)
     loss = loss_sum(model, {"input_ids": ids}, labels, cfg)
     nodes = graph_node_names(loss)
@@ -36,8 +37,8 @@ def _check(options: dict[str, Any]) -> set[str]:
     ids = torch.randint(4, 500, (2, 24), generator=g)
     labels = ids.clone()
     labels[0, :5] = -100
-    ref_loss, ref_grads, _ = _step(model, HellbenderConfig(base_model="tiny"), ids, labels)
-    cfg = HellbenderConfig(base_model="tiny", **options)
+    ref_loss, ref_grads, _ = _step(model, resolved_config(base_model="tiny"), ids, labels)
+    cfg = resolved_config(base_model="tiny", **options)
     with optimized(model, cfg):
         loss, grads, nodes = _step(model, cfg, ids, labels)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
@@ -109,16 +110,16 @@ def test_torch_compile_does_not_recompile_when_a_batch_has_no_padding(kind: str)
     a mask; the compiled layer must still see a tensor of the same shape."""
     model = build_tiny_model(vocab_size=500, seed=0).train()
     padded = {"base_model": "tiny", "sequence_len": T, "pad_to_sequence_len": True}
-    plain = HellbenderConfig(**padded)
+    plain = resolved_config(**padded)
 
-    def step(cfg: HellbenderConfig, inputs: dict[str, torch.Tensor], labels: torch.Tensor):
+    def step(cfg: ResolvedConfig, inputs: dict[str, torch.Tensor], labels: torch.Tensor):
         model.zero_grad(set_to_none=True)
         loss = loss_sum(model, inputs, labels, cfg)
         loss.backward()
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     refs = [step(plain, inputs, labels) for inputs, labels in BATCHES[kind]]
-    cfg = HellbenderConfig(**padded, torch_compile=True, torch_compile_backend="aot_eager")
+    cfg = resolved_config(**padded, torch_compile=True, torch_compile_backend="aot_eager")
     torch._dynamo.reset()  # no cache entries from other tests' models
     try:
         with torch._dynamo.config.patch(error_on_recompile=True), optimized(model, cfg):
@@ -145,9 +146,9 @@ def test_cut_cross_entropy_triton_kernel_matches_plain_path_on_gpu() -> None:
     pytest.importorskip("cut_cross_entropy")
     model = build_tiny_model(vocab_size=500, seed=0).cuda().train()
     ids = torch.randint(4, 500, (2, 24), device="cuda")
-    ref = loss_sum(model, {"input_ids": ids}, ids, HellbenderConfig(base_model="tiny"))
+    ref = loss_sum(model, {"input_ids": ids}, ids, resolved_config(base_model="tiny"))
     ref_grads = torch.autograd.grad(ref, list(model.parameters()))
-    cfg = HellbenderConfig(base_model="tiny", cut_cross_entropy=True)
+    cfg = resolved_config(base_model="tiny", cut_cross_entropy=True)
     with optimized(model, cfg):
         got = loss_sum(model, {"input_ids": ids}, ids, cfg)
         grads = torch.autograd.grad(got, list(model.parameters()))

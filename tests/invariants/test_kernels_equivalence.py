@@ -21,12 +21,13 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from hellbender.config.schema import HellbenderConfig
-from hellbender.kernels import activation_offloading, loss_sum, optimized
+from hellbender.config.schema import ResolvedConfig
+from hellbender.kernels import activation_offloading, optimized
 from hellbender.kernels.chunked_ce import chunk_bounds
 from hellbender.kernels.model_parts import decoder_layers
-from hellbender.kernels.testing import graph_node_names, saved_storage_bytes
-from hellbender.models.tiny import build_tiny_model
+from hellbender.testing.configs import loss_sum, resolved_config
+from hellbender.testing.probes import graph_node_names, saved_storage_bytes
+from hellbender.testing.tiny import build_tiny_model
 
 VOCAB = 500
 B, T = 2, 24
@@ -69,12 +70,12 @@ def _batch(seed: int = 0, n_pad: int = 3) -> tuple[dict[str, torch.Tensor], torc
     return {"input_ids": ids, "attention_mask": attention}, labels
 
 
-def _cfg(lora: bool, **options: Any) -> HellbenderConfig:
+def _cfg(lora: bool, **options: Any) -> ResolvedConfig:
     extra = {"adapter": "lora", "lora_dropout": 0.0} if lora else {}
-    return HellbenderConfig(base_model="tiny", **extra, **options)
+    return resolved_config(base_model="tiny", **extra, **options)
 
 
-def _step(model: torch.nn.Module, cfg: HellbenderConfig):
+def _step(model: torch.nn.Module, cfg: ResolvedConfig):
     inputs, labels = _batch()
     model.zero_grad(set_to_none=True)
     # The innermost saved-tensor hooks win: offloading (when on) must be the inner one, and the
@@ -294,7 +295,7 @@ def test_packed_rows_through_the_real_collator_match_plain_path() -> None:
     options = {"chunked_cross_entropy": True, "gradient_checkpointing": True, "tiled_mlp": True,
                "tiled_mlp_num_shards": 3, "lora_mlp_kernel": True, "lora_qkv_kernel": True, "lora_o_kernel": True}
 
-    def run(cfg: HellbenderConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def run(cfg: ResolvedConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         model.zero_grad(set_to_none=True)
         loss = loss_sum(model, inputs, labels, cfg)
         loss.backward()

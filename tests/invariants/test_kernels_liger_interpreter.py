@@ -55,10 +55,11 @@ SCRIPT = textwrap.dedent(
     import torch
     torch.set_num_threads(1)
     from transformers import StableLmConfig, StableLmForCausalLM
-    from hellbender.config.schema import HellbenderConfig
-    from hellbender.kernels import loss_sum, optimized
-    from hellbender.kernels.testing import graph_node_names
-    from hellbender.models.tiny import build_tiny_model
+    from hellbender.testing.configs import resolved_config
+    from hellbender.kernels import optimized
+    from hellbender.testing.configs import loss_sum
+    from hellbender.testing.probes import graph_node_names
+    from hellbender.testing.tiny import build_tiny_model
 
     def stablelm():
         torch.manual_seed(0)
@@ -91,9 +92,9 @@ SCRIPT = textwrap.dedent(
     for key in sys.argv[1:]:
         build, node = CASES[key]
         model = build().train()
-        plain = HellbenderConfig(base_model="tiny")
+        plain = resolved_config(base_model="tiny")
         ref_loss, ref_grads, _ = step(model, plain)
-        cfg = HellbenderConfig(base_model="tiny", **{key: True})
+        cfg = resolved_config(base_model="tiny", **{key: True})
         with optimized(model, cfg):
             loss, grads, nodes = step(model, cfg)
         assert grads.keys() == ref_grads.keys()
@@ -143,18 +144,18 @@ def test_liger_kernel_matches_plain_path_under_the_interpreter(interpreted: dict
 def test_liger_kernel_matches_plain_path_on_gpu(key: str) -> None:
     import torch
 
-    from hellbender.config.schema import HellbenderConfig
-    from hellbender.kernels import loss_sum, optimized
-    from hellbender.models.tiny import build_tiny_model
+    from hellbender.kernels import optimized
+    from hellbender.testing.configs import loss_sum, resolved_config
+    from hellbender.testing.tiny import build_tiny_model
 
     if key == "liger_layer_norm":
         pytest.skip("the tiny Llama has no LayerNorm; covered under the interpreter with StableLM")
     model = build_tiny_model(vocab_size=300, seed=0).cuda().train()
     ids = torch.randint(4, 300, (2, 12), device="cuda")
-    plain = HellbenderConfig(base_model="tiny")
+    plain = resolved_config(base_model="tiny")
     ref = loss_sum(model, {"input_ids": ids}, ids, plain)
     ref_grads = torch.autograd.grad(ref, list(model.parameters()))
-    cfg = HellbenderConfig(base_model="tiny", **{key: True})
+    cfg = resolved_config(base_model="tiny", **{key: True})
     with optimized(model, cfg):
         got = loss_sum(model, {"input_ids": ids}, ids, cfg)
         grads = torch.autograd.grad(got, list(model.parameters()))

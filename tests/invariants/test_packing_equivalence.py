@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaForCausalLM
 
-from hellbender.data.packing import IGNORE_INDEX, Collator, build_batch_sampler
+from hellbender.data.packing import IGNORE_INDEX, BatchSampler, Collator
+from hellbender.kernels.loss import causal_lm_loss_sum
 from hellbender.models.attention import (
     XFORMERS_BIAS_KWARG,
     AttentionBackendError,
@@ -23,8 +24,7 @@ from hellbender.models.attention import (
     register_block_diagonal_attention,
     xformers_seqlens,
 )
-from hellbender.models.tiny import build_tiny_model
-from hellbender.train.loss import causal_lm_loss_sum
+from hellbender.testing.tiny import build_tiny_model
 
 VOCAB = 128
 LENGTHS = [9, 4, 13, 6, 11, 3, 8, 5]
@@ -58,7 +58,7 @@ def make_samples(lengths: list[int], seed: int = 0) -> list[dict]:
 
 def packed_micro_batch(attn: str) -> tuple[dict, list[list[int]], list[dict]]:
     samples = make_samples(LENGTHS)
-    sampler = build_batch_sampler(
+    sampler = BatchSampler(
         LENGTHS, sequence_len=SEQ_LEN, micro_batch_size=len(LENGTHS), sample_packing=True, seed=0
     )
     (micro_batch,) = list(sampler)

@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from hellbender.config.normalize import Hardware, normalize
+from hellbender.config.hardware import Hardware
+from hellbender.config.normalize import normalize
 from hellbender.config.schema import HellbenderConfig
 from hellbender.models.adapters import apply_adapter
-from hellbender.models.tiny import build_tiny_model
+from hellbender.testing.tiny import build_tiny_model
 from hellbender.train import checkpoint as ckpt
 from hellbender.train.loop import train
 

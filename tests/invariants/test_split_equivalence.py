@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from hellbender.train.loss import causal_lm_loss_sum, step_normalizer
 from transformers import LlamaForCausalLM
 
-from hellbender.data.packing import IGNORE_INDEX, Collator, build_batch_sampler
+from hellbender.data.packing import IGNORE_INDEX, BatchSampler, Collator
 from hellbender.models.attention import model_inputs
-from hellbender.models.tiny import build_tiny_model
-from hellbender.train.loss import causal_lm_loss_sum, step_normalizer
+from hellbender.testing.tiny import build_tiny_model
 
 VOCAB = 128
 LENGTHS = [14, 3, 9, 20, 6, 11, 4, 17]
@@ -68,7 +68,7 @@ def one_step_grad(
     model: LlamaForCausalLM, samples: list[dict], *, packing: bool, micro_batch_size: int, mean_of_means: bool = False
 ) -> tuple[torch.Tensor, int]:
     """All samples as ONE optimizer step of micro-batches; returns the gradient and #micro-batches."""
-    sampler = build_batch_sampler(
+    sampler = BatchSampler(
         LENGTHS, sequence_len=SEQ_LEN, micro_batch_size=micro_batch_size, sample_packing=packing, seed=0
     )
     collate = Collator(0, sequence_len=SEQ_LEN, pad_to_sequence_len=packing, attn_implementation=ATTN)
@@ -91,7 +91,7 @@ def test_split_equals_unsplit(packing: bool) -> None:
     samples = make_samples()
     ref = reference_grad(model, samples)
 
-    n_rows = len(next(iter(build_batch_sampler(
+    n_rows = len(next(iter(BatchSampler(
         LENGTHS, sequence_len=SEQ_LEN, micro_batch_size=len(LENGTHS), sample_packing=packing, seed=0
     ))))
     if packing:

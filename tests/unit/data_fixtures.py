@@ -23,7 +23,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from hellbender.config.normalize import Hardware, normalize
+from hellbender.config.hardware import Hardware
+from hellbender.config.normalize import normalize
 from hellbender.config.schema import HellbenderConfig
 
 LLAMA3_STYLE_TEMPLATE = (

@@ -15,6 +15,7 @@ from click.testing import CliRunner, Result
 from config_fixtures import GOOD_CONFIG, write_config
 
 from hellbender.cli import main
+from hellbender.config.load import DERIVED_KEYS
 from hellbender.config.schema import HellbenderConfig
 
 # The group callback sets the allocator variable in os.environ; passing both names to the runner
@@ -93,8 +94,9 @@ def test_resolved_prints_every_derived_value(tmp_path: Path) -> None:
     assert resolved["pad_to_sequence_len"] is True
     assert resolved["attn_implementation"] == "sdpa"
     assert resolved["compute_dtype"] in {"bfloat16", "float32"}
+    assert resolved["loss_method"] == "plain" and resolved["data_parallel_size"] == 1
     # the resolved config is itself a complete, valid config (derived keys aside)
-    for key in ("compute_dtype", "world_size"):
+    for key in DERIVED_KEYS:
         resolved.pop(key)
     HellbenderConfig.model_validate(resolved)
 
@@ -295,8 +297,7 @@ def test_config_schema_is_valid_json_of_every_option() -> None:
     assert set(schema["properties"]) == set(HellbenderConfig.model_fields)
     assert "base_model" in schema["required"]
     assert schema["additionalProperties"] is False  # unknown keys are errors
-    read_only = {k for k, v in schema["properties"].items() if v.get("readOnly")}
-    assert read_only == {"compute_dtype", "world_size"}  # derived by normalize, not for users
+    assert not DERIVED_KEYS & set(schema["properties"])  # derived by normalize, not for users
 
 
 def test_help_lists_the_commands() -> None:

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from hellbender.config.findings import ConfigError, Finding
-from hellbender.config.load import AXOLOTL_KEYS_NOT_SUPPORTED
-from hellbender.config.normalize import Hardware, load_config
+from hellbender.config.hardware import Hardware
+from hellbender.config.load import AXOLOTL_KEYS_NOT_SUPPORTED, load_config
 
 EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "examples"
 EXAMPLES = sorted([*EXAMPLES_DIR.rglob("*.yaml"), *EXAMPLES_DIR.rglob("*.yml")])

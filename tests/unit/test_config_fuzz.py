@@ -24,8 +24,8 @@ from hypothesis import strategies as st
 from hellbender.cli import main
 from hellbender.config.findings import ConfigError, Finding
 from hellbender.config.fix import fix_file
-from hellbender.config.load import read_config
-from hellbender.config.normalize import Hardware, load_config
+from hellbender.config.hardware import Hardware
+from hellbender.config.load import load_config, read_config
 from hellbender.config.schema import DatasetConfig, HellbenderConfig
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").rglob("*.yaml"))

@@ -10,14 +10,15 @@ import yaml
 from config_fixtures import GOOD_CONFIG, write_config
 
 from hellbender.config.findings import ConfigError, Finding
+from hellbender.config.hardware import Hardware
 from hellbender.config.load import (
     AXOLOTL_KEYS_NOT_SUPPORTED,
     DERIVED_KEYS,
     apply_overrides,
+    load_config,
     parse_yaml,
     read_config,
 )
-from hellbender.config.normalize import Hardware, load_config
 
 CPU = Hardware(description="CPU")
 
@@ -159,7 +160,7 @@ def test_axolotl_only_key_left_empty_asks_for_nothing(tmp_path: Path, key: str) 
 
 @pytest.mark.parametrize("key", sorted(DERIVED_KEYS))
 def test_derived_key_cannot_be_set(tmp_path: Path, key: str) -> None:
-    value = {"compute_dtype": "bfloat16", "world_size": 4}[key]
+    value = {"compute_dtype": "bfloat16", "loss_method": "chunked"}.get(key, 4)
     (finding,) = load_errors(tmp_path, GOOD_CONFIG + f"{key}: {value}\n")
     assert finding.code == "HB006" and finding.key == key
 
@@ -338,7 +339,7 @@ def test_validation_does_not_import_torch(tmp_path: Path) -> None:
     path = write_config(tmp_path, GOOD_CONFIG)
     probe = (
         "import sys\n"
-        "from hellbender.config.normalize import load_config\n"
+        "from hellbender.config.load import load_config\n"
         f"load_config({str(path)!r}, strict=False)\n"
         "print(sorted(m for m in ('torch', 'transformers', 'datasets', 'peft') if m in sys.modules))\n"
     )

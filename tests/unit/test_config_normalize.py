@@ -15,12 +15,9 @@ import pytest
 import yaml
 
 from hellbender.config.findings import Finding
-from hellbender.config.normalize import (
-    Hardware,
-    allocator_setting,
-    configure_allocator_env,
-    load_config,
-)
+from hellbender.config.hardware import Hardware
+from hellbender.config.load import load_config
+from hellbender.config.normalize import allocator_setting, configure_allocator_env
 from hellbender.config.schema import HellbenderConfig
 
 CPU = Hardware(description="CPU")

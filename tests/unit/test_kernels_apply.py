@@ -5,17 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hellbender.config.schema import HellbenderConfig
+from hellbender.config.schema import ResolvedConfig
 from hellbender.kernels import (
     apply_optimizations,
     describe,
-    loss_method,
-    loss_sum,
     optimized,
     undo_optimizations,
 )
 from hellbender.kernels.model_parts import decoder_layers, output_head
-from hellbender.models.tiny import build_tiny_model
+from hellbender.testing.configs import loss_sum, resolved_config
+from hellbender.testing.tiny import build_tiny_model
 
 EVERYTHING_CPU = {
     "gradient_checkpointing": "selective",
@@ -26,8 +25,8 @@ EVERYTHING_CPU = {
 }
 
 
-def _cfg(**options: object) -> HellbenderConfig:
-    return HellbenderConfig(base_model="tiny", **options)
+def _cfg(**options: object) -> ResolvedConfig:
+    return resolved_config(base_model="tiny", **options)
 
 
 def test_patches_keep_state_dict_and_undo_restores_every_attribute() -> None:
@@ -51,12 +50,15 @@ def test_applying_twice_is_refused_and_a_failed_apply_leaves_nothing() -> None:
     with optimized(model, _cfg(tiled_mlp=True)):
         with pytest.raises(RuntimeError, match="already applied"):
             apply_optimizations(model, _cfg(tiled_mlp=True))
-    # offloading without checkpointing fails *after* tiled_mlp was patched: it must be rolled back
-    with pytest.raises(ValueError, match="HB108"):
-        apply_optimizations(model, _cfg(tiled_mlp=True, activation_offloading="disk"))
-    assert all("forward" not in vars(layer.mlp) for layer in decoder_layers(model))
-    apply_optimizations(model, _cfg())  # and the model is not marked as optimized
-    undo_optimizations(model)
+    # a chunked loss over a LoRA-adapted head fails *after* tiled_mlp was patched: rolled back
+    from peft import LoraConfig, get_peft_model
+
+    adapted = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "lm_head"]))
+    with pytest.raises(ValueError, match="not a plain Linear"):
+        apply_optimizations(adapted, _cfg(adapter="lora", tiled_mlp=True))
+    assert all("forward" not in vars(layer.mlp) for layer in decoder_layers(adapted))
+    apply_optimizations(adapted, _cfg())  # and the model is not marked as optimized
+    undo_optimizations(adapted)
 
 
 def test_liger_on_cpu_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -87,12 +89,11 @@ def test_cpu_activation_offloading_is_noted_as_a_noop_at_apply_time() -> None:
 
 
 def test_loss_method_choice() -> None:
-    assert loss_method(_cfg()) == "plain"
-    assert loss_method(_cfg(tiled_mlp=True)) == "chunked"  # the tiled loss goes with the tiled MLP
-    assert loss_method(_cfg(cut_cross_entropy=True, tiled_mlp=True)) == "cut"
-    assert loss_method(_cfg(liger_cross_entropy=True)) == "liger"
-    with pytest.raises(ValueError, match="HB117"):
-        loss_method(_cfg(chunked_cross_entropy=True, cut_cross_entropy=True))
+    assert _cfg().loss_method == "plain"
+    assert _cfg(tiled_mlp=True).loss_method == "chunked"  # the tiled loss goes with the tiled MLP
+    assert _cfg(cut_cross_entropy=True, tiled_mlp=True).loss_method == "cut"
+    assert _cfg(liger_cross_entropy=True).loss_method == "liger"
+    assert _cfg(liger_fused_linear_cross_entropy=True).loss_method == "liger_fused_linear"
 
 
 def test_labels_inside_model_inputs_are_refused() -> None:

@@ -15,11 +15,11 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from hellbender.config.schema import HellbenderConfig
-from hellbender.kernels import loss_sum, optimized
+from hellbender.kernels import optimized
 from hellbender.kernels.checkpointing import SAVED_OPS, checkpoint_kwargs
 from hellbender.kernels.model_parts import decoder_layers
-from hellbender.models.tiny import build_tiny_model
+from hellbender.testing.configs import loss_sum, resolved_config
+from hellbender.testing.tiny import build_tiny_model
 
 MATMULS = {"aten.mm.default", "aten.addmm.default", "aten.bmm.default"}
 
@@ -36,7 +36,7 @@ class _OpCounter(TorchDispatchMode):
 
 def _backward_ops(**options: Any) -> Counter[str]:
     model = build_tiny_model(vocab_size=300, seed=0).train()
-    cfg = HellbenderConfig(base_model="tiny", **options)
+    cfg = resolved_config(base_model="tiny", **options)
     ids = torch.randint(4, 300, (2, 16), generator=torch.Generator().manual_seed(0))
     with optimized(model, cfg):
         loss = loss_sum(model, {"input_ids": ids}, ids, cfg)
@@ -65,7 +65,7 @@ def test_selective_keeps_matmuls_and_recomputes_cheap_ops() -> None:
 
 def test_checkpointing_is_on_while_applied_and_off_after_undo() -> None:
     model = build_tiny_model(seed=0)
-    cfg = HellbenderConfig(base_model="tiny", gradient_checkpointing="selective")
+    cfg = resolved_config(base_model="tiny", gradient_checkpointing="selective")
     with optimized(model, cfg):
         assert all(layer.gradient_checkpointing for layer in decoder_layers(model))
         assert model.config.use_cache is False

@@ -17,7 +17,7 @@ from hellbender.kernels.chunked_ce import (
     chunked_linear_cross_entropy_sum,
     shifted_targets,
 )
-from hellbender.train.loss import causal_lm_loss_sum
+from hellbender.kernels.loss import causal_lm_loss_sum
 
 
 def _data(n: int = 37, h: int = 16, v: int = 101, seed: int = 0, bias: bool = False):
@@ -73,7 +73,7 @@ def test_upstream_gradient_scale_is_applied() -> None:
 
 
 def test_causal_wrapper_equals_the_loops_loss() -> None:
-    """shifted_targets + chunked sum == hellbender.train.loss.causal_lm_loss_sum on full logits."""
+    """shifted_targets + chunked sum == hellbender.kernels.loss.causal_lm_loss_sum on full logits."""
     g = torch.Generator().manual_seed(1)
     hidden = torch.randn(2, 9, 8, generator=g, requires_grad=True)
     weight = torch.randn(50, 8, generator=g, requires_grad=True)

@@ -13,11 +13,12 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from hellbender.config.schema import HellbenderConfig
-from hellbender.kernels import apply_optimizations, loss_sum, optimized, undo_optimizations
+from hellbender.config.schema import ResolvedConfig
+from hellbender.kernels import apply_optimizations, optimized, undo_optimizations
 from hellbender.kernels.model_parts import decoder_layers
-from hellbender.kernels.testing import graph_node_names, saved_storage_bytes
-from hellbender.models.tiny import build_tiny_model, save_tiny_model_folder
+from hellbender.testing.configs import loss_sum, resolved_config
+from hellbender.testing.probes import graph_node_names, saved_storage_bytes
+from hellbender.testing.tiny import build_tiny_model, save_tiny_model_folder
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 KERNELS = {"lora_mlp_kernel": True, "lora_qkv_kernel": True, "lora_o_kernel": True}
@@ -40,8 +41,8 @@ def _lora(dropout: float = 0.0, targets: list[str] | None = None, **kw: Any) -> 
     return model.train()
 
 
-def _cfg(**options: Any) -> HellbenderConfig:
-    return HellbenderConfig(base_model="tiny", adapter="lora", **options)
+def _cfg(**options: Any) -> ResolvedConfig:
+    return resolved_config(base_model="tiny", adapter="lora", **options)
 
 
 def _ids() -> torch.Tensor:
@@ -156,7 +157,7 @@ def test_frozen_base_bias_matches_peft() -> None:
     model = _lora_with_biases("none")
     ids = _ids()
 
-    def step(cfg: HellbenderConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def step(cfg: ResolvedConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         model.zero_grad(set_to_none=True)
         loss = loss_sum(model, {"input_ids": ids}, ids, cfg)
         loss.backward()
@@ -203,7 +204,7 @@ def test_qlora_4bit_base_matches_peft(tiny_folder: Path) -> None:
 
     from hellbender.models.load import load_model, load_tokenizer
 
-    cfg = HellbenderConfig(base_model=str(tiny_folder), adapter="qlora", load_in_4bit=True, lora_r=4,
+    cfg = resolved_config(base_model=str(tiny_folder), adapter="qlora", load_in_4bit=True, lora_r=4,
                            lora_alpha=8, lora_target_linear=True, compute_dtype="float32",
                            attn_implementation="sdpa", **KERNELS)
     model = load_model(cfg, load_tokenizer(cfg))

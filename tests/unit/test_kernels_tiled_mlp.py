@@ -11,10 +11,10 @@ import math
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from hellbender.config.schema import HellbenderConfig
 from hellbender.kernels import optimized
 from hellbender.kernels.model_parts import decoder_layers
-from hellbender.models.tiny import build_tiny_model
+from hellbender.testing.configs import resolved_config
+from hellbender.testing.tiny import build_tiny_model
 
 
 class _WidestRows(TorchDispatchMode):
@@ -58,7 +58,7 @@ def test_mlp_intermediates_exist_one_shard_at_a_time() -> None:
         return seen.rows, [x.grad.clone(), *(p.grad.clone() for p in mlp.parameters())]
 
     plain_rows, plain_grads = run()
-    with optimized(model, HellbenderConfig(base_model="tiny", tiled_mlp=True, tiled_mlp_num_shards=shards)):
+    with optimized(model, resolved_config(base_model="tiny", tiled_mlp=True, tiled_mlp_num_shards=shards)):
         assert "forward" in vars(mlp)  # the tiled forward is what runs
         tiled_rows, tiled_grads = run()
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from hellbender.config.schema import HellbenderConfig
+from hellbender.config.schema import ResolvedConfig
 from hellbender.models.adapters import (
     apply_adapter,
     enable_gradient_checkpointing,
@@ -21,12 +21,13 @@ from hellbender.models.adapters import (
     trainable_parameter_names,
 )
 from hellbender.models.load import load_model, load_tokenizer
-from hellbender.models.tiny import build_tiny_model, save_tiny_model_folder
+from hellbender.testing.configs import resolved_config
+from hellbender.testing.tiny import build_tiny_model, save_tiny_model_folder
 
 SEED = 3
 
 
-def make_cfg(**overrides: object) -> HellbenderConfig:
+def make_cfg(**overrides: object) -> ResolvedConfig:
     values: dict[str, object] = {
         "base_model": "unused-for-apply-adapter",
         "compute_dtype": "float32",
@@ -36,7 +37,7 @@ def make_cfg(**overrides: object) -> HellbenderConfig:
         "lora_alpha": 8,
     }
     values.update(overrides)
-    return HellbenderConfig(**values)
+    return resolved_config(**values)
 
 
 def randomize_lora_b(model: nn.Module, seed: int = 0) -> None:

@@ -18,7 +18,6 @@ pytest.importorskip("gguf")
 
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from hellbender.config.schema import HellbenderConfig
 from hellbender.models.gguf import (
     PROVENANCE_FILE,
     GGUFTokenMetadata,
@@ -27,7 +26,8 @@ from hellbender.models.gguf import (
     read_gguf_token_metadata,
 )
 from hellbender.models.load import find_smollm2_gguf, load_model, load_tokenizer
-from hellbender.models.tiny import build_tiny_model, build_tiny_tokenizer, write_tiny_gguf
+from hellbender.testing.configs import resolved_config
+from hellbender.testing.tiny import build_tiny_model, build_tiny_tokenizer, write_tiny_gguf
 
 SEED = 11
 TEXT = "The capital of France is Paris. 12 + 30 = 42"
@@ -41,7 +41,7 @@ def tiny_gguf(tmp_path: Path) -> Path:
 
 
 def test_gguf_base_model_loads_like_the_original(tiny_gguf: Path, tmp_path: Path) -> None:
-    cfg = HellbenderConfig(
+    cfg = resolved_config(
         base_model=str(tiny_gguf),
         model_cache_dir=str(tmp_path / "cache"),
         compute_dtype="float32",

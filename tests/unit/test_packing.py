@@ -15,10 +15,11 @@ from hypothesis import strategies as st
 
 from hellbender.data.packing import (
     IGNORE_INDEX,
+    BatchSampler,
     Collator,
     best_fit_decreasing,
-    build_batch_sampler,
 )
+from hellbender.kernels.loss import causal_lm_loss_sum
 from hellbender.models.attention import (
     AttentionBackendError,
     backend_isolates_documents,
@@ -28,7 +29,6 @@ from hellbender.models.attention import (
     model_inputs,
     xformers_seqlens,
 )
-from hellbender.train.loss import causal_lm_loss_sum, count_trained_tokens, step_normalizer
 
 
 def naive_bfd_loads(lengths: list[int], capacity: int) -> list[int]:
@@ -85,7 +85,7 @@ def test_bfd_rejects_too_long_and_empty_samples() -> None:
     with pytest.raises(ValueError, match="empty"):
         best_fit_decreasing([3, 0], 8)
     with pytest.raises(ValueError, match="more than sequence_len"):
-        build_batch_sampler([3, 9], sequence_len=8, micro_batch_size=2, sample_packing=False, seed=0)
+        BatchSampler([3, 9], sequence_len=8, micro_batch_size=2, sample_packing=False, seed=0)
 
 
 # ----------------------------------------------------------------------------------- sampler
@@ -106,14 +106,14 @@ def test_len_equals_iterated_micro_batches(packing: bool, drop_last: bool, micro
             "seed": seed,
             "drop_last": drop_last,
         }
-        sampler = build_batch_sampler(LENGTHS, **options)
+        sampler = BatchSampler(LENGTHS, **options)
         for epoch in (0, 1, 5):
             sampler.set_epoch(epoch)
             expected = len(sampler)
             batches = list(sampler)
             assert len(batches) == expected
             # A fresh sampler asked for len() without iterating agrees too (no hidden state).
-            fresh = build_batch_sampler(LENGTHS, **options)
+            fresh = BatchSampler(LENGTHS, **options)
             fresh.set_epoch(epoch)
             assert len(fresh) == expected
             assert list(fresh) == batches
@@ -131,8 +131,8 @@ def test_len_equals_iterated_micro_batches(packing: bool, drop_last: bool, micro
 def test_sampler_is_deterministic_and_changes_every_epoch() -> None:
     # Many equal lengths: tie-breaking is where bin *contents* can change between epochs.
     lengths = [5, 7, 9, 11] * 40
-    a = build_batch_sampler(lengths, sequence_len=32, micro_batch_size=2, sample_packing=True, seed=3)
-    b = build_batch_sampler(lengths, sequence_len=32, micro_batch_size=2, sample_packing=True, seed=3)
+    a = BatchSampler(lengths, sequence_len=32, micro_batch_size=2, sample_packing=True, seed=3)
+    b = BatchSampler(lengths, sequence_len=32, micro_batch_size=2, sample_packing=True, seed=3)
     assert list(a) == list(b)
     epoch0 = list(a)
     a.set_epoch(1)
@@ -143,18 +143,18 @@ def test_sampler_is_deterministic_and_changes_every_epoch() -> None:
     assert bins0 != bins1
     a.set_epoch(0)
     assert list(a) == epoch0
-    other_seed = build_batch_sampler(lengths, sequence_len=32, micro_batch_size=2, sample_packing=True, seed=4)
+    other_seed = BatchSampler(lengths, sequence_len=32, micro_batch_size=2, sample_packing=True, seed=4)
     assert list(other_seed) != epoch0
 
 
 def test_no_shuffle_keeps_dataset_order_without_packing() -> None:
-    s = build_batch_sampler([3, 4, 5, 6, 7], sequence_len=8, micro_batch_size=2, sample_packing=False, seed=0, shuffle=False)
+    s = BatchSampler([3, 4, 5, 6, 7], sequence_len=8, micro_batch_size=2, sample_packing=False, seed=0, shuffle=False)
     assert list(s) == [[[0], [1]], [[2], [3]], [[4]]]
 
 
 @pytest.mark.parametrize("packing", [True, False])
 def test_efficiency_is_real_tokens_over_row_capacity(packing: bool) -> None:
-    s = build_batch_sampler(LENGTHS, sequence_len=64, micro_batch_size=4, sample_packing=packing, seed=0)
+    s = BatchSampler(LENGTHS, sequence_len=64, micro_batch_size=4, sample_packing=packing, seed=0)
     rows = [row for b in s for row in b]
     expected = sum(LENGTHS[i] for row in rows for i in row) / (len(rows) * 64)
     assert s.efficiency() == pytest.approx(expected)
@@ -206,7 +206,7 @@ def test_collator_lays_out_documents(pad_to_sequence_len: bool) -> None:
     assert batch["max_seqlen"].item() == max(np.diff(expected_cu))
     # What the shifted loss will count: per document, labels[1:] != -100 (first label is never used).
     expected_trained = sum(sum(lab != IGNORE_INDEX for lab in s["labels"][1:]) for s in samples)
-    assert batch["num_trained_tokens"].item() == expected_trained == count_trained_tokens(batch["labels"])
+    assert batch["num_trained_tokens"].item() == expected_trained == int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
     assert batch["num_tokens"].item() == sum(len(s["input_ids"]) for s in samples)
 
 
@@ -230,7 +230,7 @@ def test_constant_shapes_over_an_epoch_with_pad_to_sequence_len(packing: bool) -
     samples = make_samples(lengths, seed=3)
     collate = Collator(0, sequence_len=40, pad_to_sequence_len=True, attn_implementation="sdpa", micro_batch_size=4)
     for drop_last in (False, True):
-        sampler = build_batch_sampler(
+        sampler = BatchSampler(
             lengths, sequence_len=40, micro_batch_size=4, sample_packing=packing, seed=0, drop_last=drop_last
         )
         batches = [collate(rows_of(samples, mb)) for mb in sampler]
@@ -247,7 +247,7 @@ def test_constant_shapes_over_an_epoch_with_pad_to_sequence_len(packing: bool) -
 def test_filler_rows_change_neither_loss_nor_gradients() -> None:
     """A short micro-batch topped up with filler rows gives the loss and gradients of its real rows,
     compared with a plain reference: each document run alone, summed cross-entropy."""
-    from hellbender.models.tiny import build_tiny_model
+    from hellbender.testing.tiny import build_tiny_model
 
     samples = make_samples([9, 5, 12, 4], seed=4)
     rows = [[samples[0], samples[1]], [samples[2], samples[3]]]  # 2 packed rows of a 4-row micro-batch
@@ -304,16 +304,6 @@ def test_backend_isolation_table() -> None:
         assert backend_isolates_documents(name)
     for name in ("my_custom_kernel", "paged|eager", "flash_attention", ""):
         assert not backend_isolates_documents(name)
-
-
-def test_backend_isolation_table_agrees_with_config_rules() -> None:
-    rules = pytest.importorskip("hellbender.config.rules")
-    table = getattr(rules, "DOCUMENT_ISOLATING_BACKENDS", None)
-    if table is None:
-        pytest.skip("config rules keep no backend table")
-    from hellbender.models.attention import DOCUMENT_ISOLATING_BACKENDS
-
-    assert set(table) == set(DOCUMENT_ISOLATING_BACKENDS)
 
 
 def test_check_backend_trainable_on_cpu() -> None:
@@ -402,7 +392,7 @@ def test_model_inputs_masks_per_backend() -> None:
 
 
 def test_loss_sum_and_count_match_transformers_mean_loss() -> None:
-    from hellbender.models.tiny import build_tiny_model
+    from hellbender.testing.tiny import build_tiny_model
 
     model = build_tiny_model(seed=0, vocab_size=128, num_hidden_layers=1, max_position_embeddings=64, pad_token_id=None)
     # build_tiny_model leaves the global RNG untouched, so the ids get their own seeded generator.
@@ -411,8 +401,7 @@ def test_loss_sum_and_count_match_transformers_mean_loss() -> None:
     labels[0, :5] = IGNORE_INDEX
     labels[1, 9:] = IGNORE_INDEX
     out = model(input_ids=ids, labels=labels, use_cache=False)  # transformers' shifted mean loss
-    n = count_trained_tokens(labels)
-    assert n == int((labels[:, 1:] != IGNORE_INDEX).sum())
+    n = int((labels[:, 1:] != IGNORE_INDEX).sum())  # what the shifted loss counts
     total = causal_lm_loss_sum(out.logits, labels)
     assert total.dtype == torch.float32
     torch.testing.assert_close(total / n, out.loss, atol=1e-6, rtol=1e-6)
@@ -420,10 +409,3 @@ def test_loss_sum_and_count_match_transformers_mean_loss() -> None:
     half = causal_lm_loss_sum(out.logits.bfloat16(), labels)
     ref = F.cross_entropy(out.logits.bfloat16().float()[:, :-1].reshape(-1, 128), labels[:, 1:].reshape(-1), reduction="sum")
     torch.testing.assert_close(half, ref)
-
-
-def test_step_normalizer_sums_trained_tokens_of_all_micro_batches() -> None:
-    batch, _ = packed_batch()
-    other = {"labels": torch.tensor([[IGNORE_INDEX, 3, 4, IGNORE_INDEX], [5, 6, IGNORE_INDEX, IGNORE_INDEX]])}
-    assert step_normalizer([batch, other]) == batch["num_trained_tokens"].item() + 3
-    assert step_normalizer([]) == 0

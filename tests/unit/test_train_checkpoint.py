@@ -10,7 +10,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from hellbender.models.tiny import build_tiny_model
+from hellbender.testing.tiny import build_tiny_model
 from hellbender.train import checkpoint as ckpt
 
 

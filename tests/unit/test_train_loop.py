@@ -10,10 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hellbender.config.normalize import Hardware, normalize
+from hellbender.config.hardware import Hardware
+from hellbender.config.normalize import normalize
 from hellbender.config.schema import HellbenderConfig
-from hellbender.data.packing import build_batch_sampler
-from hellbender.models.tiny import build_tiny_model
+from hellbender.data.packing import BatchSampler
+from hellbender.testing.tiny import build_tiny_model
 from hellbender.train import checkpoint as ckpt
 from hellbender.train.loop import TrainingStopped, plan_steps, train
 
@@ -66,7 +67,7 @@ def test_one_step_equals_plain_pytorch(
         micro_batch_size=mbs, gradient_accumulation_steps=gas, max_steps=1, learning_rate=0.5,
         adam_epsilon=1e-3,  # Adam's first step is lr·g/(|g|+eps): a large eps keeps it smooth in g
     )  # fmt: skip
-    sampler = build_batch_sampler([len(s["input_ids"]) for s in samples], sequence_len=64,
+    sampler = BatchSampler([len(s["input_ids"]) for s in samples], sequence_len=64,
                                   micro_batch_size=mbs, sample_packing=packing, seed=cfg.seed)  # fmt: skip
     assert len(sampler) <= gas, "the test needs the whole set in one optimizer step"
 
@@ -107,17 +108,17 @@ def test_one_step_equals_plain_pytorch(
 def test_plan_equals_the_steps_taken(tmp_path: Path, values: dict[str, object], epochs_seen: int | None) -> None:
     samples = make_samples(11, seed=3)
     cfg = make_cfg(tmp_path, learning_rate=1e-3, **values)
-    sampler = build_batch_sampler([len(s["input_ids"]) for s in samples], sequence_len=64,
+    sampler = BatchSampler([len(s["input_ids"]) for s in samples], sequence_len=64,
                                   micro_batch_size=cfg.micro_batch_size, sample_packing=cfg.sample_packing,
                                   seed=cfg.seed)  # fmt: skip
-    plan = plan_steps(sampler, cfg, cfg.gradient_accumulation_steps or 1)
+    plan = plan_steps(sampler, cfg)
     result = train(cfg, build_tiny_model(seed=0), samples, None, pad_token_id=PAD)
-    assert result.total_steps == sum(plan) == result.global_step == len(result.losses)
-    per_epoch = math.ceil(len(sampler) / (cfg.gradient_accumulation_steps or 1))
+    assert result.total_steps == plan.total == result.global_step == len(result.losses)
+    per_epoch = math.ceil(len(sampler) / cfg.gradient_accumulation_steps)
     if cfg.max_steps is not None:
-        assert sum(plan) == min(cfg.max_steps, per_epoch * 3 if "num_epochs" in values else cfg.max_steps)
+        assert plan.total == min(cfg.max_steps, per_epoch * 3 if "num_epochs" in values else cfg.max_steps)
     if values.get("num_epochs") == 1.5:
-        assert plan[-1] == math.ceil(per_epoch * 0.5) and len(plan) == 2
+        assert plan.steps_per_epoch[-1] == math.ceil(per_epoch * 0.5) and len(plan.steps_per_epoch) == 2
     if epochs_seen is not None:
         # Every trained token of every sample, exactly once per epoch.
         assert result.trained_tokens == epochs_seen * sum(trained_tokens(s) for s in samples)
@@ -279,7 +280,7 @@ def test_packing_efficiency_is_logged_before_the_first_step(tmp_path: Path, caps
     samples = make_samples(9, seed=14)
     cfg = make_cfg(tmp_path, sample_packing=True, micro_batch_size=2, max_steps=2)
     train(cfg, build_tiny_model(seed=0), samples, None, pad_token_id=PAD)
-    sampler = build_batch_sampler([len(s["input_ids"]) for s in samples], sequence_len=64, micro_batch_size=2,
+    sampler = BatchSampler([len(s["input_ids"]) for s in samples], sequence_len=64, micro_batch_size=2,
                                   sample_packing=True, seed=cfg.seed)  # fmt: skip
     rows = [row for mb in sampler for row in mb]
     expected = sum(len(samples[i]["input_ids"]) for row in rows for i in row) / (len(rows) * 64)

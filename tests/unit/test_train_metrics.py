@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from hellbender.config.normalize import Hardware, normalize
+from hellbender.config.hardware import Hardware
+from hellbender.config.normalize import normalize
 from hellbender.config.schema import HellbenderConfig
 from hellbender.train.metrics import (
     JsonlSink,
@@ -209,7 +210,7 @@ def install(monkeypatch: pytest.MonkeyPatch, name: str, fake: object) -> None:
 def test_wandb_and_mlflow_receive_every_record_of_a_training_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A real (tiny) training run with both backends configured: each gets exactly the records of
     metrics.jsonl, in order, at their steps, and its run is opened once and closed once."""
-    from hellbender.models.tiny import build_tiny_model
+    from hellbender.testing.tiny import build_tiny_model
     from hellbender.train.loop import train
 
     wandb, mlflow = FakeWandb(), FakeMlflow()

@@ -13,7 +13,8 @@ from transformers.optimization import (
     get_linear_schedule_with_warmup,
 )
 
-from hellbender.config.normalize import Hardware, normalize
+from hellbender.config.hardware import Hardware
+from hellbender.config.normalize import normalize
 from hellbender.config.schema import HellbenderConfig
 from hellbender.train.optim import build_optimizer, build_scheduler, param_groups, warmup_steps
 

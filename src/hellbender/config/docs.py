@@ -38,6 +38,7 @@ from hellbender.config.schema import (
     DatasetConfig,
     HellbenderConfig,
     MessagePropertyMappings,
+    ResolvedConfig,
     SpecialTokens,
     UserDefinedFormat,
 )
@@ -275,8 +276,15 @@ def render() -> str:
         "- `bf16: auto` → `compute_dtype`: on CUDA bf16 if supported else fp16; on CPU bf16 with "
         "AVX-512-BF16/AMX, else fp32.",
         "- Legacy attention flags map to `attn_implementation` (default `sdpa`).",
+        "- `loss_method`: the loss replacement that is on (`chunked_cross_entropy`, `cut_cross_entropy`, "
+        "`liger_cross_entropy`, `liger_fused_linear_cross_entropy`), else `chunked` with `tiled_mlp`, else "
+        "`plain`. `epochs_given`: whether `num_epochs` bounds the run (false when only `max_steps` is set).",
         "- The allocator setting goes into `PYTORCH_ALLOC_CONF` (torch ≥ 2.9) or "
         "`PYTORCH_CUDA_ALLOC_CONF` (torch 2.2–2.8) at process start, unless either is already set.",
+        "",
+        "Values that exist only in the resolved config (`hellbender validate --resolved` prints them):",
+        "",
+        *_options_table(ResolvedConfig, sorted(load.DERIVED_KEYS)),
         "",
         "## Findings",
         "",

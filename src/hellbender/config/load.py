@@ -29,8 +29,11 @@ from hellbender.config.axolotl_keys import (
     AXOLOTL_PLUGIN_KEYS,
     AXOLOTL_TOP_LEVEL_KEYS,
 )
-from hellbender.config.findings import ConfigError, Finding
-from hellbender.config.schema import DatasetConfig, HellbenderConfig, Optimizer, Scheduler
+from hellbender.config.findings import ConfigError, Finding, has_errors
+from hellbender.config.hardware import Hardware, detect_hardware
+from hellbender.config.normalize import normalize
+from hellbender.config.rules import check
+from hellbender.config.schema import DatasetConfig, HellbenderConfig, Optimizer, ResolvedConfig, Scheduler
 
 # Keys Axolotl accepts that hellbender recognises but does not implement (yet). Loading one is an
 # error that says so, instead of a misleading "did you mean".
@@ -76,7 +79,7 @@ AXOLOTL_KEYS_NOT_SUPPORTED: dict[str, str] = {
 }
 
 # Keys that normalization derives; users must not set them.
-DERIVED_KEYS = {"compute_dtype", "world_size"}
+DERIVED_KEYS = frozenset(ResolvedConfig.model_fields) - frozenset(HellbenderConfig.model_fields)
 
 
 def _yaml_error(exc: yaml.YAMLError | RecursionError, source: str) -> ConfigError:
@@ -240,6 +243,17 @@ def unknown_key_findings(data: dict[str, Any], lines: dict[str, int] | None = No
             key_str = str(key)
             path = f"{prefix}.{key_str}" if prefix else key_str
             line = f" (line {lines[path]})" if path in lines else ""
+            if model is HellbenderConfig and key_str in DERIVED_KEYS:
+                findings.append(
+                    Finding(
+                        "HB006",
+                        "error",
+                        f"`{path}`{line} is derived by hellbender and cannot be set.",
+                        fix=f"Remove `{key_str}`.",
+                        key=path,
+                    )
+                )
+                continue
             if key_str not in known:
                 reason = _axolotl_reason(key_str, model)
                 if reason is not None:
@@ -261,17 +275,6 @@ def unknown_key_findings(data: dict[str, Any], lines: dict[str, int] | None = No
                         "error",
                         f"unknown key `{path}`{line}.{hint}",
                         fix=f"Rename it to `{close[0]}`." if close else "Remove it; see docs/config.md.",
-                        key=path,
-                    )
-                )
-                continue
-            if model is HellbenderConfig and key_str in DERIVED_KEYS:
-                findings.append(
-                    Finding(
-                        "HB006",
-                        "error",
-                        f"`{path}`{line} is derived by hellbender and cannot be set.",
-                        fix=f"Remove `{key_str}`.",
                         key=path,
                     )
                 )
@@ -472,3 +475,24 @@ def read_config(path: str | Path, overrides: list[str] | None = None) -> tuple[H
     data = parse_yaml(text, str(path))
     data = apply_overrides(data, list(overrides or []))
     return validate_mapping(data, str(path), text), data
+
+
+def load_config(
+    path: str | Path,
+    overrides: list[str] | None = None,
+    *,
+    world_size: int | None = None,
+    hardware: Hardware | None = None,
+    strict: bool = True,
+) -> tuple[ResolvedConfig, list[Finding]]:
+    """Read, normalize and check a config: the one entry point every command uses.
+
+    With ``strict`` a config that has error findings raises :class:`ConfigError`.
+    """
+    raw, _ = read_config(path, overrides)
+    hw = hardware if hardware is not None else detect_hardware()
+    cfg, findings = normalize(raw, world_size=world_size, hardware=hw)
+    findings += check(cfg, hw, raw)
+    if strict and has_errors(findings):
+        raise ConfigError([f for f in findings if f.severity == "error"])
+    return cfg, findings

@@ -1,20 +1,29 @@
 """Everything derived from other keys, computed in one function: :func:`normalize`.
 
 Derived values are never stored by the user and never recomputed elsewhere: the batch-size
-identity, the evaluation batch, padding for packed data, the resolved dtype and attention backend.
-The hardware is passed in (``Hardware``) so every branch is testable on a CPU machine.
+identity, the evaluation batch, padding for packed data, the resolved dtype, attention backend
+and loss implementation, the data-parallel size, whether epochs bound the run. ``normalize``
+returns a :class:`~hellbender.config.schema.ResolvedConfig`, whose derived fields are never
+Optional. The hardware is passed in (``Hardware``) so every branch is testable on a CPU machine.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
 from importlib import metadata
-from pathlib import Path
 
-from hellbender.config.findings import ConfigError, Finding, has_errors
-from hellbender.config.schema import DatasetConfig, HellbenderConfig
+from hellbender.config.findings import Finding
+from hellbender.config.hardware import Hardware, detect_hardware
+from hellbender.config.schema import (
+    LOSS_REPLACEMENTS,
+    AttnImplementation,
+    ComputeDtype,
+    DatasetConfig,
+    HellbenderConfig,
+    LossMethod,
+    ResolvedConfig,
+)
 
 DEFAULT_ATTN = "sdpa"
 LEGACY_ATTN_FLAGS = {
@@ -26,55 +35,7 @@ LEGACY_ATTN_FLAGS = {
 }
 
 
-@dataclass(frozen=True)
-class Hardware:
-    """What the machine can do, as far as the config cares."""
-
-    cuda: bool = False
-    cuda_bf16: bool = False
-    cuda_fp8: bool = False
-    cpu_bf16: bool = False
-    description: str = "CPU"
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    match = re.search(r"^flags\s*:\s*(.*)$", text, re.MULTILINE)
-    return set(match.group(1).split()) if match else set()
-
-
-# Device nodes whose presence means a GPU driver is loaded (only then is torch imported to ask):
-# NVIDIA on Linux, WSL2's GPU paravirtualization (NVIDIA under Windows), AMD ROCm (torch.cuda too).
-GPU_DRIVER_NODES = ("/dev/nvidiactl", "/proc/driver/nvidia/version", "/dev/dxg", "/dev/kfd")
-
-
-def detect_hardware() -> Hardware:
-    """Probe the machine without importing torch unless an NVIDIA driver is present.
-
-    Importing torch costs about a second; ``validate`` must answer faster than that on the common
-    CPU-only development machine, so the CUDA query happens only when a driver node exists.
-    """
-    flags = _cpu_flags()
-    cpu_bf16 = bool({"avx512_bf16", "amx_bf16"} & flags)
-    if any(os.path.exists(node) for node in GPU_DRIVER_NODES):
-        import torch
-
-        if torch.cuda.is_available():
-            major, minor = torch.cuda.get_device_capability()
-            return Hardware(
-                cuda=True,
-                cuda_bf16=torch.cuda.is_bf16_supported(),
-                cuda_fp8=(major, minor) >= (8, 9),
-                cpu_bf16=cpu_bf16,
-                description=torch.cuda.get_device_name(),
-            )
-    return Hardware(cpu_bf16=cpu_bf16, description="CPU with bf16" if cpu_bf16 else "CPU")
-
-
-def resolve_dtype(bf16: bool | str, fp16: bool, hw: Hardware) -> str:
+def resolve_dtype(bf16: bool | str, fp16: bool, hw: Hardware) -> ComputeDtype:
     """``bf16: auto`` → bf16 when the hardware has it (CUDA: else fp16; CPU: else fp32)."""
     if fp16:
         return "float16"
@@ -121,8 +82,8 @@ def configure_allocator_env(environ: dict[str, str] | None = None) -> str | None
     return setting[0]
 
 
-def _resolve_attention(cfg: HellbenderConfig, findings: list[Finding]) -> str:
-    chosen: dict[str, str] = {}
+def _resolve_attention(cfg: HellbenderConfig, findings: list[Finding]) -> AttnImplementation:
+    chosen: dict[str, AttnImplementation] = {}
     if cfg.attn_implementation:
         chosen["attn_implementation"] = cfg.attn_implementation
     for flag, backend in LEGACY_ATTN_FLAGS.items():
@@ -237,12 +198,6 @@ def _legacy_message_fields(ds: DatasetConfig, path: str, findings: list[Finding]
     )
 
 
-def data_parallel_size(world_size: int, cfg: HellbenderConfig) -> int:
-    """Ranks that see different data: the world divided by the model-parallel dimensions."""
-    model_parallel = cfg.context_parallel_size * cfg.tensor_parallel_size
-    return max(1, world_size // model_parallel)
-
-
 def _world_size_from_env() -> tuple[int, list[Finding]]:
     """``WORLD_SIZE`` as set by torchrun; 1 when unset. A value that is not a positive integer is
     an error (and 1 is used so the other rules can still run)."""
@@ -261,10 +216,20 @@ def _world_size_from_env() -> tuple[int, list[Finding]]:
     ]
 
 
+def _loss_method(cfg: HellbenderConfig) -> LossMethod:
+    """The loss implementation: the replacement key that is on (rule HB117 refuses two), else the
+    chunked loss when ``tiled_mlp`` is on (the "tiled loss" of the ALST recipe: at the sequence
+    lengths where tiling the MLP matters, the logits are the biggest activation left), else plain."""
+    on = [method for key, method in LOSS_REPLACEMENTS.items() if getattr(cfg, key)]
+    if on:
+        return on[0]
+    return "chunked" if cfg.tiled_mlp else "plain"
+
+
 def normalize(
     cfg: HellbenderConfig, *, world_size: int | None = None, hardware: Hardware | None = None
-) -> tuple[HellbenderConfig, list[Finding]]:
-    """Derive every computed key. Returns the new config and the findings made on the way."""
+) -> tuple[ResolvedConfig, list[Finding]]:
+    """Derive every computed key. Returns the resolved config and the findings made on the way."""
     findings: list[Finding] = []
     hw = hardware if hardware is not None else detect_hardware()
     if world_size is not None:
@@ -272,12 +237,12 @@ def normalize(
     else:
         world, env_finding = _world_size_from_env()
         findings += env_finding
-    update: dict[str, object] = {"world_size": world}
 
+    cp = cfg.context_parallel_size
     if cfg.sequence_parallel_degree and "context_parallel_size" not in cfg.model_fields_set:
-        update["context_parallel_size"] = cfg.sequence_parallel_degree
-    cp = int(update.get("context_parallel_size", cfg.context_parallel_size))  # type: ignore[arg-type]
-    if world % (cp * cfg.tensor_parallel_size):
+        cp = cfg.sequence_parallel_degree
+    model_parallel = cp * cfg.tensor_parallel_size
+    if world % model_parallel:
         findings.append(
             Finding(
                 "HB151",
@@ -288,15 +253,10 @@ def normalize(
                 key="context_parallel_size",
             )
         )
-    dp = max(1, world // (cp * cfg.tensor_parallel_size))
-
+    dp = max(1, world // model_parallel)
     gas, batch = _batch_sizes(cfg, dp, findings)
-    update["gradient_accumulation_steps"] = gas
-    update["batch_size"] = batch
 
-    if cfg.eval_batch_size is None:
-        update["eval_batch_size"] = cfg.micro_batch_size
-    elif cfg.eval_batch_size != cfg.micro_batch_size:
+    if cfg.eval_batch_size is not None and cfg.eval_batch_size != cfg.micro_batch_size:
         findings.append(
             Finding(
                 "HB123",
@@ -308,13 +268,21 @@ def normalize(
             )
         )
 
-    if cfg.pad_to_sequence_len is None:
-        update["pad_to_sequence_len"] = cfg.sample_packing
-    if cfg.eval_sample_packing is None:
-        update["eval_sample_packing"] = cfg.sample_packing
-    if cfg.dataset_num_proc is None:
-        update["dataset_num_proc"] = cfg.dataset_processes or max(1, os.cpu_count() or 1)
-
+    update: dict[str, object] = {
+        "world_size": world,
+        "context_parallel_size": cp,
+        "data_parallel_size": dp,
+        "gradient_accumulation_steps": gas,
+        "batch_size": batch,
+        "eval_batch_size": cfg.eval_batch_size if cfg.eval_batch_size is not None else cfg.micro_batch_size,
+        "pad_to_sequence_len": cfg.sample_packing if cfg.pad_to_sequence_len is None else cfg.pad_to_sequence_len,
+        "eval_sample_packing": cfg.sample_packing if cfg.eval_sample_packing is None else cfg.eval_sample_packing,
+        "dataset_num_proc": cfg.dataset_num_proc or cfg.dataset_processes or max(1, os.cpu_count() or 1),
+        # Set alone, max_steps repeats epochs until reached (as in the HF Trainer).
+        "epochs_given": "num_epochs" in cfg.model_fields_set or cfg.max_steps is None,
+        "loss_method": _loss_method(cfg),
+        "attn_implementation": _resolve_attention(cfg, findings),
+    }
     if cfg.optimizer == "adamw_bnb_8bit":
         update["optimizer"] = "adamw_8bit"
     for list_key in ("datasets", "test_datasets"):
@@ -322,7 +290,6 @@ def normalize(
         if entries and any(d.message_field_role or d.message_field_content for d in entries):
             update[list_key] = [_legacy_message_fields(d, f"{list_key}.{i}", findings) for i, d in enumerate(entries)]
 
-    update["attn_implementation"] = _resolve_attention(cfg, findings)
     dtype = resolve_dtype(cfg.bf16, cfg.fp16, hw)
     update["compute_dtype"] = dtype
     update["bf16"] = dtype == "bfloat16"
@@ -334,28 +301,5 @@ def normalize(
             key="bf16",
         )
     )
-    return cfg.model_copy(update=update), findings
-
-
-def load_config(
-    path: str | Path,
-    overrides: list[str] | None = None,
-    *,
-    world_size: int | None = None,
-    hardware: Hardware | None = None,
-    strict: bool = True,
-) -> tuple[HellbenderConfig, list[Finding]]:
-    """Read, normalize and check a config: the one entry point every command uses.
-
-    With ``strict`` a config that has error findings raises :class:`ConfigError`.
-    """
-    from hellbender.config.load import read_config
-    from hellbender.config.rules import check
-
-    raw, _ = read_config(path, overrides)
-    hw = hardware if hardware is not None else detect_hardware()
-    cfg, findings = normalize(raw, world_size=world_size, hardware=hw)
-    findings += check(cfg, hw, raw)
-    if strict and has_errors(findings):
-        raise ConfigError([f for f in findings if f.severity == "error"])
-    return cfg, findings
+    # Validated, so a derived value of the wrong type is a bug caught here, not in the loop.
+    return ResolvedConfig.model_validate({**dict(cfg), **update}), findings

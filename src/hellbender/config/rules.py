@@ -10,22 +10,15 @@ Codes: HB1xx are config rules. Every rule has a test that triggers it and one th
 
 from __future__ import annotations
 
-import json
-import struct
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any
 
 from hellbender.config.findings import Finding
-from hellbender.config.normalize import Hardware
-from hellbender.config.schema import HellbenderConfig
+from hellbender.config.hardware import Hardware
+from hellbender.config.schema import GPU_ONLY_BACKENDS, LOSS_REPLACEMENTS, HellbenderConfig, ResolvedConfig
+from hellbender.model_files import read_model_config
 
-Rule = Callable[[HellbenderConfig, Hardware, HellbenderConfig], list[Finding]]
+Rule = Callable[[ResolvedConfig, Hardware, HellbenderConfig], list[Finding]]
 RULES: list[Rule] = []
-
-# Backends that can keep packed documents from attending to each other (see models/attention.py).
-DOCUMENT_ISOLATING_BACKENDS = {"eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3", "xformers"}
-GPU_ONLY_BACKENDS = {"flash_attention_2", "flash_attention_3", "xformers"}
 
 # Options that exist in the schema (so Axolotl configs parse) but whose implementation has not
 # landed yet. Setting one is an error naming it: a config never silently trains without a
@@ -67,9 +60,14 @@ def _warn(code: str, message: str, fix: str, key: str | None = None) -> list[Fin
 
 
 @rule
-def fp16_full_finetune_packing(cfg: HellbenderConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
+def fp16_full_finetune_packing(cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
     """Full fine-tune in fp16 with sample packing and no flash attention: fp16 weights overflow, and the padded-mask path is slow."""
-    if cfg.fp16 and cfg.adapter is None and cfg.sample_packing and not str(cfg.attn_implementation).startswith("flash"):
+    if (
+        cfg.fp16
+        and cfg.adapter is None
+        and cfg.sample_packing
+        and not str(cfg.attn_implementation).startswith("flash")
+    ):
         return _warn(
             "HB103",
             "full fine-tuning in fp16 with sample packing but without flash attention: fp16 master "
@@ -81,7 +79,7 @@ def fp16_full_finetune_packing(cfg: HellbenderConfig, hw: Hardware, raw: Hellben
 
 
 @rule
-def fp8_without_compile(cfg: HellbenderConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
+def fp8_without_compile(cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
     """fp8 without torch_compile: unfused casts make fp8 slower than bf16."""
     if cfg.fp8 and not cfg.torch_compile:
         return _warn(
@@ -94,7 +92,7 @@ def fp8_without_compile(cfg: HellbenderConfig, hw: Hardware, raw: HellbenderConf
 
 
 @rule
-def fp8_hardware(cfg: HellbenderConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
+def fp8_hardware(cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
     """fp8 on hardware without fp8 tensor cores (compute capability below 8.9) cannot run."""
     if cfg.fp8 and not hw.cuda_fp8:
         return _err(
@@ -107,7 +105,7 @@ def fp8_hardware(cfg: HellbenderConfig, hw: Hardware, raw: HellbenderConfig) -> 
 
 
 @rule
-def quantized_base_needs_adapter(cfg: HellbenderConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
+def quantized_base_needs_adapter(cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
     """A 4/8-bit base cannot be trained in full: its quantized weights are frozen, so an adapter is needed."""
     if (cfg.load_in_4bit or cfg.load_in_8bit) and cfg.adapter is None:
         return _err(
@@ -120,15 +118,17 @@ def quantized_base_needs_adapter(cfg: HellbenderConfig, hw: Hardware, raw: Hellb
 
 
 @rule
-def qlora_needs_4bit(cfg: HellbenderConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
+def qlora_needs_4bit(cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
     """adapter: qlora means a 4-bit base; without load_in_4bit it would silently be plain LoRA."""
     if cfg.adapter == "qlora" and not cfg.load_in_4bit:
-        return _err("HB107", "adapter: qlora needs load_in_4bit: true.", "Set load_in_4bit: true.", "load_in_4bit")
+        return _err(
+            "HB107", "adapter: qlora needs load_in_4bit: true.", "Set load_in_4bit: true.", "load_in_4bit"
+        )
     return []
 
 
 @rule
-def both_quantizations(cfg: HellbenderConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
+def both_quantizations(cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
     """load_in_4bit and load_in_8bit are mutually exclusive."""
     if cfg.load_in_4bit and cfg.load_in_8bit:
         return _err("HB112", "load_in_4bit and load_in_8bit are both set.", "Keep one.", "load_in_4bit")
@@ -136,7 +136,7 @@ def both_quantizations(cfg: HellbenderConfig, hw: Hardware, raw: HellbenderConfi
 
 
 @rule
-def offload_needs_checkpointing(cfg: HellbenderConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
+def offload_needs_checkpointing(cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
     """activation_offloading offloads what gradient checkpointing keeps, so it needs checkpointing on."""
     if cfg.activation_offloading and not cfg.gradient_checkpointing:
         return _err(
@@ -150,14 +150,10 @@ def offload_needs_checkpointing(cfg: HellbenderConfig, hw: Hardware, raw: Hellbe
 
 
 @rule
-def eval_without_data(cfg: HellbenderConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
+def eval_without_data(cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
     """Evaluation settings (eval_steps, evals_per_epoch, eval_strategy, eval_batch_size) without evaluation data would silently never evaluate."""
     has_eval_data = cfg.val_set_size > 0 or bool(cfg.test_datasets)
-    asked = [
-        k
-        for k in ("eval_steps", "evals_per_epoch")
-        if getattr(cfg, k) is not None
-    ]
+    asked = [k for k in ("eval_steps", "evals_per_epoch") if getattr(cfg, k) is not None]
     if cfg.eval_strategy in ("steps", "epoch"):
         asked.append("eval_strategy")
     if raw.eval_batch_size is not None:
@@ -173,23 +169,30 @@ def eval_without_data(cfg: HellbenderConfig, hw: Hardware, raw: HellbenderConfig
 
 
 @rule
-def warmup_both(cfg: HellbenderConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
+def warmup_both(cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
     """warmup_steps and warmup_ratio say the same thing twice; which one wins would be a guess."""
     if cfg.warmup_steps is not None and cfg.warmup_ratio is not None:
-        return _err("HB110", "warmup_steps and warmup_ratio are both set.", "Keep one of them.", "warmup_steps")
+        return _err(
+            "HB110", "warmup_steps and warmup_ratio are both set.", "Keep one of them.", "warmup_steps"
+        )
     return []
 
 
 @rule
-def deepspeed_and_fsdp(cfg: HellbenderConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
+def deepspeed_and_fsdp(cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
     """DeepSpeed and FSDP both shard the model and cannot be combined."""
     if cfg.deepspeed and (cfg.fsdp or cfg.fsdp_config):
-        return _err("HB111", "deepspeed and fsdp are both set; they shard the model differently.", "Keep one.", "deepspeed")
+        return _err(
+            "HB111",
+            "deepspeed and fsdp are both set; they shard the model differently.",
+            "Keep one.",
+            "deepspeed",
+        )
     return []
 
 
 @rule
-def dtype_conflict(cfg: HellbenderConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
+def dtype_conflict(cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
     """bf16: true and fp16: true together: only one training dtype can be used."""
     if raw.bf16 is True and raw.fp16:
         return _err("HB113", "bf16 and fp16 are both true.", "Keep one (bf16: auto picks for you).", "bf16")
@@ -197,12 +200,17 @@ def dtype_conflict(cfg: HellbenderConfig, hw: Hardware, raw: HellbenderConfig) -
 
 
 @rule
-def bf16_hardware(cfg: HellbenderConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
+def bf16_hardware(cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
     """bf16: true on hardware without bf16: an error on a CUDA GPU without it, a warning on a CPU (emulated, slow)."""
     if raw.bf16 is not True:
         return []
     if hw.cuda and not hw.cuda_bf16:
-        return _err("HB114", f"bf16: true but {hw.description} has no bf16.", "Use bf16: auto (falls back to fp16).", "bf16")
+        return _err(
+            "HB114",
+            f"bf16: true but {hw.description} has no bf16.",
+            "Use bf16: auto (falls back to fp16).",
+            "bf16",
+        )
     if not hw.cuda and not hw.cpu_bf16:
         return _warn(
             "HB114",
@@ -214,15 +222,20 @@ def bf16_hardware(cfg: HellbenderConfig, hw: Hardware, raw: HellbenderConfig) ->
 
 
 @rule
-def fp16_on_cpu(cfg: HellbenderConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
+def fp16_on_cpu(cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
     """fp16 training needs a GPU: there is no fp16 matmul path or loss scaling on CPU."""
     if cfg.fp16 and not hw.cuda:
-        return _err("HB115", "fp16 training needs a GPU (no fp16 matmul path or loss scaling on CPU).", "Use bf16: auto.", "fp16")
+        return _err(
+            "HB115",
+            "fp16 training needs a GPU (no fp16 matmul path or loss scaling on CPU).",
+            "Use bf16: auto.",
+            "fp16",
+        )
     return []
 
 
 @rule
-def tf32_on_cpu(cfg: HellbenderConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
+def tf32_on_cpu(cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
     """tf32 only affects NVIDIA GPUs; on other hardware it does nothing."""
     if cfg.tf32 and not hw.cuda:
         return _warn("HB116", "tf32 has no effect without an NVIDIA GPU.", "Remove tf32.", "tf32")
@@ -230,20 +243,45 @@ def tf32_on_cpu(cfg: HellbenderConfig, hw: Hardware, raw: HellbenderConfig) -> l
 
 
 @rule
-def one_loss_replacement(cfg: HellbenderConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
+def one_loss_replacement(cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
     """At most one loss replacement (chunked, cut, Liger, fused Liger) can compute the loss."""
-    on = [
-        k
-        for k in ("chunked_cross_entropy", "cut_cross_entropy", "liger_cross_entropy", "liger_fused_linear_cross_entropy")
-        if getattr(cfg, k)
-    ]
+    on = [k for k in LOSS_REPLACEMENTS if getattr(cfg, k)]
     if len(on) > 1:
         return _err("HB117", f"more than one loss replacement is on: {', '.join(on)}.", "Keep one.", on[0])
     return []
 
 
 @rule
-def attention_on_cpu(cfg: HellbenderConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
+def two_mlp_replacements(cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
+    """liger_glu_activation and lora_mlp_kernel both replace the MLP forward; only one can."""
+    if cfg.liger_glu_activation and cfg.lora_mlp_kernel:
+        return _err(
+            "HB118",
+            "liger_glu_activation and lora_mlp_kernel both replace the MLP forward; only one can run.",
+            "Keep one (lora_mlp_kernel for a LoRA run, liger_glu_activation otherwise).",
+            "lora_mlp_kernel",
+        )
+    return []
+
+
+@rule
+def cut_cross_entropy_installed(cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
+    """cut_cross_entropy needs the cut-cross-entropy package (checked without importing it)."""
+    if cfg.cut_cross_entropy:
+        from importlib.util import find_spec
+
+        if find_spec("cut_cross_entropy") is None:
+            return _err(
+                "HB119",
+                "cut_cross_entropy: true needs the cut-cross-entropy package, which is not installed.",
+                "pip install 'hellbender[gpu]' (or use chunked_cross_entropy, which needs nothing).",
+                "cut_cross_entropy",
+            )
+    return []
+
+
+@rule
+def attention_on_cpu(cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
     """GPU-only attention backends (flash attention, xformers) on a machine without CUDA, and flex_attention, which has no backward on CPU."""
     if hw.cuda:
         return []
@@ -265,21 +303,7 @@ def attention_on_cpu(cfg: HellbenderConfig, hw: Hardware, raw: HellbenderConfig)
 
 
 @rule
-def packing_isolation(cfg: HellbenderConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
-    """sample_packing needs an attention backend that keeps packed documents from attending to each other."""
-    if cfg.sample_packing and cfg.attn_implementation not in DOCUMENT_ISOLATING_BACKENDS:
-        return _err(
-            "HB132",
-            f"sample_packing with attn_implementation {cfg.attn_implementation}: this backend cannot keep "
-            "packed documents from attending to each other.",
-            "Use sdpa, eager, flex_attention or flash_attention_2.",
-            "sample_packing",
-        )
-    return []
-
-
-@rule
-def packing_without_padding(cfg: HellbenderConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
+def packing_without_padding(cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
     """sample_packing with pad_to_sequence_len: false gives batches of varying shape (fragmentation, recompiles)."""
     if cfg.sample_packing and raw.pad_to_sequence_len is False:
         return _warn(
@@ -293,7 +317,7 @@ def packing_without_padding(cfg: HellbenderConfig, hw: Hardware, raw: Hellbender
 
 
 @rule
-def liger_on_cpu(cfg: HellbenderConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
+def liger_on_cpu(cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
     """Liger kernels are Triton GPU kernels and cannot run without CUDA."""
     on = [k for k in HellbenderConfig.model_fields if k.startswith("liger_") and getattr(cfg, k)]
     if on and not hw.cuda:
@@ -307,7 +331,7 @@ def liger_on_cpu(cfg: HellbenderConfig, hw: Hardware, raw: HellbenderConfig) -> 
 
 
 @rule
-def lora_keys_without_adapter(cfg: HellbenderConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
+def lora_keys_without_adapter(cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
     """LoRA/PEFT keys set without an adapter are ignored by a full fine-tune, which is usually not what was meant."""
     lora_keys = [
         k
@@ -325,7 +349,7 @@ def lora_keys_without_adapter(cfg: HellbenderConfig, hw: Hardware, raw: Hellbend
 
 
 @rule
-def adapter_without_targets(cfg: HellbenderConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
+def adapter_without_targets(cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
     """An adapter without lora_target_modules/lora_target_linear falls back to peft's per-architecture defaults (often only q_proj and v_proj)."""
     if cfg.adapter and not cfg.lora_target_modules and not cfg.lora_target_linear and not cfg.lora_model_dir:
         return _warn(
@@ -339,15 +363,20 @@ def adapter_without_targets(cfg: HellbenderConfig, hw: Hardware, raw: Hellbender
 
 
 @rule
-def no_datasets(cfg: HellbenderConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
+def no_datasets(cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
     """A training run needs at least one training dataset."""
     if not cfg.datasets:
-        return _err("HB137", "no training datasets (`datasets:` is empty).", "Add at least one entry under datasets:.", "datasets")
+        return _err(
+            "HB137",
+            "no training datasets (`datasets:` is empty).",
+            "Add at least one entry under datasets:.",
+            "datasets",
+        )
     return []
 
 
 @rule
-def two_eval_sources(cfg: HellbenderConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
+def two_eval_sources(cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
     """val_set_size and test_datasets both define the evaluation set; which one is used would be ambiguous."""
     if cfg.val_set_size > 0 and cfg.test_datasets:
         return _err(
@@ -360,7 +389,7 @@ def two_eval_sources(cfg: HellbenderConfig, hw: Hardware, raw: HellbenderConfig)
 
 
 @rule
-def steps_and_per_epoch(cfg: HellbenderConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
+def steps_and_per_epoch(cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
     """save_steps with saves_per_epoch, or eval_steps with evals_per_epoch: two schedules for one thing."""
     out: list[Finding] = []
     if cfg.save_steps is not None and cfg.saves_per_epoch is not None:
@@ -371,7 +400,7 @@ def steps_and_per_epoch(cfg: HellbenderConfig, hw: Hardware, raw: HellbenderConf
 
 
 @rule
-def max_steps_and_epochs(cfg: HellbenderConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
+def max_steps_and_epochs(cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
     """max_steps with an explicit num_epochs: the run stops at whichever comes first."""
     if cfg.max_steps is not None and "num_epochs" in raw.model_fields_set:
         return _warn(
@@ -384,28 +413,38 @@ def max_steps_and_epochs(cfg: HellbenderConfig, hw: Hardware, raw: HellbenderCon
 
 
 @rule
-def deprecated_aliases(cfg: HellbenderConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
+def deprecated_aliases(cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
     """Deprecated aliases (dataset_processes, sequence_parallel_degree) still work but should be renamed."""
     out: list[Finding] = []
     if raw.dataset_processes is not None:
-        out += _warn("HB141", "dataset_processes is deprecated.", "Rename it to dataset_num_proc.", "dataset_processes")
+        out += _warn(
+            "HB141", "dataset_processes is deprecated.", "Rename it to dataset_num_proc.", "dataset_processes"
+        )
     if raw.sequence_parallel_degree is not None:
         out += _warn(
-            "HB141", "sequence_parallel_degree is deprecated.", "Rename it to context_parallel_size.", "sequence_parallel_degree"
+            "HB141",
+            "sequence_parallel_degree is deprecated.",
+            "Rename it to context_parallel_size.",
+            "sequence_parallel_degree",
         )
     return out
 
 
 @rule
-def save_limit_without_saving(cfg: HellbenderConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
+def save_limit_without_saving(cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
     """save_total_limit with save_strategy: no has nothing to limit."""
     if cfg.save_total_limit is not None and cfg.save_strategy == "no":
-        return _warn("HB142", "save_total_limit with save_strategy: no has no effect.", "Remove one.", "save_total_limit")
+        return _warn(
+            "HB142",
+            "save_total_limit with save_strategy: no has no effect.",
+            "Remove one.",
+            "save_total_limit",
+        )
     return []
 
 
 @rule
-def resume_both(cfg: HellbenderConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
+def resume_both(cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
     """resume_from_checkpoint with auto_resume_from_checkpoints: the explicit path wins, the other is ignored."""
     if cfg.resume_from_checkpoint and cfg.auto_resume_from_checkpoints:
         return _warn(
@@ -418,7 +457,7 @@ def resume_both(cfg: HellbenderConfig, hw: Hardware, raw: HellbenderConfig) -> l
 
 
 @rule
-def adamw_8bit_needs_bnb(cfg: HellbenderConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
+def adamw_8bit_needs_bnb(cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
     """adamw_8bit and 4/8-bit bases need bitsandbytes installed (checked without importing it)."""
     if cfg.optimizer == "adamw_8bit" or cfg.load_in_4bit or cfg.load_in_8bit:
         from importlib.util import find_spec
@@ -434,7 +473,7 @@ def adamw_8bit_needs_bnb(cfg: HellbenderConfig, hw: Hardware, raw: HellbenderCon
 
 
 @rule
-def not_yet_implemented(cfg: HellbenderConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
+def not_yet_implemented(cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
     """Options that parse (so Axolotl configs load) but whose feature has not landed: setting one is an error, never a silent no-op."""
     defaults = HellbenderConfig.model_fields
     out: list[Finding] = []
@@ -442,7 +481,11 @@ def not_yet_implemented(cfg: HellbenderConfig, hw: Hardware, raw: HellbenderConf
         value = getattr(raw, key)
         # `ddp: false` asks for nothing; every other key asks for its feature by differing from
         # its default
-        if key in raw.model_fields_set and value != defaults[key].default and not (key == "ddp" and not value):
+        if (
+            key in raw.model_fields_set
+            and value != defaults[key].default
+            and not (key == "ddp" and not value)
+        ):
             out += _err(
                 "HB199",
                 f"`{key}` ({feature}) is recognised but not supported by this hellbender release yet.",
@@ -455,100 +498,8 @@ def not_yet_implemented(cfg: HellbenderConfig, hw: Hardware, raw: HellbenderConf
 # ------------------------------------------------------------------ rules that read the model config
 
 
-# GGUF metadata value types (gguf spec) → struct format of the scalar ones; 8 = string, 9 = array.
-_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-
-
-def _gguf_metadata(path: Path) -> dict[str, Any]:
-    """``general.architecture`` and the ``*.context_length`` keys from a GGUF header.
-
-    Reads the key/value section sequentially and stops as soon as both are known, skipping
-    vocabulary arrays by their lengths. The gguf library's reader parses every field (a 49k-token
-    vocabulary becomes tens of thousands of numpy views), which costs seconds; validation needs
-    two scalars from the start of the header. Tensor data is never touched. Raises ValueError on
-    anything that is not a well-formed little-endian GGUF v2/v3 header.
-    """
-    found: dict[str, Any] = {}
-    with path.open("rb") as fh:
-
-        def read(fmt: str) -> Any:
-            size = struct.calcsize(fmt)
-            buf = fh.read(size)
-            if len(buf) != size:
-                raise ValueError("truncated GGUF header")
-            return struct.unpack(fmt, buf)[0]
-
-        def read_string(keep: bool) -> str | None:
-            length = read("<Q")
-            if not keep:
-                fh.seek(length, 1)
-                return None
-            buf = fh.read(min(length, 1 << 20))
-            if len(buf) != length:
-                raise ValueError("truncated or oversized GGUF string")
-            return buf.decode("utf-8", "replace")
-
-        def read_value(vtype: int, keep: bool) -> Any:
-            if vtype in _GGUF_SCALARS:
-                return read(_GGUF_SCALARS[vtype])
-            if vtype == 8:
-                return read_string(keep)
-            if vtype == 9:
-                item_type, count = read("<I"), read("<Q")
-                if item_type in _GGUF_SCALARS:
-                    fh.seek(count * struct.calcsize(_GGUF_SCALARS[item_type]), 1)
-                else:
-                    for _ in range(count):
-                        read_value(item_type, False)
-                return None
-            raise ValueError(f"unknown GGUF value type {vtype}")
-
-        if fh.read(4) != b"GGUF":
-            raise ValueError("not a GGUF file")
-        if read("<I") not in (2, 3):
-            raise ValueError("unsupported GGUF version")
-        read("<Q")  # tensor count
-        for _ in range(read("<Q")):
-            key = read_string(True) or ""
-            keep = key == "general.architecture" or key.endswith(".context_length")
-            value = read_value(read("<I"), keep)
-            if keep:
-                found[key] = value
-            arch = found.get("general.architecture")
-            if arch is not None and f"{arch}.context_length" in found:
-                break
-    return found
-
-
-def read_model_config(base_model: str) -> dict[str, Any] | None:
-    """The model's config as a dict without loading weights, or None if it cannot be read here.
-
-    Never raises: a path that cannot be resolved, a damaged config.json or a file that is not
-    really GGUF all mean "cannot be read here", and the rules that need it report a skip.
-    """
-    try:
-        path = Path(base_model).expanduser()
-        if path.is_dir() and (path / "config.json").is_file():
-            loaded = json.loads((path / "config.json").read_text(encoding="utf-8"))
-            return loaded if isinstance(loaded, dict) else None
-        if path.is_file() and path.suffix == ".gguf":
-            meta = _gguf_metadata(path)
-            arch = meta.get("general.architecture")
-            if not isinstance(arch, str):
-                return None
-            out: dict[str, Any] = {"model_type": arch}
-            ctx = meta.get(f"{arch}.context_length")
-            if isinstance(ctx, int):
-                out["max_position_embeddings"] = ctx
-            return out
-    except (OSError, ValueError, RuntimeError, RecursionError, struct.error):
-        # RuntimeError: "~user" with no such user; OSError: e.g. a name too long for the OS.
-        return None
-    return None
-
-
 @rule
-def sequence_len_vs_model(cfg: HellbenderConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
+def sequence_len_vs_model(cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
     """sequence_len beyond the model's max_position_embeddings without rope_scaling. Reads config.json or GGUF metadata only, never weights; reports that it was skipped when the model config cannot be read (hub id offline, private)."""
     model_cfg = read_model_config(cfg.base_model_config or cfg.base_model)
     if model_cfg is None:
@@ -579,7 +530,7 @@ def sequence_len_vs_model(cfg: HellbenderConfig, hw: Hardware, raw: HellbenderCo
     return []
 
 
-def check(cfg: HellbenderConfig, hw: Hardware, raw: HellbenderConfig | None = None) -> list[Finding]:
+def check(cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfig | None = None) -> list[Finding]:
     """Run every rule. ``raw`` is the config as the user wrote it (defaults to ``cfg``)."""
     raw = raw if raw is not None else cfg
     findings: list[Finding] = []

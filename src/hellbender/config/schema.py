@@ -12,7 +12,7 @@ well under a second, so nothing here may import torch or transformers.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -23,6 +23,23 @@ DatasetType = Literal["alpaca", "completion", "input_output", "chat_template", "
 # "adamw_bnb_8bit" is the Hugging Face / Axolotl spelling of adamw_8bit; normalize maps it.
 Optimizer = Literal["adamw_torch", "adamw_torch_fused", "adamw_8bit", "adamw_bnb_8bit", "sgd"]
 Scheduler = Literal["cosine", "linear", "constant"]
+ComputeDtype = Literal["bfloat16", "float16", "float32"]
+LossMethod = Literal["plain", "chunked", "cut", "liger", "liger_fused_linear"]
+
+# Facts about the choices above that several stages need; each is defined here and only here.
+# Attention backends that need a CUDA GPU (and their own package).
+GPU_ONLY_BACKENDS: frozenset[str] = frozenset({"flash_attention_2", "flash_attention_3", "xformers"})
+# Backends for which hellbender.models.attention keeps packed documents apart (mask, BlockMask,
+# varlen kwargs or bias): every backend a config may name, so sample packing never leaks.
+DOCUMENT_ISOLATING_BACKENDS: frozenset[str] = frozenset(get_args(AttnImplementation))
+# The keys that replace the plain logits + cross-entropy loss, and the method each one selects.
+# At most one may be on (rule HB117); normalize derives ``loss_method`` from them.
+LOSS_REPLACEMENTS: dict[str, LossMethod] = {
+    "chunked_cross_entropy": "chunked",
+    "cut_cross_entropy": "cut",
+    "liger_cross_entropy": "liger",
+    "liger_fused_linear_cross_entropy": "liger_fused_linear",
+}
 
 
 class _Strict(BaseModel):
@@ -330,13 +347,38 @@ class HellbenderConfig(_Strict):
     debug: bool = Field(False, description="Verbose logging.")
     special_tokens_fix: bool = Field(True, description="Correct GGUF-converted special tokens from metadata.")
 
-    # ---------------------------------------------------------------- derived (set by normalize)
-    # readOnly in the JSON schema, so editors and schema-driven tools do not offer them
-    compute_dtype: Literal["bfloat16", "float16", "float32"] | None = Field(
-        None,
-        description="Derived: the resolved training dtype. Not for users to set.",
-        json_schema_extra={"readOnly": True},
+
+class ResolvedConfig(HellbenderConfig):
+    """A config after :func:`hellbender.config.normalize.normalize`: every derived value filled in.
+
+    Everything past the config stage takes this type, never :class:`HellbenderConfig`: the keys a
+    user may leave open (``gradient_accumulation_steps``, ``eval_batch_size``, ...) are no longer
+    Optional here, and the values derived from several keys (the training dtype, the data-parallel
+    size, the loss implementation) exist only here. So no later stage needs an ``or default``
+    fallback, and the type checker proves it. None of these fields has a default: a
+    ``ResolvedConfig`` can only come out of ``normalize``.
+    """
+
+    gradient_accumulation_steps: int = Field(..., ge=1, description="Micro-batches per optimizer step.")
+    batch_size: int = Field(
+        ..., ge=1, description="micro_batch_size × gradient_accumulation_steps × data_parallel_size."
     )
-    world_size: int = Field(
-        1, ge=1, description="Derived: number of ranks (from WORLD_SIZE).", json_schema_extra={"readOnly": True}
+    eval_batch_size: int = Field(..., ge=1, description="Rows per eval forward.")
+    pad_to_sequence_len: bool = Field(..., description="Pad every batch to sequence_len.")
+    eval_sample_packing: bool = Field(..., description="Pack evaluation data.")
+    dataset_num_proc: int = Field(..., ge=1, description="Processes for tokenization.")
+    attn_implementation: AttnImplementation = Field(..., description="The one attention backend.")
+    context_parallel_size: int = Field(..., ge=1, description="Ranks that split one sequence.")
+    compute_dtype: ComputeDtype = Field(..., description="The training dtype (bf16: auto resolved).")
+    world_size: int = Field(..., ge=1, description="Ranks taking part (WORLD_SIZE).")
+    data_parallel_size: int = Field(
+        ..., ge=1, description="Ranks that see different data: world_size / (context × tensor parallel)."
+    )
+    epochs_given: bool = Field(
+        ...,
+        description="num_epochs bounds the run (it was set, or max_steps was not); false: max_steps "
+        "alone, epochs repeat until it is reached.",
+    )
+    loss_method: LossMethod = Field(
+        ..., description="How the loss is computed (the loss key that is on; tiled_mlp implies chunked)."
     )

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import hellbender
-from hellbender.config.schema import HellbenderConfig
+from hellbender.config.schema import ResolvedConfig
 
 META_FILE = "meta.json"
 # Bump when the preparation logic changes in a way that changes its output within one release.
@@ -75,7 +75,7 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 
 
 def cache_ingredients(
-    cfg: HellbenderConfig,
+    cfg: ResolvedConfig,
     tokenizer_id: str,
     train: list[Mapping[str, Any]],
     evaluation: list[Mapping[str, Any]],
@@ -100,7 +100,7 @@ def cache_key(ingredients: Mapping[str, Any]) -> str:
     return hashlib.sha256(blob).hexdigest()[:24]
 
 
-def prepared_root(cfg: HellbenderConfig) -> Path:
+def prepared_root(cfg: ResolvedConfig) -> Path:
     return Path(cfg.dataset_prepared_path).expanduser()
 
 

@@ -2,8 +2,8 @@
 
 Two halves, used together by the training loop::
 
-    sampler = build_batch_sampler(lengths, sequence_len=2048, micro_batch_size=4,
-                                  sample_packing=True, seed=cfg.seed)
+    sampler = BatchSampler(lengths, sequence_len=2048, micro_batch_size=4,
+                           sample_packing=True, seed=cfg.seed)
     collate = Collator(tokenizer.pad_token_id, sequence_len=2048, pad_to_sequence_len=True,
                        attn_implementation="sdpa", micro_batch_size=4)
     for epoch in range(num_epochs):
@@ -59,22 +59,13 @@ from typing import Any
 import numpy as np
 import torch
 
-IGNORE_INDEX = -100
-
-# Attention backends for which hellbender.models.attention.model_inputs builds an exact
-# per-document mask. It lives here, in the earlier (data) stage, so that both the collator and
-# models/attention.py read one definition (models may import data, not the reverse).
-DOCUMENT_ISOLATING_BACKENDS: frozenset[str] = frozenset(
-    {"eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3", "xformers"}
-)
+from hellbender.config.schema import DOCUMENT_ISOLATING_BACKENDS
+from hellbender.data.tokenize import IGNORE_INDEX
 
 __all__ = [
-    "DOCUMENT_ISOLATING_BACKENDS",
-    "IGNORE_INDEX",
     "BatchSampler",
     "Collator",
     "best_fit_decreasing",
-    "build_batch_sampler",
 ]
 
 
@@ -264,28 +255,6 @@ class BatchSampler:
         return float(self._lengths[used].sum()) / capacity if capacity else 0.0
 
 
-def build_batch_sampler(
-    lengths: Sequence[int],
-    *,
-    sequence_len: int,
-    micro_batch_size: int,
-    sample_packing: bool,
-    seed: int,
-    shuffle: bool = True,
-    drop_last: bool = False,
-) -> BatchSampler:
-    """Build the micro-batch sampler the training loop iterates (see :class:`BatchSampler`)."""
-    return BatchSampler(
-        lengths,
-        sequence_len=sequence_len,
-        micro_batch_size=micro_batch_size,
-        sample_packing=sample_packing,
-        seed=seed,
-        shuffle=shuffle,
-        drop_last=drop_last,
-    )
-
-
 class Collator:
     """Turn rows of tokenized samples into one micro-batch of tensors.
 
@@ -302,7 +271,7 @@ class Collator:
     ``seq_lens`` (S,) int32 segment lengths over the flattened B×W stream, ``cu_seqlens`` (S+1,)
     int32 their cumulative sums (``cu_seqlens[-1] == B*W``), ``max_seqlen`` 0-d long;
     ``num_trained_tokens`` 0-d long: labels that the shifted loss counts, i.e.
-    :func:`hellbender.train.loss.count_trained_tokens` of ``labels``;
+    ``(labels[:, 1:] != -100).sum()``;
     ``num_tokens`` 0-d long: real (non-padding) tokens.
 
     Width: ``sequence_len`` with ``pad_to_sequence_len``, otherwise the longest row of this

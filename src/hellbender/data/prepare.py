@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from hellbender.config.schema import DatasetConfig, HellbenderConfig
+from hellbender.config.schema import DatasetConfig, ResolvedConfig
 from hellbender.data.cache import (
     atomic_folder,
     cache_ingredients,
@@ -73,7 +73,7 @@ class _Entry:
     stats: DatasetStats
 
 
-def prepare_datasets(cfg: HellbenderConfig, tokenizer: Any, *, rebuild: bool = False) -> PreparedData:
+def prepare_datasets(cfg: ResolvedConfig, tokenizer: Any, *, rebuild: bool = False) -> PreparedData:
     """Prepare (or reuse from the cache) the training and evaluation sets of ``cfg``.
 
     Raises :class:`DataError` for anything that stops preparation: a missing file, an offline hub
@@ -90,13 +90,13 @@ def prepare_datasets(cfg: HellbenderConfig, tokenizer: Any, *, rebuild: bool = F
     return load_prepared(final, from_cache=False)
 
 
-def cache_key_for(cfg: HellbenderConfig, tokenizer: Any) -> tuple[str, dict[str, Any]]:
+def cache_key_for(cfg: ResolvedConfig, tokenizer: Any) -> tuple[str, dict[str, Any]]:
     """The cache key of ``cfg`` with ``tokenizer``, and what it is made of (nothing is built)."""
     _, _, ingredients = _plan(cfg, tokenizer)
     return cache_key(ingredients), ingredients
 
 
-def _plan(cfg: HellbenderConfig, tokenizer: Any) -> tuple[list[_Entry], list[_Entry], dict[str, Any]]:
+def _plan(cfg: ResolvedConfig, tokenizer: Any) -> tuple[list[_Entry], list[_Entry], dict[str, Any]]:
     """Resolve every dataset entry and its format, and compute the cache ingredients."""
     if not cfg.datasets:
         raise DataError("no training datasets: `datasets:` is empty.")
@@ -122,7 +122,7 @@ def load_prepared(folder: Path, *, from_cache: bool) -> PreparedData:
     return PreparedData(train=train, eval=evaluation, report=report, cache_dir=folder, from_cache=from_cache)
 
 
-def _entry(ds: DatasetConfig, cfg: HellbenderConfig, tokenizer: Any, split: str) -> _Entry:
+def _entry(ds: DatasetConfig, cfg: ResolvedConfig, tokenizer: Any, split: str) -> _Entry:
     fmt = build_format(ds, cfg, tokenizer)
     return _Entry(ds, resolve_source(ds), fmt, DatasetStats(name=ds.path, split=split, format=fmt.name))
 
@@ -155,7 +155,7 @@ class _Rejects:
 
 
 def _build(
-    cfg: HellbenderConfig, tokenizer: Any, train: list[_Entry], evaluation: list[_Entry], tmp: Path, final: Path
+    cfg: ResolvedConfig, tokenizer: Any, train: list[_Entry], evaluation: list[_Entry], tmp: Path, final: Path
 ) -> None:
     import datasets
 
@@ -255,7 +255,7 @@ class _Part:
 def _process(
     e: _Entry,
     index: int,
-    cfg: HellbenderConfig,
+    cfg: ResolvedConfig,
     tokenizer: Any,
     limits: Limits,
     num_proc: int,

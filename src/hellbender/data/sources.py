@@ -20,7 +20,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from typing import Any
 
 from hellbender.config.schema import DatasetConfig
 from hellbender.data.errors import BadRow, DataError
+from hellbender.hub import hub_offline
 
 FILE_TYPES = {
     ".jsonl": "jsonl",
@@ -43,7 +43,6 @@ FILE_TYPES = {
 # Axolotl allows `path: json` (a loader name) with local `data_files`.
 LOADER_NAMES = {"json": "json", "csv": "csv", "parquet": "parquet", "text": "txt", "arrow": "arrow"}
 _SAVED_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
-_TRUE = {"1", "true", "yes", "on"}
 
 
 @dataclass(frozen=True)
@@ -146,11 +145,6 @@ def _file_type(path: Path, ds: DatasetConfig) -> str:
     return ftype
 
 
-def hub_offline() -> bool:
-    """True when the environment forbids reaching the Hugging Face hub."""
-    return any(os.environ.get(v, "").strip().lower() in _TRUE for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-
-
 def _looks_local(path: str) -> bool:
     """A path the user clearly meant as a local file (so "not found" is the right error)."""
     # Hub ids are "name" or "owner/name"; more slashes, a leading ./ or ~, or a data-file
@@ -188,7 +182,7 @@ def resolve_source(ds: DatasetConfig) -> Source:
     if hub_offline():
         raise DataError(
             f"dataset {ds.path!r} is not a local file or folder, and the Hugging Face hub is offline "
-            "(HF_HUB_OFFLINE / HF_DATASETS_OFFLINE): it must be local. Download it where the network is "
+            "(HF_HUB_OFFLINE, TRANSFORMERS_OFFLINE or HF_DATASETS_OFFLINE): it must be local. Download it where the network is "
             "allowed (e.g. `datasets.load_dataset(...).save_to_disk(folder)`) and set `path:` to that folder."
         )
     return Source(ds, "hub")

@@ -35,6 +35,9 @@ import numpy as np
 from hellbender.data.errors import BadRow, DataError
 from hellbender.data.formats.base import PromptFormat, Rendered
 
+# The label of a token that is not trained: transformers' convention, and the ignore_index of every
+# loss in hellbender (the plain loss, the chunked/cut/Liger kernels). Defined here, where labels are
+# made; everything later imports it.
 IGNORE_INDEX = -100
 
 

@@ -26,7 +26,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100  # the label value transformers and hellbender.train.loss skip
+from hellbender.data.tokenize import IGNORE_INDEX
 
 
 def shifted_targets(labels: torch.Tensor) -> torch.Tensor:

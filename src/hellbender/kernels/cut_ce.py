@@ -18,15 +18,6 @@ from hellbender.kernels.chunked_ce import compute_dtype_for
 from hellbender.kernels.model_parts import Head
 
 
-def cut_available() -> bool:
-    """Whether ``cut_cross_entropy`` imports here (it needs Triton even for its CPU path)."""
-    try:
-        import cut_cross_entropy  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def cut_cross_entropy_sum(hidden: torch.Tensor, head: Head, labels: torch.Tensor) -> torch.Tensor:
     """Summed causal-LM loss of ``hidden`` (B, T, H) through ``head`` against unshifted ``labels`` (B, T)."""
     try:

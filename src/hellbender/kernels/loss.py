@@ -1,7 +1,7 @@
 """The training loss with whichever head + loss implementation the config picked.
 
-:func:`loss_sum` is what the training loop calls instead of ``model(...).logits`` followed by
-``causal_lm_loss_sum``. It returns the same quantity — the fp32 **sum** of next-token
+:func:`build_loss` returns what the training loop calls instead of ``model(...).logits`` followed
+by ``causal_lm_loss_sum``; it is built once, at setup. Every variant returns the same quantity — the fp32 **sum** of next-token
 cross-entropy over trained tokens (labels != -100 after the shift) — computed one of these ways:
 
 ========================================  ====================================================
@@ -15,50 +15,43 @@ config                                    how
 ========================================  ====================================================
 
 The last three never materialise the (tokens × vocab) logits. ``tiled_mlp`` implies the chunked
-loss (the "tiled loss" of the ALST recipe): at the sequence lengths where tiling the MLP matters,
-the logits are the biggest single activation left. Only one replacement may be on (rule HB117).
+loss (the "tiled loss" of the ALST recipe; derived as ``loss_method`` by
+:func:`hellbender.config.normalize.normalize`). Only one replacement may be on (rule HB117).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from hellbender.config.schema import HellbenderConfig
+from hellbender.config.schema import LossMethod
+from hellbender.data.tokenize import IGNORE_INDEX
 from hellbender.kernels.chunked_ce import chunked_linear_cross_entropy_sum, shifted_targets
 from hellbender.kernels.model_parts import decoder, output_head
 
-LOSS_KEYS: tuple[str, ...] = (
-    "chunked_cross_entropy",
-    "cut_cross_entropy",
-    "liger_cross_entropy",
-    "liger_fused_linear_cross_entropy",
-)
+# (model, model inputs without labels, labels) → fp32 loss sum over the trained tokens
+LossFn = Callable[[nn.Module, Mapping[str, Any], torch.Tensor], torch.Tensor]
 
 
-def loss_method(cfg: HellbenderConfig) -> str:
-    """Which implementation :func:`loss_sum` uses: plain, chunked, cut, liger or liger_fused_linear."""
-    on = [k for k in LOSS_KEYS if getattr(cfg, k)]
-    if len(on) > 1:
-        raise ValueError(f"more than one loss replacement is on: {', '.join(on)} (keep one; rule HB117)")
-    if not on:
-        return "chunked" if cfg.tiled_mlp else "plain"
-    return {
-        "chunked_cross_entropy": "chunked",
-        "cut_cross_entropy": "cut",
-        "liger_cross_entropy": "liger",
-        "liger_fused_linear_cross_entropy": "liger_fused_linear",
-    }[on[0]]
+def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of next-token cross-entropy over trained tokens, accumulated in fp32: the reference
+    every other method is tested against.
 
-
-def _plain_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    # The loop's own loss, so "plain" here and in the loop can never drift apart.
-    from hellbender.train.loss import causal_lm_loss_sum
-
-    return causal_lm_loss_sum(logits, labels)
+    ``logits`` (B, L, V) in any float dtype, ``labels`` (B, L) aligned with the inputs (not
+    shifted; -100 = not trained). A **sum**, never a mean: the loop divides by the trained tokens
+    of the whole optimizer step (see :mod:`hellbender.train.loop`). Logits are upcast to fp32
+    before the softmax: in bf16 the log-sum-exp over a large vocabulary loses enough precision to
+    bias the loss.
+    """
+    if logits.shape[:-1] != labels.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} do not match labels {tuple(labels.shape)}")
+    shift_logits = logits[:, :-1, :].reshape(-1, logits.shape[-1]).float()
+    shift_labels = labels[:, 1:].reshape(-1).to(shift_logits.device)
+    return F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def hidden_states(model: nn.Module, model_inputs: Mapping[str, Any]) -> torch.Tensor:
@@ -67,44 +60,57 @@ def hidden_states(model: nn.Module, model_inputs: Mapping[str, Any]) -> torch.Te
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 
-def loss_sum(
-    model: nn.Module, model_inputs: Mapping[str, Any], labels: torch.Tensor, cfg: HellbenderConfig
-) -> torch.Tensor:
-    """fp32 sum of the causal-LM loss over trained tokens of one micro-batch.
+def build_loss(method: LossMethod, *, num_chunks: int = 8) -> LossFn:
+    """The loss function for ``method`` (``cfg.loss_method``), chosen once at setup.
 
-    ``model_inputs``: what the model's forward takes (input_ids, attention_mask / position_ids /
-    varlen kwargs from :func:`hellbender.models.attention.model_inputs`), *without* labels.
-    ``labels`` (B, T), unshifted, -100 where not trained. Divide by the step's trained-token
-    count as with ``causal_lm_loss_sum``.
+    The returned function takes ``model``, ``model_inputs`` (what the model's forward takes:
+    input_ids, attention_mask / position_ids / varlen kwargs from
+    :func:`hellbender.models.attention.model_inputs`, *without* labels) and ``labels`` (B, T),
+    unshifted, -100 where not trained. It returns the fp32 sum of the causal-LM loss over the
+    trained tokens; the loop divides by the step's trained-token count. ``num_chunks`` is
+    ``cfg.chunked_cross_entropy_num_chunks`` (used by the chunked method only).
     """
-    if "labels" in model_inputs:
-        raise ValueError("loss_sum: pass labels separately, not in model_inputs (the model would compute its own loss)")
-    method = loss_method(cfg)
-    inputs = {"use_cache": False, **model_inputs}
-    if method in ("plain", "liger"):
-        logits = model(**inputs).logits
-        if method == "plain":
-            return _plain_loss_sum(logits, labels)
+
+    def inputs_of(model_inputs: Mapping[str, Any]) -> dict[str, Any]:
+        if "labels" in model_inputs:
+            raise ValueError("pass labels separately, not in model_inputs (the model would compute its own loss)")
+        return {"use_cache": False, **model_inputs}
+
+    if method == "plain":
+
+        def plain(model: nn.Module, model_inputs: Mapping[str, Any], labels: torch.Tensor) -> torch.Tensor:
+            return causal_lm_loss_sum(model(**inputs_of(model_inputs)).logits, labels)
+
+        return plain
+    if method == "liger":
         from hellbender.kernels.liger import liger_cross_entropy_sum
 
-        return liger_cross_entropy_sum(logits, labels)
+        def liger(model: nn.Module, model_inputs: Mapping[str, Any], labels: torch.Tensor) -> torch.Tensor:
+            return liger_cross_entropy_sum(model(**inputs_of(model_inputs)).logits, labels)
 
-    hidden = hidden_states(model, inputs)
-    head = output_head(model)
-    labels = labels.to(hidden.device)
+        return liger
     if method == "chunked":
-        return chunked_linear_cross_entropy_sum(
-            hidden,
-            head.weight,
-            shifted_targets(labels),
-            bias=head.bias,
-            num_chunks=cfg.chunked_cross_entropy_num_chunks,
-            softcap=head.softcap,
-        )
+
+        def chunked(model: nn.Module, model_inputs: Mapping[str, Any], labels: torch.Tensor) -> torch.Tensor:
+            hidden = hidden_states(model, inputs_of(model_inputs))
+            head = output_head(model)
+            return chunked_linear_cross_entropy_sum(
+                hidden,
+                head.weight,
+                shifted_targets(labels.to(hidden.device)),
+                bias=head.bias,
+                num_chunks=num_chunks,
+                softcap=head.softcap,
+            )
+
+        return chunked
     if method == "cut":
-        from hellbender.kernels.cut_ce import cut_cross_entropy_sum
+        from hellbender.kernels.cut_ce import cut_cross_entropy_sum as fused_sum
+    else:
+        from hellbender.kernels.liger import liger_fused_linear_cross_entropy_sum as fused_sum
 
-        return cut_cross_entropy_sum(hidden, head, labels)
-    from hellbender.kernels.liger import liger_fused_linear_cross_entropy_sum
+    def fused(model: nn.Module, model_inputs: Mapping[str, Any], labels: torch.Tensor) -> torch.Tensor:
+        hidden = hidden_states(model, inputs_of(model_inputs))
+        return fused_sum(hidden, output_head(model), labels.to(hidden.device))
 
-    return liger_fused_linear_cross_entropy_sum(hidden, head, labels)
+    return fused

@@ -8,10 +8,12 @@ Order matters and is fixed here:
 4. gradient checkpointing (wraps whole decoder layers),
 5. torch.compile (compiles each decoder layer including everything above).
 
-The loss replacements (chunked / cut / Liger cross-entropy) are not patches: the loop calls
-:func:`hellbender.kernels.loss.loss_sum`. Activation offloading is a context the loop enters
-around forward + backward (:func:`hellbender.kernels.offload.activation_offloading`). Both are
-validated here, so a config that cannot work on this model fails before the first step.
+The loss replacements (chunked / cut / Liger cross-entropy) are not patches: the loop calls the
+function :func:`hellbender.kernels.loss.build_loss` returns. Activation offloading is a context the
+loop enters around forward + backward (:func:`hellbender.kernels.offload.activation_offloading`).
+Which combinations are allowed is decided by the config rules (HB108, HB117, HB118, HB119); what
+is checked here is what only the model can tell: that a fused loss can reproduce its head, that
+a LoRA kernel has LoRA layers to fuse.
 
 Everything is recorded in a :class:`~hellbender.kernels.patching.Patches` log kept per model;
 :func:`undo_optimizations` restores the model exactly (the tests rely on it to compare the
@@ -27,9 +29,8 @@ from collections.abc import Iterator
 
 from torch import nn
 
-from hellbender.config.schema import HellbenderConfig
+from hellbender.config.schema import ResolvedConfig
 from hellbender.kernels.liger import LIGER_KEYS
-from hellbender.kernels.loss import loss_method
 from hellbender.kernels.model_parts import model_device, output_head
 from hellbender.kernels.patching import Patches
 
@@ -38,11 +39,11 @@ logger = logging.getLogger(__name__)
 _APPLIED: weakref.WeakKeyDictionary[nn.Module, Patches] = weakref.WeakKeyDictionary()
 
 
-def _has_lora(model: nn.Module) -> bool:
+def _model_has_lora_layers(model: nn.Module) -> bool:
     return any(hasattr(m, "lora_A") and hasattr(m, "get_base_layer") for m in model.modules())
 
 
-def apply_optimizations(model: nn.Module, cfg: HellbenderConfig) -> nn.Module:
+def apply_optimizations(model: nn.Module, cfg: ResolvedConfig) -> nn.Module:
     """Patch ``model`` in place for ``cfg``'s optimizations and return it.
 
     Raises ``ValueError`` / ``RuntimeError`` with the reason when an option cannot work on this
@@ -61,18 +62,16 @@ def apply_optimizations(model: nn.Module, cfg: HellbenderConfig) -> nn.Module:
     return model
 
 
-def _apply(model: nn.Module, cfg: HellbenderConfig, patches: Patches) -> None:
+def _apply(model: nn.Module, cfg: ResolvedConfig, patches: Patches) -> None:
     device = model_device(model)
     liger_on = [k for k in LIGER_KEYS if getattr(cfg, k)]
     if liger_on:
         from hellbender.kernels.liger import require_liger
 
         require_liger(", ".join(liger_on), device)
-    if cfg.liger_glu_activation and cfg.lora_mlp_kernel:
-        raise ValueError("liger_glu_activation and lora_mlp_kernel both replace the MLP forward; keep one")
 
     lora_kernels = [k for k in ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel") if getattr(cfg, k)]
-    if lora_kernels and not _has_lora(model):
+    if lora_kernels and not _model_has_lora_layers(model):
         patches.note(f"{', '.join(lora_kernels)}: ignored, the model has no LoRA adapter")
     elif lora_kernels:
         from hellbender.kernels import lora_fused
@@ -106,24 +105,17 @@ def _apply(model: nn.Module, cfg: HellbenderConfig, patches: Patches) -> None:
 
         enable_checkpointing(model, cfg.gradient_checkpointing, cfg.gradient_checkpointing_kwargs, patches)
 
-    if cfg.activation_offloading:
-        if not cfg.gradient_checkpointing:
-            raise ValueError("activation_offloading needs gradient_checkpointing (rule HB108)")
-        if cfg.activation_offloading is True and device.type == "cpu":
-            patches.note("activation_offloading: true is a no-op on CPU (the activations already live in CPU "
-                         "memory); activation_offloading: disk moves them out of RAM")
-        else:
-            patches.note(f"activation_offloading: {cfg.activation_offloading} (the loop's activation_offloading context)")
+    if cfg.activation_offloading is True and device.type == "cpu":
+        patches.note(
+            "activation_offloading: true is a no-op on CPU (the activations already live in CPU "
+            "memory); activation_offloading: disk moves them out of RAM"
+        )
+    elif cfg.activation_offloading:
+        patches.note(f"activation_offloading: {cfg.activation_offloading} (the loop's activation_offloading context)")
 
-    method = loss_method(cfg)
-    if method in ("chunked", "cut", "liger_fused_linear"):
+    if cfg.loss_method in ("chunked", "cut", "liger_fused_linear"):
         output_head(model)  # refuses heads a fused loss cannot reproduce, before the first step
-        if method == "cut":
-            from hellbender.kernels.cut_ce import cut_available
-
-            if not cut_available():
-                raise RuntimeError("cut_cross_entropy: true needs the cut-cross-entropy package: pip install 'hellbender[gpu]'")
-        patches.note(f"loss: {method} (hellbender.kernels.loss.loss_sum)")
+        patches.note(f"loss: {cfg.loss_method} (hellbender.kernels.loss.build_loss)")
 
     if cfg.torch_compile:
         from hellbender.kernels.compile import compile_layers
@@ -146,7 +138,7 @@ def describe(model: nn.Module) -> list[str]:
 
 
 @contextlib.contextmanager
-def optimized(model: nn.Module, cfg: HellbenderConfig) -> Iterator[nn.Module]:
+def optimized(model: nn.Module, cfg: ResolvedConfig) -> Iterator[nn.Module]:
     """``with optimized(model, cfg) as m:`` — the optimizations on inside the block only."""
     apply_optimizations(model, cfg)
     try:

@@ -26,7 +26,7 @@ from torch import nn
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-    from hellbender.config.schema import HellbenderConfig
+    from hellbender.config.schema import ResolvedConfig
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def linear_module_names(model: nn.Module) -> list[str]:
     return sorted(names)
 
 
-def lora_config_from(model: nn.Module, cfg: HellbenderConfig) -> Any:
+def lora_config_from(model: nn.Module, cfg: ResolvedConfig) -> Any:
     """Build the :class:`peft.LoraConfig` for ``cfg`` (no model is modified)."""
     from peft import LoraConfig, TaskType
 
@@ -124,7 +124,7 @@ def lora_config_from(model: nn.Module, cfg: HellbenderConfig) -> Any:
     )
 
 
-def apply_adapter(model: PreTrainedModel, cfg: HellbenderConfig) -> nn.Module:
+def apply_adapter(model: PreTrainedModel, cfg: ResolvedConfig) -> nn.Module:
     """Wrap ``model`` in the peft adapter the config asks for; return it unchanged for full fine-tuning."""
     if cfg.adapter is None:
         if cfg.lora_model_dir:

@@ -46,7 +46,7 @@ from typing import Any
 
 import torch
 
-from hellbender.data.packing import DOCUMENT_ISOLATING_BACKENDS
+from hellbender.config.schema import DOCUMENT_ISOLATING_BACKENDS, GPU_ONLY_BACKENDS
 
 __all__ = [
     "DOCUMENT_ISOLATING_BACKENDS",
@@ -65,7 +65,6 @@ __all__ = [
     "xformers_seqlens",
 ]
 
-GPU_ONLY_BACKENDS: frozenset[str] = frozenset({"flash_attention_2", "flash_attention_3", "xformers"})
 # Name of the model-forward kwarg that carries the block-diagonal bias to the registered
 # block-diagonal attention functions (transformers forwards unknown kwargs down to attention).
 XFORMERS_BIAS_KWARG = "block_diagonal_bias"
@@ -292,7 +291,7 @@ def model_inputs(
 
     ``batch`` is a :class:`hellbender.data.packing.Collator` output already on the model's device.
     ``dtype`` is the model's compute dtype (only the eager additive mask uses it). Labels are *not*
-    included: the loss is computed by :mod:`hellbender.train.loss` with token-exact normalization.
+    included: the loss is computed by :mod:`hellbender.kernels.loss` and normalized token-exactly by the loop.
     """
     input_ids = batch["input_ids"]
     device = input_ids.device

@@ -1,6 +1,6 @@
 """Where the model comes from, and how it is loaded: HF folder, hub id or GGUF → model + tokenizer.
 
-The functions here read a normalized :class:`~hellbender.config.schema.HellbenderConfig`
+The functions here read a normalized :class:`~hellbender.config.schema.ResolvedConfig`
 (``compute_dtype`` and ``attn_implementation`` already resolved by
 :func:`hellbender.config.normalize.normalize`); they never invent a default of their own.
 
@@ -31,12 +31,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from hellbender.hub import hub_offline
 from hellbender.models.gguf import ensure_hf_folder
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-    from hellbender.config.schema import HellbenderConfig
+    from hellbender.config.schema import ResolvedConfig
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +60,6 @@ NEW_PAD_TOKEN = "<|pad|>"
 ADDED_TOKENS_ATTR = "hellbender_added_tokens"
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-_TRUE = {"1", "on", "yes", "true"}
 
 
 class ModelNotLocalError(FileNotFoundError):
@@ -73,17 +73,6 @@ class PickledWeightsError(ValueError):
 # ------------------------------------------------------------------------------------ resolution
 
 
-def _hub_offline() -> bool:
-    """Read the environment now (huggingface_hub reads it once, at import time)."""
-    if any(os.environ.get(k, "").strip().lower() in _TRUE for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
-        return True
-    try:
-        from huggingface_hub import is_offline_mode
-    except ImportError:  # pragma: no cover - huggingface_hub is a transformers dependency
-        return False
-    return bool(is_offline_mode())
-
-
 def _looks_like_path(name: str) -> bool:
     """A hub id is ``name`` or ``org/name``; anything else that names a location is a path."""
     return (
@@ -94,7 +83,7 @@ def _looks_like_path(name: str) -> bool:
     )
 
 
-def resolve_source(name: str, cfg: HellbenderConfig, key: str = "base_model") -> str:
+def resolve_model_source(name: str, cfg: ResolvedConfig, key: str = "base_model") -> str:
     """Turn one model reference (``base_model``, ``tokenizer_config``, ...) into something loadable.
 
     * ``*.gguf`` file → the cached converted folder (converted on first use);
@@ -115,14 +104,14 @@ def resolve_source(name: str, cfg: HellbenderConfig, key: str = "base_model") ->
         )
     if _looks_like_path(name):
         raise FileNotFoundError(f"{key}: {str(path)!r} does not exist")
-    if _hub_offline():
+    if hub_offline():
         try:
             from huggingface_hub import snapshot_download
 
             return str(snapshot_download(name, revision=cfg.revision_of_model, local_files_only=True))
         except Exception as exc:
             raise ModelNotLocalError(
-                f"{key}: {name!r} is a Hugging Face hub id, but hub access is off (HF_HUB_OFFLINE=1) "
+                f"{key}: {name!r} is a Hugging Face hub id, but hub access is off (HF_HUB_OFFLINE, TRANSFORMERS_OFFLINE or HF_DATASETS_OFFLINE) "
                 f"and the model is not in the local cache. The model must be local: set `{key}` to a "
                 "folder holding config.json + *.safetensors (+ tokenizer files) or to a .gguf file, "
                 f"or download {name!r} first on a machine with hub access."
@@ -130,9 +119,9 @@ def resolve_source(name: str, cfg: HellbenderConfig, key: str = "base_model") ->
     return name
 
 
-def resolve_model_path(cfg: HellbenderConfig) -> str:
-    """Where the weights of ``cfg.base_model`` are loaded from (see :func:`resolve_source`)."""
-    return resolve_source(cfg.base_model, cfg, "base_model")
+def resolve_model_path(cfg: ResolvedConfig) -> str:
+    """Where the weights of ``cfg.base_model`` are loaded from (see :func:`resolve_model_source`)."""
+    return resolve_model_source(cfg.base_model, cfg, "base_model")
 
 
 def find_smollm2_gguf() -> Path:
@@ -159,7 +148,7 @@ def find_smollm2_gguf() -> Path:
 # ------------------------------------------------------------------------------------- tokenizer
 
 
-def _special_tokens_dict(cfg: HellbenderConfig) -> dict[str, str]:
+def _special_tokens_dict(cfg: ResolvedConfig) -> dict[str, str]:
     st = cfg.special_tokens
     if st is None:
         return {}
@@ -195,7 +184,7 @@ def choose_pad_token(tokenizer: PreTrainedTokenizerBase) -> tuple[str, str]:
     return NEW_PAD_TOKEN, "a new token: the vocabulary has no unused token to reuse"
 
 
-def load_tokenizer(cfg: HellbenderConfig) -> PreTrainedTokenizerBase:
+def load_tokenizer(cfg: ResolvedConfig) -> PreTrainedTokenizerBase:
     """Load the tokenizer, apply ``special_tokens`` and ``tokens``, and guarantee a pad token.
 
     The tokenizer comes from ``tokenizer_config`` (default: ``base_model``; a GGUF resolves to its
@@ -207,7 +196,7 @@ def load_tokenizer(cfg: HellbenderConfig) -> PreTrainedTokenizerBase:
 
     source_name = cfg.tokenizer_config or cfg.base_model
     key = "tokenizer_config" if cfg.tokenizer_config else "base_model"
-    source = resolve_source(source_name, cfg, key)
+    source = resolve_model_source(source_name, cfg, key)
     # transformers 5 has only fast (Rust) tokenizers and ignores use_fast; it is passed for
     # remote-code tokenizers that may still read it.
     tokenizer = AutoTokenizer.from_pretrained(
@@ -335,29 +324,19 @@ def _check_weights_format(path: str, allow_pickle: bool) -> None:
         )
 
 
-def _check_attention(name: str) -> str:
-    """Fail early, naming the config key, for backends that cannot run here."""
-    if name in ("flash_attention_2", "flash_attention_3") and not torch.cuda.is_available():
-        raise ValueError(
-            f"attn_implementation: {name} needs a CUDA GPU and the flash-attn package; "
-            "on CPU use sdpa (the default) or eager"
-        )
+def _attention_backend(name: str) -> str:
+    """The name to pass to transformers. xformers is not a transformers backend: hellbender's
+    block-diagonal xformers attention is registered under that name first (it needs the package;
+    rule HB130 has already refused it without a CUDA GPU)."""
     if name == "xformers":
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+        from hellbender.models.attention import register_xformers_attention
 
-        if "xformers" not in ALL_ATTENTION_FUNCTIONS:
-            raise ValueError(
-                "attn_implementation: xformers is not registered with transformers in this process "
-                "(it needs a CUDA GPU and the xformers package); use sdpa, which covers the same cases"
-            )
+        return register_xformers_attention()
     return name
 
 
-def _quantization_config(cfg: HellbenderConfig, dtype: torch.dtype) -> Any | None:
-    if cfg.load_in_4bit and cfg.load_in_8bit:
-        raise ValueError("load_in_4bit and load_in_8bit are both set; choose one")
-    if cfg.adapter == "qlora" and not cfg.load_in_4bit:
-        raise ValueError("adapter: qlora trains LoRA on a 4-bit base; set load_in_4bit: true (or use adapter: lora)")
+def _quantization_config(cfg: ResolvedConfig, dtype: torch.dtype) -> Any | None:
+    """bitsandbytes settings for a 4/8-bit base (rules HB107/HB112 have checked the combination)."""
     if not (cfg.load_in_4bit or cfg.load_in_8bit):
         return None
     from transformers import BitsAndBytesConfig
@@ -405,7 +384,7 @@ def _new_trained_tokens(tokenizer: PreTrainedTokenizerBase, rows_before: int) ->
     return [tok for tok, idx in tokenizer.get_vocab().items() if idx >= rows_before and idx != pad]
 
 
-def _check_new_tokens_trainable(model: PreTrainedModel, cfg: HellbenderConfig, new_tokens: list[str]) -> None:
+def _check_new_tokens_trainable(model: PreTrainedModel, cfg: ResolvedConfig, new_tokens: list[str]) -> None:
     """With an adapter the base embeddings are frozen: new tokens would keep random rows forever."""
     if not new_tokens or cfg.adapter is None or cfg.lora_model_dir:
         return
@@ -431,7 +410,7 @@ def _leaf_module_name(model: torch.nn.Module, module: torch.nn.Module) -> str:
     raise ValueError("module not found in model")
 
 
-def load_model(cfg: HellbenderConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+def load_model(cfg: ResolvedConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
     """Load the causal LM described by ``cfg``, sized for ``tokenizer``, with its adapter applied.
 
     Steps: resolve the source → ``AutoConfig`` (+ ``overrides_of_model_config``) → weights in
@@ -443,15 +422,10 @@ def load_model(cfg: HellbenderConfig, tokenizer: PreTrainedTokenizerBase) -> Pre
 
     from hellbender.models.adapters import apply_adapter
 
-    if cfg.compute_dtype is None or cfg.attn_implementation is None:
-        raise ValueError(
-            "compute_dtype / attn_implementation are not resolved: pass the config through "
-            "hellbender.config.normalize.normalize() (or load it with load_config) first"
-        )
     dtype = getattr(torch, cfg.compute_dtype)
     path = resolve_model_path(cfg)
     config_source = (
-        resolve_source(cfg.base_model_config, cfg, "base_model_config") if cfg.base_model_config else path
+        resolve_model_source(cfg.base_model_config, cfg, "base_model_config") if cfg.base_model_config else path
     )
     try:
         config = AutoConfig.from_pretrained(
@@ -476,7 +450,7 @@ def load_model(cfg: HellbenderConfig, tokenizer: PreTrainedTokenizerBase) -> Pre
     kwargs: dict[str, Any] = {
         "config": config,
         "dtype": dtype,
-        "attn_implementation": _check_attention(cfg.attn_implementation),
+        "attn_implementation": _attention_backend(cfg.attn_implementation),
         "trust_remote_code": cfg.trust_remote_code,
         "revision": cfg.revision_of_model,
         # None lets transformers fall back to pickles when the user opted in; True forbids them.

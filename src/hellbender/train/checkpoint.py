@@ -39,6 +39,11 @@ from typing import Any
 import numpy as np
 import torch
 
+
+class CheckpointError(ValueError):
+    """An output_dir or checkpoint that cannot be used as asked (a user-facing error)."""
+
+
 CHECKPOINT_PREFIX = "checkpoint-"
 TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
@@ -208,10 +213,6 @@ def _remove_dir(path: Path) -> None:
 # ---------------------------------------------------------------- save / find / load
 
 
-def _write_weights(model: torch.nn.Module, path: Path) -> None:
-    save_model_weights(model, path)
-
-
 def _write_training_state(
     path: Path,
     optimizer: torch.optim.Optimizer,
@@ -247,7 +248,7 @@ def save_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    _write_weights(model, tmp)
+    save_model_weights(model, tmp)
     if not save_only_model:
         _write_training_state(tmp, optimizer, scheduler, scaler)
     torch.save(capture_rng_state(), tmp / RNG_FILE)
@@ -359,3 +360,46 @@ def load_checkpoint(
         scaler.load_state_dict(torch.load(path / SCALER_FILE, weights_only=True))
     restore_rng_state(torch.load(path / RNG_FILE, weights_only=True))
     return state
+
+
+# ---------------------------------------------------------------- which run an output_dir holds
+
+
+def resolve_resume(resume_from_checkpoint: str | None, auto_resume: bool, output_dir: Path) -> Path | None:
+    """The checkpoint to continue from: ``resume_from_checkpoint``, else (with
+    ``auto_resume_from_checkpoints``) the newest complete one in ``output_dir``, else None."""
+    if resume_from_checkpoint:
+        path = Path(resume_from_checkpoint).expanduser()
+        if not is_complete(path):
+            raise CheckpointError(
+                f"resume_from_checkpoint: {path} is not a complete checkpoint (expected a folder "
+                f"checkpoint-<step> holding {STATE_FILE})"
+            )
+        return path
+    if auto_resume:
+        return find_latest_checkpoint(output_dir)
+    return None
+
+
+def check_output_dir(output_dir: Path, resume: Path | None) -> None:
+    """Refuse to mix two runs' checkpoints in one ``output_dir`` (nothing is ever deleted here).
+
+    Without a resume, earlier checkpoints belong to another run: rotation and auto-resume would
+    pick its higher-numbered ones. Resuming from an earlier checkpoint while later ones exist
+    would re-save over the same step numbers, and ``save_total_limit`` would keep the abandoned
+    run's (higher) steps while deleting the new ones.
+    """
+    earlier = list_checkpoints(output_dir)
+    if resume is None and earlier:
+        raise CheckpointError(
+            f"output_dir {output_dir} already holds checkpoints of an earlier run "
+            f"({', '.join(p.name for p in earlier)}). Set auto_resume_from_checkpoints: true to continue "
+            "that run, or use another output_dir (or delete the checkpoint folders) to start a new one."
+        )
+    later = [p for p in earlier if resume is not None and step_of(p) > step_of(resume)]
+    if resume is not None and later:
+        raise CheckpointError(
+            f"output_dir {output_dir} holds checkpoints after {resume.name}, the one to resume from "
+            f"({', '.join(p.name for p in later)}). Move them out of output_dir (or delete them) to "
+            "continue from the earlier one, or resume from the latest."
+        )

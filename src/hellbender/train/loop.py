@@ -9,15 +9,27 @@ produce the pieces (sampler, collator, optimizer, scheduler, logger), and the lo
 One optimizer step::
 
     micro-batches = the next gradient_accumulation_steps index lists of the sampler, collated
-    n_step        = trained tokens of the whole step (all-reduced over ranks, later)
-    for each micro-batch:  (loss_sum(micro-batch) / n_step).backward()
+    n_step        = trained tokens of the whole step, summed over the ranks
+    for each micro-batch:  (loss_fn(micro-batch) * world_size / n_step).backward()
     stop if the loss is NaN/inf (or above loss_watchdog_threshold) — before the update
     clip the gradient norm, optimizer.step(), scheduler.step()
     log; evaluate / checkpoint when the schedule says so
 
-The number of steps is computed before training from the sampler (exact per epoch, see
-:func:`plan_steps`), so the learning-rate schedule, the progress bar and resume agree with what
-actually runs.
+Token-exact loss. The quantity trained on is the mean cross-entropy over **every trained token of
+one optimizer step**: the same number whether the step is one big batch or many micro-batches,
+packed or padded, on one rank or many. A mean of per-micro-batch means is *not* that number (a
+micro-batch with 10 trained tokens would weigh as much as one with 1000, so the gradient would
+depend on how the data happened to be split). So the loss function returns a **sum**, and every
+micro-batch is divided by the trained tokens of the whole step, known before the first backward
+because the micro-batches are drawn first. Data-parallel engines *average* gradients over the W
+ranks, so each rank scales by W: the averaged gradient is ``Σ_r grad(loss_sum_r) / N``, exact. A
+step without a trained token divides by 1 (its loss sum is 0: a zero gradient, not NaN).
+"Trained token" means a label != -100 *after the shift*; the collator counts exactly those.
+
+Everything that can be decided before the first step is: the number of steps (exact per epoch,
+see :func:`plan_steps`), the steps that evaluate and the steps that save (:func:`scheduled_steps`),
+the loss function and the autocast context. So the learning-rate schedule, the progress bar and
+resume agree with what actually runs, and the loop body does only the work of a step.
 
 Distributed hooks are deliberately minimal: a :class:`World` gives the rank, the world size and a
 sum all-reduce; single-process it is the identity. Every place a rank-aware program differs
@@ -42,22 +54,26 @@ So autocast is chosen: fastest for LoRA, and for full fine-tuning the only exact
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from hellbender.config.schema import HellbenderConfig
-from hellbender.data.packing import Collator, build_batch_sampler
-from hellbender.kernels import activation_offloading, loss_sum
+from hellbender.config.schema import ResolvedConfig
+from hellbender.data.packing import BatchSampler, Collator
+from hellbender.kernels import LossFn, activation_offloading, build_loss
 from hellbender.models.attention import model_inputs
 from hellbender.train import checkpoint as ckpt
 from hellbender.train.metrics import METRICS_FILE, RunLogger, peak_memory_bytes
 from hellbender.train.optim import build_optimizer, build_scheduler
+
+Autocast = Callable[[], AbstractContextManager[Any]]
 
 
 class TrainingStopped(RuntimeError):
@@ -109,6 +125,7 @@ class Samples:
     def __init__(self, data: Any) -> None:
         self.data = data
         self._columnar = hasattr(data, "column_names")
+        self.lengths: list[int]
         if self._columnar:
             self.data = data.select_columns(["input_ids", "labels"])
             self.lengths = (
@@ -125,7 +142,9 @@ class Samples:
             return [[self.data[i] for i in row] for row in micro_batch]
         flat = [i for row in micro_batch for i in row]
         cols = self.data[flat]
-        samples = [{"input_ids": a, "labels": b} for a, b in zip(cols["input_ids"], cols["labels"], strict=True)]
+        samples = [
+            {"input_ids": a, "labels": b} for a, b in zip(cols["input_ids"], cols["labels"], strict=True)
+        ]
         out, pos = [], 0
         for row in micro_batch:
             out.append(samples[pos : pos + len(row)])
@@ -133,55 +152,152 @@ class Samples:
         return out
 
 
-def plan_steps(sampler: Any, cfg: HellbenderConfig, accumulation: int) -> list[int]:
-    """Optimizer steps of every epoch that will run, exact, before training starts.
+def batching(
+    samples: Samples, cfg: ResolvedConfig, pad_token_id: int, *, evaluation: bool = False
+) -> tuple[BatchSampler, Collator]:
+    """The sampler and collator of the training (or, with ``evaluation``, the eval) data.
 
-    An epoch's last step may hold fewer than ``accumulation`` micro-batches (the loss stays exact:
-    it is normalized by the trained tokens actually in the step). A fractional ``num_epochs`` runs
-    that fraction of the last epoch's steps. ``max_steps`` caps the total; set alone (without
-    ``num_epochs`` in the config) it repeats epochs until reached, as in HF Trainer.
+    With ``pad_to_sequence_len`` every batch is (micro_batch_size, sequence_len): an epoch's short
+    last micro-batch gets filler rows (no trained token) rather than a new shape or dropped samples.
     """
-    epochs_given = "num_epochs" in cfg.model_fields_set or cfg.max_steps is None
-    limit = cfg.max_steps if cfg.max_steps is not None else math.inf
-    epoch_limit = cfg.num_epochs if epochs_given else math.inf
-    plan: list[int] = []
-    total = 0
-    while len(plan) < epoch_limit and total < limit:
-        sampler.set_epoch(len(plan))
-        steps = math.ceil(len(sampler) / accumulation)
-        if steps == 0:
-            raise ValueError("the training set is empty: no micro-batch to train on")
-        fraction = epoch_limit - len(plan)
-        if fraction < 1:
-            steps = max(1, math.ceil(steps * fraction))
-        steps = int(min(steps, limit - total))
-        plan.append(steps)
-        total += steps
-    return plan
+    rows = cfg.eval_batch_size if evaluation else cfg.micro_batch_size
+    sampler = BatchSampler(
+        samples.lengths,
+        sequence_len=cfg.sequence_len,
+        micro_batch_size=rows,
+        sample_packing=cfg.eval_sample_packing if evaluation else cfg.sample_packing,
+        seed=cfg.seed,
+        shuffle=not evaluation,
+    )
+    collate = Collator(
+        pad_token_id,
+        sequence_len=cfg.sequence_len,
+        pad_to_sequence_len=cfg.pad_to_sequence_len,
+        attn_implementation=cfg.attn_implementation,
+        micro_batch_size=rows,
+    )
+    return sampler, collate
 
 
 def _to(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    return {
+        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
+    }
 
 
-def autocast_context(cfg: HellbenderConfig, model: torch.nn.Module, device: torch.device) -> Any:
-    """Autocast to the compute dtype when the trainable weights are kept in fp32, else nothing."""
-    dtype = getattr(torch, cfg.compute_dtype or "float32")
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if dtype == torch.float32 or not trainable or trainable[0].dtype != torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+# ---------------------------------------------------------------- what runs when, decided up front
 
 
-def _forward_loss_sum(
-    model: torch.nn.Module, batch: Mapping[str, Any], cfg: HellbenderConfig, amp: Callable[[], Any]
-) -> torch.Tensor:
-    """fp32 sum of the loss over the micro-batch's trained tokens, with the configured loss kernel
-    (plain logits + cross-entropy, or chunked / cut / Liger; see :mod:`hellbender.kernels.loss`)."""
-    dtype = torch.float32 if cfg.compute_dtype is None else getattr(torch, cfg.compute_dtype)
-    with amp():
-        inputs = model_inputs(batch, cfg.attn_implementation, dtype=dtype)
-        return loss_sum(model, inputs, batch["labels"], cfg)
+@dataclass(frozen=True)
+class StepPlan:
+    """The optimizer steps of the run, per epoch, known before the first one runs."""
+
+    steps_per_epoch: list[int]  # steps that run in each epoch (the last may be cut short)
+    epoch_lengths: list[int]  # steps a whole epoch has (per-epoch schedules place events on it)
+
+    @property
+    def total(self) -> int:
+        return sum(self.steps_per_epoch)
+
+
+def plan_steps(sampler: BatchSampler, cfg: ResolvedConfig) -> StepPlan:
+    """Optimizer steps of every epoch that will run, exact, before training starts.
+
+    An epoch's last step may hold fewer than ``gradient_accumulation_steps`` micro-batches (the
+    loss stays exact: it is normalized by the trained tokens actually in the step). A fractional
+    ``num_epochs`` runs that fraction of the last epoch's steps. ``max_steps`` caps the total; set
+    alone (``epochs_given`` false) it repeats epochs until reached, as in the HF Trainer.
+    """
+    accumulation = cfg.gradient_accumulation_steps
+    limit = cfg.max_steps if cfg.max_steps is not None else math.inf
+    epoch_limit = cfg.num_epochs if cfg.epochs_given else math.inf
+    steps_per_epoch: list[int] = []
+    epoch_lengths: list[int] = []
+    while len(steps_per_epoch) < epoch_limit and sum(steps_per_epoch) < limit:
+        sampler.set_epoch(len(steps_per_epoch))
+        length = math.ceil(len(sampler) / accumulation)
+        if length == 0:
+            raise ValueError("the training set is empty: no micro-batch to train on")
+        steps = length
+        fraction = epoch_limit - len(steps_per_epoch)
+        if fraction < 1:
+            steps = max(1, math.ceil(steps * fraction))
+        steps_per_epoch.append(int(min(steps, limit - sum(steps_per_epoch))))
+        epoch_lengths.append(length)
+    return StepPlan(steps_per_epoch, epoch_lengths)
+
+
+def scheduled_steps(
+    plan: StepPlan,
+    *,
+    strategy: str | None,
+    every: float | None,
+    per_epoch: int | None,
+    default_epoch_end: bool,
+) -> frozenset[int]:
+    """The global steps on which an evaluation (or a checkpoint) falls.
+
+    ``strategy`` ``no`` never, ``epoch`` at each epoch's end; else ``every`` N steps (< 1: that
+    fraction of all steps, HF's convention), else ``per_epoch`` events spread evenly over each
+    epoch (the last at its end), else at each epoch's end if ``default_epoch_end``. An epoch cut
+    short by ``num_epochs`` or ``max_steps`` never reaches its end.
+    """
+    if strategy == "no":
+        return frozenset()
+    if strategy != "epoch" and every is not None:
+        interval = max(1, math.ceil(every * plan.total) if every < 1 else int(every))
+        return frozenset(range(interval, plan.total + 1, interval))
+    due: set[int] = set()
+    before = 0  # global steps of the earlier epochs
+    for runs, length in zip(plan.steps_per_epoch, plan.epoch_lengths, strict=True):
+        if strategy != "epoch" and per_epoch is not None:
+            in_epoch = {max(1, round(k * length / per_epoch)) for k in range(1, per_epoch + 1)}
+        elif strategy == "epoch" or default_epoch_end:
+            in_epoch = {length}
+        else:
+            in_epoch = set()
+        due |= {before + s for s in in_epoch if s <= runs}
+        before += runs
+    return frozenset(due)
+
+
+# ---------------------------------------------------------------- forward, built once
+
+
+def autocast_for(cfg: ResolvedConfig, model: torch.nn.Module, device: torch.device) -> Autocast:
+    """The precision context of every forward: autocast to the compute dtype when the trainable
+    weights are kept in fp32 (fp32 master weights), else nothing. Decided once, at setup."""
+    dtype = getattr(torch, cfg.compute_dtype)
+    trainable = next((p for p in model.parameters() if p.requires_grad), None)
+    if dtype == torch.float32 or trainable is None or trainable.dtype != torch.float32:
+        return contextlib.nullcontext
+    return functools.partial(torch.autocast, device_type=device.type, dtype=dtype)
+
+
+@dataclass(frozen=True)
+class Forward:
+    """Everything a forward pass needs that does not change between micro-batches."""
+
+    loss_fn: LossFn
+    autocast: Autocast
+    attn_implementation: str
+    mask_dtype: torch.dtype
+
+    @classmethod
+    def build(cls, cfg: ResolvedConfig, model: torch.nn.Module) -> Forward:
+        device = next(model.parameters()).device
+        return cls(
+            loss_fn=build_loss(cfg.loss_method, num_chunks=cfg.chunked_cross_entropy_num_chunks),
+            autocast=autocast_for(cfg, model, device),
+            attn_implementation=cfg.attn_implementation,
+            mask_dtype=getattr(torch, cfg.compute_dtype),
+        )
+
+    def loss_sum(self, model: torch.nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
+        """fp32 sum of the loss over the micro-batch's trained tokens."""
+        with self.autocast():
+            inputs = model_inputs(batch, self.attn_implementation, dtype=self.mask_dtype)
+            return self.loss_fn(model, inputs, batch["labels"])
 
 
 # ---------------------------------------------------------------- evaluation
@@ -191,75 +307,28 @@ def _forward_loss_sum(
 def evaluate(
     model: torch.nn.Module,
     data: Any,
-    cfg: HellbenderConfig,
+    cfg: ResolvedConfig,
     pad_token_id: int,
     *,
     world: World = World(),
+    forward: Forward | None = None,
 ) -> dict[str, float]:
     """Mean loss over every trained token of ``data`` (and its perplexity), ``eval_batch_size`` rows."""
     samples = data if isinstance(data, Samples) else Samples(data)
-    batch_size = cfg.eval_batch_size
-    sampler = build_batch_sampler(
-        samples.lengths,
-        sequence_len=cfg.sequence_len,
-        micro_batch_size=batch_size,
-        sample_packing=bool(cfg.eval_sample_packing),
-        seed=cfg.seed,
-        shuffle=False,
-    )
-    collate = Collator(
-        pad_token_id,
-        sequence_len=cfg.sequence_len,
-        pad_to_sequence_len=bool(cfg.pad_to_sequence_len),
-        attn_implementation=cfg.attn_implementation,
-        micro_batch_size=batch_size,  # with pad_to_sequence_len: filler rows keep every shape equal
-    )
+    sampler, collate = batching(samples, cfg, pad_token_id, evaluation=True)
+    forward = forward or Forward.build(cfg, model)
     device = next(model.parameters()).device
-    amp = lambda: autocast_context(cfg, model, device)  # noqa: E731
     was_training = model.training
     model.eval()
-    loss_sum, tokens = 0.0, 0.0
+    total_loss, tokens = 0.0, 0.0
     for micro_batch in sampler:
         batch = _to(collate(samples.rows(micro_batch)), device)
-        loss_sum += float(_forward_loss_sum(model, batch, cfg, amp))
+        total_loss += float(forward.loss_sum(model, batch))
         tokens += float(batch["num_trained_tokens"])
     model.train(was_training)
-    loss_sum, tokens = world.all_reduce_sum(loss_sum), world.all_reduce_sum(tokens)
-    loss = loss_sum / max(tokens, 1.0)
+    total_loss, tokens = world.all_reduce_sum(total_loss), world.all_reduce_sum(tokens)
+    loss = total_loss / max(tokens, 1.0)
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 80.0)), "eval_tokens": tokens}
-
-
-# ---------------------------------------------------------------- schedules of evaluation / saving
-
-
-def _due(
-    step: int,
-    step_in_epoch: int,
-    epoch_steps: int,
-    *,
-    strategy: str | None,
-    every: float | None,
-    per_epoch: int | None,
-    total: int,
-    default_epoch_end: bool,
-) -> bool:
-    """Whether an eval/save falls on this optimizer step.
-
-    ``every`` < 1 is a fraction of all steps (HF's convention); ``per_epoch`` spreads N events
-    evenly over each epoch, the last one at the epoch's end.
-    """
-    if strategy == "no":
-        return False
-    epoch_end = step_in_epoch == epoch_steps
-    if strategy == "epoch":
-        return epoch_end
-    if every is not None:
-        interval = math.ceil(every * total) if every < 1 else int(every)
-        return step % max(1, interval) == 0
-    if per_epoch is not None:
-        marks = {max(1, round(k * epoch_steps / per_epoch)) for k in range(1, per_epoch + 1)}
-        return step_in_epoch in marks
-    return default_epoch_end and epoch_end
 
 
 # ---------------------------------------------------------------- the loop
@@ -272,32 +341,102 @@ class _Step:
     epoch: int
     first: int  # index of its first micro-batch in the epoch
     micro_batches: list[list[list[int]]]
-    epoch_steps: int  # optimizer steps of the full epoch (for per-epoch schedules and the log)
-    accumulation: int
+    epoch_length: int  # optimizer steps of the whole epoch
 
     @property
     def done(self) -> int:
         """Micro-batches of the epoch consumed after this step (the data position to save)."""
         return self.first + len(self.micro_batches)
 
-    @property
-    def step_in_epoch(self) -> int:
-        return -(-self.done // self.accumulation)
+    def epoch_progress(self, accumulation: int) -> float:
+        """Epochs completed after this step, fractional (for the log)."""
+        return self.epoch + math.ceil(self.done / accumulation) / self.epoch_length
 
 
-def _remaining_steps(sampler: Any, plan: list[int], accumulation: int, state: ckpt.TrainState) -> Any:
+def _remaining_steps(
+    sampler: BatchSampler, plan: StepPlan, accumulation: int, state: ckpt.TrainState
+) -> Iterator[_Step]:
     """Yield the optimizer steps still to run, starting at the saved data position."""
-    for epoch in range(state.epoch, len(plan)):
+    for epoch in range(state.epoch, len(plan.steps_per_epoch)):
         sampler.set_epoch(epoch)
         micro_batches = list(sampler)
-        epoch_steps = math.ceil(len(micro_batches) / accumulation)
         start = state.micro_batches_done if epoch == state.epoch else 0
-        for first in range(start, min(len(micro_batches), plan[epoch] * accumulation), accumulation):
-            yield _Step(epoch, first, micro_batches[first : first + accumulation], epoch_steps, accumulation)
+        end = min(len(micro_batches), plan.steps_per_epoch[epoch] * accumulation)
+        for first in range(start, end, accumulation):
+            yield _Step(epoch, first, micro_batches[first : first + accumulation], plan.epoch_lengths[epoch])
+
+
+@dataclass
+class _LogWindow:
+    """What accumulates between two log lines (``logging_steps`` optimizer steps)."""
+
+    loss_sum: float = 0.0  # Σ loss × trained tokens
+    trained: float = 0.0
+    tokens: float = 0.0
+    seconds: float = 0.0
+
+    def add(self, loss: float, trained: float, tokens: float, seconds: float) -> None:
+        self.loss_sum += loss * trained
+        self.trained += trained
+        self.tokens += tokens
+        self.seconds += seconds
+
+
+@dataclass
+class _Run:
+    """Everything a training run decides before its first step (built by :func:`_set_up`)."""
+
+    cfg: ResolvedConfig
+    model: torch.nn.Module
+    device: torch.device
+    samples: Samples
+    eval_samples: Samples | None
+    sampler: BatchSampler
+    collate: Collator
+    plan: StepPlan
+    eval_at: frozenset[int]  # global steps that evaluate
+    save_at: frozenset[int]  # global steps that checkpoint (save_strategy: best decides at eval)
+    forward: Forward
+    params: list[torch.nn.Parameter]  # the trainable ones
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None
+    state: ckpt.TrainState
+    log: RunLogger
+    out: Path
+    pad_token_id: int
+    world: World
+
+    def save(self) -> Path | None:
+        """Checkpoint the run at its current step (the main rank writes)."""
+        if not self.world.is_main:
+            return None
+        return ckpt.save_checkpoint(
+            self.out,
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            self.state,
+            scaler=self.scaler,
+            save_only_model=self.cfg.save_only_model,
+            save_total_limit=self.cfg.save_total_limit,
+            metrics_file=self.out / METRICS_FILE,
+        )
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        """Evaluate, log the result, and track the best eval loss."""
+        metrics = evaluate(
+            self.model, self.eval_samples, self.cfg, self.pad_token_id, world=self.world, forward=self.forward
+        )
+        self.log.log(step, metrics)
+        self.log.progress.message(
+            f"eval step {step}: loss {metrics['eval_loss']:.4f} ppl {metrics['eval_ppl']:.2f}"
+        )
+        return metrics
 
 
 def train(
-    cfg: HellbenderConfig,
+    cfg: ResolvedConfig,
     model: torch.nn.Module,
     train_data: Any,
     eval_data: Any | None,
@@ -312,119 +451,179 @@ def train(
     Checkpoints go to ``output_dir`` (default ``cfg.output_dir``); ``resume_from`` is a checkpoint
     folder to continue from exactly. Memory options that patch the model (checkpointing, kernels)
     are applied by the caller (:func:`hellbender.kernels.apply_optimizations`); final outputs are
-    written by :func:`hellbender.train.run.run_train`.
+    written by :func:`hellbender.commands.train.run_train`.
     """
-    # ---- build the pieces
-    out = Path(output_dir or cfg.output_dir)
-    device = next(model.parameters()).device
+    run = _set_up(
+        cfg,
+        model,
+        train_data,
+        eval_data,
+        pad_token_id,
+        Path(output_dir or cfg.output_dir),
+        resume_from,
+        world,
+    )
+    result = TrainResult(run.state.global_step, run.plan.total, resumed_from=resume_from)
     accumulation = cfg.gradient_accumulation_steps
+    window = _LogWindow()
+    model.train()
+    try:
+        for item in _remaining_steps(run.sampler, run.plan, accumulation, run.state):
+            t0 = time.perf_counter()
+            batches = [_to(run.collate(run.samples.rows(mb)), run.device) for mb in item.micro_batches]
+            loss, trained, tokens = _accumulate_gradients(model, batches, run.forward, cfg, run.scaler, world)
+            step = run.state.global_step + 1
+            _stop_if_diverged(cfg, loss, step, run.log)  # before the update: the weights stay good
+            lr = run.scheduler.get_last_lr()[0]
+            grad_norm = _optimizer_step(run, step, loss)
+            run.scheduler.step()
+
+            run.state.global_step, run.state.epoch, run.state.micro_batches_done = step, item.epoch, item.done
+            result.global_step, result.losses[step] = step, loss
+            result.trained_tokens += int(trained)
+            window.add(loss, trained, tokens, time.perf_counter() - t0)
+            if step % cfg.logging_steps == 0 or step == run.plan.total:
+                _log_train(run.log, window, step, item.epoch_progress(accumulation), lr, grad_norm)
+                window = _LogWindow()
+            if step in run.eval_at:
+                metrics = result.evals[step] = run.evaluate(step)
+                best = run.state.best_eval_loss
+                if best is None or metrics["eval_loss"] < best:
+                    run.state.best_eval_loss = metrics["eval_loss"]
+                    if cfg.save_strategy == "best":
+                        _keep(result, run.save())
+            if step in run.save_at:
+                _keep(result, run.save())
+    finally:
+        run.log.close()
+    return result
+
+
+def _set_up(
+    cfg: ResolvedConfig,
+    model: torch.nn.Module,
+    train_data: Any,
+    eval_data: Any | None,
+    pad_token_id: int,
+    out: Path,
+    resume_from: Path | None,
+    world: World,
+) -> _Run:
+    """Build the run's pieces and decide, before the first step, everything that can be decided."""
     samples = Samples(train_data)
     eval_samples = Samples(eval_data) if eval_data is not None and len(eval_data) else None
     if cfg.save_strategy == "best" and eval_samples is None:
         raise ValueError("save_strategy: best needs an evaluation set (val_set_size or test_datasets)")
-    sampler = build_batch_sampler(samples.lengths, sequence_len=cfg.sequence_len, micro_batch_size=cfg.micro_batch_size,
-                                  sample_packing=cfg.sample_packing, seed=cfg.seed)  # fmt: skip
-    # With pad_to_sequence_len every batch is (micro_batch_size, sequence_len): an epoch's short last
-    # micro-batch gets filler rows (no trained token) rather than a new shape or dropped samples.
-    collate = Collator(pad_token_id, sequence_len=cfg.sequence_len, pad_to_sequence_len=bool(cfg.pad_to_sequence_len),
-                       attn_implementation=cfg.attn_implementation,
-                       micro_batch_size=cfg.micro_batch_size)  # fmt: skip
-    plan = plan_steps(sampler, cfg, accumulation)
-    total = sum(plan)
+    sampler, collate = batching(samples, cfg, pad_token_id)
+    plan = plan_steps(sampler, cfg)
+    eval_at: frozenset[int] = frozenset()
+    if eval_samples is not None and cfg.eval_strategy != "no":  # and always after the last step
+        eval_at = frozenset({plan.total}) | scheduled_steps(
+            plan,
+            strategy=cfg.eval_strategy,
+            every=cfg.eval_steps,
+            per_epoch=cfg.evals_per_epoch,
+            default_epoch_end=False,
+        )
+    save_at: frozenset[int] = frozenset()
+    if cfg.save_strategy != "best":
+        save_at = scheduled_steps(
+            plan,
+            strategy=cfg.save_strategy,
+            every=cfg.save_steps,
+            per_epoch=cfg.saves_per_epoch,
+            default_epoch_end=True,
+        )
+    device = next(model.parameters()).device
     optimizer = build_optimizer(cfg, model)
-    scheduler = build_scheduler(cfg, optimizer, total)
+    scheduler = build_scheduler(cfg, optimizer, plan.total)
     # fp16 needs loss scaling (its range underflows small gradients); bf16 and fp32 do not.
     scaler = torch.amp.GradScaler(device.type) if cfg.compute_dtype == "float16" else None
-    state = ckpt.TrainState(total_steps=total, plan={"steps_per_epoch": plan, "accumulation": accumulation})
-    result = TrainResult(global_step=0, total_steps=total)
+    state = ckpt.TrainState(
+        total_steps=plan.total,
+        plan={"steps_per_epoch": plan.steps_per_epoch, "accumulation": cfg.gradient_accumulation_steps},
+    )
     if resume_from is not None:
         _check_same_plan(resume_from, plan)
         state = ckpt.load_checkpoint(resume_from, model, optimizer, scheduler, scaler=scaler)
-        result.resumed_from = resume_from
-    result.global_step = state.global_step
-    params = [p for p in model.parameters() if p.requires_grad]
-    amp = lambda: autocast_context(cfg, model, device)  # noqa: E731
-    history = None
-    if resume_from is not None:
-        # The resumed run's metrics up to its step, from the checkpoint (or, for checkpoints written
-        # before they carried a copy, from the folder they sit in): the new output_dir may be empty.
-        history = resume_from / METRICS_FILE
-        if not history.is_file():
-            history = resume_from.parent / METRICS_FILE
-    log = RunLogger(cfg, out, total_steps=total, initial_step=state.global_step, enabled=world.is_main,
-                    history=history)  # fmt: skip
+    log = RunLogger(
+        cfg,
+        out,
+        total_steps=plan.total,
+        initial_step=state.global_step,
+        enabled=world.is_main,
+        history=_metrics_history(resume_from),
+    )
     if state.global_step == 0:  # a resumed run's file already holds its plan record
         _log_plan(log, sampler, plan, cfg)
-    window = {"loss_sum": 0.0, "trained": 0.0, "tokens": 0.0, "time": 0.0}
-
-    def save() -> None:
-        if world.is_main:
-            result.checkpoints.append(ckpt.save_checkpoint(
-                out, model, optimizer, scheduler, state, scaler=scaler,
-                save_only_model=cfg.save_only_model, save_total_limit=cfg.save_total_limit,
-                metrics_file=out / METRICS_FILE,
-            ))  # fmt: skip
-
-    # ---- the loop
-    model.train()
-    try:
-        for item in _remaining_steps(sampler, plan, accumulation, state):
-            t0 = time.perf_counter()
-            batches = [_to(collate(samples.rows(mb)), device) for mb in item.micro_batches]
-            n_step = world.all_reduce_sum(float(sum(int(b["num_trained_tokens"]) for b in batches)))
-            step_loss_sum = 0.0
-            for batch in batches:
-                # Offloading (when configured) must see both the forward that saves activations
-                # and the backward that reads them back.
-                with activation_offloading(model, cfg.activation_offloading):
-                    part = _forward_loss_sum(model, batch, cfg, amp)
-                    # Token-exact: every micro-batch is divided by the whole step's trained tokens.
-                    scaled = part * world.size / max(n_step, 1.0)
-                    (scaler.scale(scaled) if scaler else scaled).backward()
-                step_loss_sum += float(part.detach())
-            loss = world.all_reduce_sum(step_loss_sum) / max(n_step, 1.0)
-            step = state.global_step + 1
-            _stop_if_diverged(cfg, loss, step, log)  # before the update: the weights stay good
-            lr = scheduler.get_last_lr()[0]
-            grad_norm = _optimizer_step(params, optimizer, scaler, cfg.max_grad_norm, log, step, loss)
-            scheduler.step()
-
-            state.global_step, state.epoch, state.micro_batches_done = step, item.epoch, item.done
-            result.global_step, result.losses[step] = step, loss
-            result.trained_tokens += int(n_step)
-            window["loss_sum"] += loss * n_step
-            window["trained"] += n_step
-            window["tokens"] += world.all_reduce_sum(float(sum(int(b["num_tokens"]) for b in batches)))
-            window["time"] += time.perf_counter() - t0
-            if step % cfg.logging_steps == 0 or step == total:
-                _log_train(log, window, step, item.epoch + item.step_in_epoch / item.epoch_steps, lr, grad_norm)
-
-            when = dict(step=step, step_in_epoch=item.step_in_epoch, epoch_steps=item.epoch_steps, total=total)
-            if eval_samples is not None and (
-                _due(**when, strategy=cfg.eval_strategy, every=cfg.eval_steps, per_epoch=cfg.evals_per_epoch,
-                     default_epoch_end=False)
-                or (step == total and cfg.eval_strategy != "no")
-            ):  # fmt: skip
-                metrics = evaluate(model, eval_samples, cfg, pad_token_id, world=world)
-                result.evals[step] = metrics
-                log.log(step, metrics)
-                log.progress.message(f"eval step {step}: loss {metrics['eval_loss']:.4f} ppl {metrics['eval_ppl']:.2f}")
-                improved = state.best_eval_loss is None or metrics["eval_loss"] < state.best_eval_loss
-                if improved:
-                    state.best_eval_loss = metrics["eval_loss"]
-                if cfg.save_strategy == "best" and improved:
-                    save()
-            if cfg.save_strategy != "best" and _due(
-                **when, strategy=cfg.save_strategy, every=cfg.save_steps, per_epoch=cfg.saves_per_epoch,
-                default_epoch_end=True,
-            ):  # fmt: skip
-                save()
-    finally:
-        log.close()
-    return result
+    return _Run(
+        cfg=cfg,
+        model=model,
+        device=device,
+        samples=samples,
+        eval_samples=eval_samples,
+        sampler=sampler,
+        collate=collate,
+        plan=plan,
+        eval_at=eval_at,
+        save_at=save_at,
+        forward=Forward.build(cfg, model),
+        params=[p for p in model.parameters() if p.requires_grad],
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=scaler,
+        state=state,
+        log=log,
+        out=out,
+        pad_token_id=pad_token_id,
+        world=world,
+    )
 
 
-def _log_plan(log: RunLogger, sampler: Any, plan: list[int], cfg: HellbenderConfig) -> None:
+def _accumulate_gradients(
+    model: torch.nn.Module,
+    batches: list[dict[str, Any]],
+    forward: Forward,
+    cfg: ResolvedConfig,
+    scaler: torch.amp.GradScaler | None,
+    world: World,
+) -> tuple[float, float, float]:
+    """Forward + backward every micro-batch of one step, token-exact (see the module docstring).
+
+    Returns the step's loss (mean over its trained tokens, all ranks), its trained tokens and its
+    real tokens (both summed over the ranks).
+    """
+    n_step = world.all_reduce_sum(float(sum(int(b["num_trained_tokens"]) for b in batches)))
+    step_loss_sum = 0.0
+    for batch in batches:
+        # Offloading (when configured) must see both the forward that saves activations and the
+        # backward that reads them back.
+        with activation_offloading(model, cfg.activation_offloading):
+            part = forward.loss_sum(model, batch)
+            scaled = part * world.size / max(n_step, 1.0)
+            (scaler.scale(scaled) if scaler else scaled).backward()
+        step_loss_sum += float(part.detach())
+    loss = world.all_reduce_sum(step_loss_sum) / max(n_step, 1.0)
+    tokens = world.all_reduce_sum(float(sum(int(b["num_tokens"]) for b in batches)))
+    return loss, n_step, tokens
+
+
+def _keep(result: TrainResult, checkpoint: Path | None) -> None:
+    if checkpoint is not None:
+        result.checkpoints.append(checkpoint)
+
+
+def _metrics_history(resume_from: Path | None) -> Path | None:
+    """The resumed run's metrics up to its step: the copy in the checkpoint, or (checkpoints
+    written before they carried one) the file of the folder it sits in. The new output_dir may be
+    empty."""
+    if resume_from is None:
+        return None
+    history = resume_from / METRICS_FILE
+    return history if history.is_file() else resume_from.parent / METRICS_FILE
+
+
+def _log_plan(log: RunLogger, sampler: BatchSampler, plan: StepPlan, cfg: ResolvedConfig) -> None:
     """Say what the run will do before it does it: steps, and how full the rows are.
 
     The packing efficiency (real tokens / rows × sequence_len, of the first epoch) is the fraction
@@ -433,52 +632,46 @@ def _log_plan(log: RunLogger, sampler: Any, plan: list[int], cfg: HellbenderConf
     ``metrics.jsonl`` (and the other sinks) so it stays with the run's numbers.
     """
     sampler.set_epoch(0)  # plan_steps left it at the last epoch; epoch 0 is iterated first anyway
-    plan_record = {
+    epochs = len(plan.steps_per_epoch)
+    record = {
         "packing_efficiency": sampler.efficiency(),
-        "total_steps": sum(plan),
-        "epochs": len(plan),
+        "total_steps": plan.total,
+        "epochs": epochs,
         "rows_per_epoch": sampler.num_rows(),
         "micro_batches_per_epoch": len(sampler),
     }
-    log.log(0, plan_record)
+    log.log(0, record)
     log.progress.message(
-        f"plan: {sum(plan)} optimizer steps over {len(plan)} epoch(s); {sampler.num_rows()} rows of up to "
+        f"plan: {plan.total} optimizer steps over {epochs} epoch(s); {sampler.num_rows()} rows of up to "
         f"{cfg.sequence_len} tokens in {len(sampler)} micro-batches per epoch; packing efficiency "
-        f"{plan_record['packing_efficiency']:.1%} (sample_packing {'on' if cfg.sample_packing else 'off'})"
+        f"{record['packing_efficiency']:.1%} (sample_packing {'on' if cfg.sample_packing else 'off'})"
     )
 
 
-def _check_same_plan(resume_from: Path, plan: list[int]) -> None:
+def _check_same_plan(resume_from: Path, plan: StepPlan) -> None:
     previous = ckpt.read_state(resume_from)
-    if previous.plan.get("steps_per_epoch") != plan:
+    if previous.plan.get("steps_per_epoch") != plan.steps_per_epoch:
         raise ValueError(
             f"{resume_from} belongs to a run planned as {previous.plan.get('steps_per_epoch')} steps per "
-            f"epoch, but this config plans {plan}: data, batch size, sequence_len or the run length "
-            "changed, so the run cannot continue exactly. Start a new output_dir instead."
+            f"epoch, but this config plans {plan.steps_per_epoch}: data, batch size, sequence_len or the run "
+            "length changed, so the run cannot continue exactly. Start a new output_dir instead."
         )
 
 
-def _optimizer_step(
-    params: list[torch.nn.Parameter],
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler | None,
-    max_grad_norm: float | None,
-    log: RunLogger,
-    step: int,
-    loss: float,
-) -> float:
+def _optimizer_step(run: _Run, step: int, loss: float) -> float:
     """Clip and apply the accumulated gradients; return the gradient norm before clipping.
 
     A non-finite norm stops the run — except under fp16 loss scaling, where an overflow is
     expected now and then: the scaler skips that update and lowers the scale.
     """
+    optimizer, scaler = run.optimizer, run.scaler
     if scaler is not None:
         scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in run.params if p.grad is not None])
     if not torch.isfinite(grad_norm) and scaler is None:
-        _stop(log, step, f"the gradient norm is {float(grad_norm)} at step {step} (loss {loss:.4f})")
-    if max_grad_norm:
-        torch.nn.utils.clip_grads_with_norm_(params, max_grad_norm, grad_norm)
+        _stop(run.log, step, f"the gradient norm is {float(grad_norm)} at step {step} (loss {loss:.4f})")
+    if run.cfg.max_grad_norm:
+        torch.nn.utils.clip_grads_with_norm_(run.params, run.cfg.max_grad_norm, grad_norm)
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
@@ -499,26 +692,27 @@ def _stop(log: RunLogger, step: int, reason: str) -> None:
     raise TrainingStopped(message)
 
 
-def _stop_if_diverged(cfg: HellbenderConfig, loss: float, step: int, log: RunLogger) -> None:
+def _stop_if_diverged(cfg: ResolvedConfig, loss: float, step: int, log: RunLogger) -> None:
     if not math.isfinite(loss):
         log.log(step, {"loss": loss})
         _stop(log, step, f"the loss is {loss} at step {step}")
-    if cfg.loss_watchdog_threshold is not None and loss > cfg.loss_watchdog_threshold:
+    threshold = cfg.loss_watchdog_threshold
+    if threshold is not None and loss > threshold:
         log.log(step, {"loss": loss})
-        _stop(log, step, f"the loss {loss:.4f} at step {step} exceeds loss_watchdog_threshold {cfg.loss_watchdog_threshold}")
+        _stop(log, step, f"the loss {loss:.4f} at step {step} exceeds loss_watchdog_threshold {threshold}")
 
 
 def _log_train(
-    log: RunLogger, window: dict[str, float], step: int, epoch: float, lr: float, grad_norm: float
+    log: RunLogger, window: _LogWindow, step: int, epoch: float, lr: float, grad_norm: float
 ) -> None:
-    seconds = max(window["time"], 1e-9)
+    seconds = max(window.seconds, 1e-9)
     metrics = {
-        "loss": window["loss_sum"] / max(window["trained"], 1.0),
+        "loss": window.loss_sum / max(window.trained, 1.0),
         "lr": lr,
         "grad_norm": grad_norm,
         "epoch": round(epoch, 4),
-        "trained_tokens_per_s": window["trained"] / seconds,
-        "tokens_per_s": window["tokens"] / seconds,
+        "trained_tokens_per_s": window.trained / seconds,
+        "tokens_per_s": window.tokens / seconds,
         "peak_memory_mb": peak_memory_bytes() / 2**20,
     }
     log.log(step, metrics)
@@ -527,6 +721,3 @@ def _log_train(
         f"loss {metrics['loss']:.4f} lr {lr:.2e} gnorm {grad_norm:.3f} "
         f"{metrics['trained_tokens_per_s']:.0f} tok/s mem {metrics['peak_memory_mb']:.0f} MB",
     )
-    for key in window:
-        window[key] = 0.0
-

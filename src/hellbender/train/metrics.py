@@ -24,7 +24,7 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Any, Protocol
 
-from hellbender.config.schema import HellbenderConfig
+from hellbender.config.schema import ResolvedConfig
 from hellbender.files import write_atomically
 
 METRICS_FILE = "metrics.jsonl"
@@ -118,7 +118,7 @@ def _tb_tag(key: str) -> str:
 
 
 class WandbSink:
-    def __init__(self, cfg: HellbenderConfig, output_dir: Path) -> None:
+    def __init__(self, cfg: ResolvedConfig, output_dir: Path) -> None:
         import wandb
 
         self._wandb = wandb
@@ -142,7 +142,7 @@ class WandbSink:
 
 
 class MlflowSink:
-    def __init__(self, cfg: HellbenderConfig) -> None:
+    def __init__(self, cfg: ResolvedConfig) -> None:
         import mlflow
 
         self._mlflow = mlflow
@@ -170,7 +170,7 @@ def _require(module: str, key: str, extra: str = "logging") -> None:
         )
 
 
-def build_sinks(cfg: HellbenderConfig, output_dir: Path) -> list[Sink]:
+def build_sinks(cfg: ResolvedConfig, output_dir: Path) -> list[Sink]:
     """The configured sinks. A backend that is configured but missing is an error, not a skip:
     a user who set ``wandb_project`` and finds no run afterwards has lost the run's record."""
     sinks: list[Sink] = [JsonlSink(output_dir / METRICS_FILE)]
@@ -269,7 +269,7 @@ class RunLogger:
 
     def __init__(
         self,
-        cfg: HellbenderConfig,
+        cfg: ResolvedConfig,
         output_dir: Path,
         *,
         total_steps: int,

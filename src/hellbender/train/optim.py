@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from hellbender.config.schema import HellbenderConfig
+from hellbender.config.schema import ResolvedConfig
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -44,7 +44,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(cfg: HellbenderConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+def build_optimizer(cfg: ResolvedConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     """The optimizer named by ``cfg.optimizer`` over the model's trainable parameters."""
     groups = param_groups(model, cfg.weight_decay)
     if not groups:
@@ -73,7 +73,7 @@ def build_optimizer(cfg: HellbenderConfig, model: torch.nn.Module) -> torch.opti
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
 
 
-def warmup_steps(cfg: HellbenderConfig, total_steps: int) -> int:
+def warmup_steps(cfg: ResolvedConfig, total_steps: int) -> int:
     """Warm-up length: ``warmup_steps`` if given, else ``ceil(warmup_ratio × total)`` (HF's rounding)."""
     if cfg.warmup_steps is not None:
         return cfg.warmup_steps
@@ -102,7 +102,7 @@ def lr_multiplier(
     raise ValueError(f"unknown lr_scheduler {kind!r}")
 
 
-def build_scheduler(cfg: HellbenderConfig, optimizer: torch.optim.Optimizer, total_steps: int) -> LambdaLR:
+def build_scheduler(cfg: ResolvedConfig, optimizer: torch.optim.Optimizer, total_steps: int) -> LambdaLR:
     """A ``LambdaLR`` over :func:`lr_multiplier`; stepped once per optimizer step.
 
     The lambda is a ``functools.partial`` of a module-level function, so the scheduler's

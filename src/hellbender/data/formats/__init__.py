@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from hellbender.config.schema import DatasetConfig, HellbenderConfig, UserDefinedFormat
+from hellbender.config.schema import DatasetConfig, ResolvedConfig, UserDefinedFormat
 from hellbender.data.formats.base import PromptFormat, Rendered
 
 __all__ = ["PromptFormat", "Rendered", "build_format"]
 
 
-def build_format(ds: DatasetConfig, cfg: HellbenderConfig, tokenizer: Any) -> PromptFormat:
+def build_format(ds: DatasetConfig, cfg: ResolvedConfig, tokenizer: Any) -> PromptFormat:
     """The prompt format of one ``datasets:`` entry, with the top-level settings it inherits."""
     train_on_inputs = cfg.train_on_inputs if ds.train_on_inputs is None else ds.train_on_inputs
     if isinstance(ds.type, UserDefinedFormat) or ds.type == "user_defined":

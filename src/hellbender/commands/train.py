@@ -1,0 +1,124 @@
+"""``hellbender train``: fine-tune as configured and write the outputs into ``output_dir``."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from hellbender.commands.trained import pick_device
+from hellbender.config.schema import ResolvedConfig
+from hellbender.files import write_atomically
+from hellbender.train import checkpoint as ckpt
+from hellbender.train.loop import TrainResult, World, train
+from hellbender.train.metrics import LOSS_PLOT, METRICS_FILE, plot_losses
+
+logger = logging.getLogger(__name__)
+
+RESOLVED_CONFIG = "config.resolved.yaml"
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and CUDA): weight init, LoRA init and dropout."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def use_fp32_master_weights(model: torch.nn.Module, cfg: ResolvedConfig) -> int:
+    """Keep every *trainable* weight in fp32 when training in bf16/fp16 (autocast does the rest).
+
+    A bf16 weight cannot absorb an update smaller than ~1/256 of itself, so pure-bf16 training
+    silently stops learning at fine-tuning learning rates; the measurements in
+    :mod:`hellbender.train.loop` show autocast over fp32 weights costs little on CPU. Frozen
+    weights (a LoRA base) stay in the low-precision dtype they were loaded in. Returns the
+    number of tensors upcast.
+    """
+    if cfg.compute_dtype == "float32":
+        return 0
+    count = 0
+    for param in model.parameters():
+        if param.requires_grad and param.dtype in (torch.bfloat16, torch.float16):
+            param.data = param.data.float()
+            count += 1
+    return count
+
+
+def write_resolved_config(cfg: ResolvedConfig, output_dir: Path) -> Path:
+    """``config.resolved.yaml``: every key with its value as this run used it (derived ones too)."""
+    path = output_dir / RESOLVED_CONFIG
+    text = yaml.safe_dump(cfg.model_dump(mode="json", exclude_none=True), sort_keys=False)
+    return write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def run_train(cfg: ResolvedConfig, *, world: World | None = None) -> TrainResult:
+    """Fine-tune as configured and write the outputs into ``output_dir``.
+
+    Outputs: the adapter (peft format) or the full model (safetensors), the tokenizer,
+    ``config.resolved.yaml``, ``metrics.jsonl`` and ``loss.png``; checkpoints in
+    ``checkpoint-<step>`` folders. Raises :class:`hellbender.train.loop.TrainingStopped` on a
+    NaN/inf loss or the loss watchdog (the last checkpoint is left intact).
+    """
+    from hellbender.data.prepare import prepare_datasets
+    from hellbender.kernels import apply_optimizations, describe
+    from hellbender.models.attention import check_backend_trainable
+    from hellbender.models.load import load_model, load_tokenizer
+
+    world = world or World()
+    out = Path(cfg.output_dir).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    resume = ckpt.resolve_resume(cfg.resume_from_checkpoint, cfg.auto_resume_from_checkpoints, out)
+    ckpt.check_output_dir(out, resume)
+    if world.is_main:
+        for leftover in ckpt.remove_incomplete(out):
+            logger.warning("removed %s, left by a run killed while writing a checkpoint or its outputs", leftover)
+        write_resolved_config(cfg, out)
+
+    tokenizer = load_tokenizer(cfg)
+    data = prepare_datasets(cfg, tokenizer)
+    # Seed right before the model is built: LoRA initialisation does not depend on how much
+    # randomness data preparation consumed (e.g. whether the dataset came from the cache).
+    seed_everything(cfg.seed)
+    model = load_model(cfg, tokenizer)
+    use_fp32_master_weights(model, cfg)
+    device = pick_device(model)
+    if next(model.parameters()).device != device:  # a quantized model is placed while loading
+        model.to(device)
+    check_backend_trainable(cfg.attn_implementation, device)
+    # Memory/speed options (checkpointing, kernels, compile): after the adapter, before the
+    # optimizer sees the parameters. None of them changes the numbers (tested in kernels/).
+    apply_optimizations(model, cfg)
+    for line in describe(model):
+        logger.info("optimization: %s", line)
+    if resume is not None:
+        logger.info("resuming from %s", resume)
+
+    try:
+        result = train(
+            cfg, model, data.train, data.eval, pad_token_id=tokenizer.pad_token_id,
+            output_dir=out, resume_from=resume, world=world,
+        )
+    except BaseException:
+        # A stopped run (NaN/inf loss, the loss watchdog, Ctrl-C, an error) gets its plot too: the
+        # curve up to the stop is what explains it. Best effort, so it never hides why training stopped.
+        if world.is_main:
+            with contextlib.suppress(Exception):
+                plot_losses(out / METRICS_FILE, out / LOSS_PLOT)
+        raise
+    if world.is_main:
+        # Weights and tokenizer may replace those of an earlier run: staged, then moved into place,
+        # so a crash while writing never leaves a half-written output (see publish_files).
+        def write_outputs(folder: Path) -> None:
+            ckpt.save_model_weights(model, folder)
+            tokenizer.save_pretrained(str(folder))
+
+        ckpt.publish_files(out, write_outputs)
+        plot_losses(out / METRICS_FILE, out / LOSS_PLOT)
+    return result
+
+
