@@ -30,11 +30,14 @@ venv: $(STAMP)
 demo: $(STAMP)
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$$(nproc)} $(PY) examples/demo/run_demo.py
 
-test: $(STAMP)
+# CI runs exactly this (.ci/run): the linter and the type checker first, then the whole suite.
+test: lint
 	$(PY) -m pytest -n 2 --dist loadgroup -q tests
 
+# mypy's settings (strict on the whole package) live in pyproject.toml; its cache in .mypy_cache.
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench examples
+	$(VENV)/bin/mypy
 
 bench: $(STAMP)
 	@echo "benchmarks live in bench/; run one with: $(PY) bench/<name>.py"

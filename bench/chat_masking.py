@@ -66,7 +66,9 @@ def per_turn(fmt: Any, tok: Any, msgs: list[dict[str, str]], special: frozenset[
     """Axolotl-style: re-render and re-tokenize the prefix for every message."""
     from hellbender.data.formats.chat_template import render_template
 
-    full = tok(render_template(fmt.template, msgs, fmt.template_kwargs), add_special_tokens=False)["input_ids"]
+    full = tok(render_template(fmt.template, msgs, fmt.template_kwargs), add_special_tokens=False)[
+        "input_ids"
+    ]
     labels = [-100] * len(full)
     for i, msg in enumerate(msgs):
         before = render_template(fmt.template, msgs[:i], fmt.template_kwargs)
@@ -122,8 +124,12 @@ def main() -> int:
             print(f"labels differ at {turns} turns", file=sys.stderr)
             return 1
         t_ours = timed(lambda msgs=msgs: ours(fmt, tok, msgs), args.repeats)
-        t_ref = timed(lambda msgs=msgs: per_turn(fmt, tok, msgs, special), max(1, args.repeats if turns < 200 else 2))
-        print(f"{turns:>6} {len(a):>8} {t_ours * 1e3:>10.2f}ms {t_ref * 1e3:>10.2f}ms {t_ref / t_ours:>7.1f}x")
+        t_ref = timed(
+            lambda msgs=msgs: per_turn(fmt, tok, msgs, special), max(1, args.repeats if turns < 200 else 2)
+        )
+        print(
+            f"{turns:>6} {len(a):>8} {t_ours * 1e3:>10.2f}ms {t_ref * 1e3:>10.2f}ms {t_ref / t_ours:>7.1f}x"
+        )
     return 0
 
 

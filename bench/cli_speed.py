@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         target_text = "-" if target is None else f"{target:.2f}s"
         note = f" (exit {code})" if code not in (0,) else ""
         print(
-            f"{label:<58} {median:>7.3f}s {min(times):>7.3f}s {max(times):>7.3f}s {target_text:>8}  {verdict}{note}"
+            f"{label:<58} {median:>7.3f}s {min(times):>7.3f}s {max(times):>7.3f}s "
+            f"{target_text:>8}  {verdict}{note}"
         )
     print(f"{args.repeats} runs each after one warm-up; cores: {os.cpu_count()}")
     return 1 if missed else 0

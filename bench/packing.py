@@ -36,7 +36,11 @@ def long_tail_lengths(n: int, max_len: int, median: float, seed: int) -> np.ndar
 
 def padded_to_longest_efficiency(lengths: np.ndarray, micro_batch_size: int, seed: int) -> float:
     sampler = BatchSampler(
-        lengths, sequence_len=int(lengths.max()), micro_batch_size=micro_batch_size, sample_packing=False, seed=seed
+        lengths,
+        sequence_len=int(lengths.max()),
+        micro_batch_size=micro_batch_size,
+        sample_packing=False,
+        seed=seed,
     )
     real = cap = 0
     for mb in sampler:
@@ -48,7 +52,10 @@ def padded_to_longest_efficiency(lengths: np.ndarray, micro_batch_size: int, see
 
 def packing_report(args: argparse.Namespace) -> None:
     lengths = long_tail_lengths(args.samples, args.seq, args.median, seed=0)
-    print(f"== packing: {args.samples} samples, lognormal lengths (median {args.median}) clipped to [8, {args.seq}]")
+    print(
+        f"== packing: {args.samples} samples, lognormal lengths (median {args.median}) "
+        f"clipped to [8, {args.seq}]"
+    )
     print(f"   mean length {lengths.mean():.0f}, p99 {np.percentile(lengths, 99):.0f}, max {lengths.max()}")
     times = []
     for rep in range(5):
@@ -63,7 +70,9 @@ def packing_report(args: argparse.Namespace) -> None:
     lower_bound = -(-int(lengths.sum()) // args.seq)
     print(f"   packed (BFD):              efficiency {packed_eff:7.2%}  rows {sampler.num_rows()} "
           f"(lower bound {lower_bound}), micro-batches {n_batches}")
-    print(f"   unpacked, pad to seq_len:  efficiency {unpacked.efficiency():7.2%}  rows {unpacked.num_rows()}")
+    print(
+        f"   unpacked, pad to seq_len:  efficiency {unpacked.efficiency():7.2%}  rows {unpacked.num_rows()}"
+    )
     print(f"   unpacked, pad to longest:  efficiency {padded_to_longest_efficiency(lengths, 8, 0):7.2%}"
           " (micro_batch_size 8)")
     print(f"   time to pack {args.samples} samples: median {statistics.median(times) * 1e3:.0f} ms, "
@@ -132,8 +141,14 @@ def throughput_report(args: argparse.Namespace) -> None:
     assert trained["padded"] == trained["packed"], "both must train exactly the same tokens"
     rate = {name: trained[name] / min(times) for name, times in results.items()}
     print(f"   trained tokens per pass: {trained['packed']} (identical in both)")
-    print(f"   padded: {rate['padded']:10.0f} trained tokens/s   (best of {args.rounds}: {min(results['padded']):.2f} s)")
-    print(f"   packed: {rate['packed']:10.0f} trained tokens/s   (best of {args.rounds}: {min(results['packed']):.2f} s)")
+    print(
+        f"   padded: {rate['padded']:10.0f} trained tokens/s   "
+        f"(best of {args.rounds}: {min(results['padded']):.2f} s)"
+    )
+    print(
+        f"   packed: {rate['packed']:10.0f} trained tokens/s   "
+        f"(best of {args.rounds}: {min(results['packed']):.2f} s)"
+    )
     print(f"   packed / padded = {rate['packed'] / rate['padded']:.2f}x")
 
 

@@ -101,7 +101,9 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="hellbender-bench-preprocess-"))
     try:
         entries = generate(work, args.rows)
-        print(f"{args.rows:,} rows in {work} (alpaca jsonl, chat jsonl, input_output parquet, completion txt)")
+        print(
+            f"{args.rows:,} rows in {work} (alpaca jsonl, chat jsonl, input_output parquet, completion txt)"
+        )
         print(f"{'processes':>9} {'seconds':>9} {'rows/s':>9} {'samples':>9} {'tokens/s':>10}")
         prepared = None
         for procs in args.procs:

@@ -165,7 +165,9 @@ def worker_hf(spec: dict[str, Any]) -> dict[str, Any]:
     train_set = prepare_datasets(cfg, tokenizer).train.remove_columns(["length"])
     bf16 = cfg.compute_dtype == "bfloat16"
     torch.manual_seed(cfg.seed)
-    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.bfloat16 if bf16 else torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        spec["model"], dtype=torch.bfloat16 if bf16 else torch.float32
+    )
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=linear_module_names(model),
                                              task_type="CAUSAL_LM"))  # fmt: skip
     pad = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100)
@@ -181,7 +183,8 @@ def worker_hf(spec: dict[str, Any]) -> dict[str, Any]:
             return super().compute_loss(model, inputs, *args, **kwargs)
 
     args = TrainingArguments(
-        output_dir=str(Path(spec["out"]) / "hf"), max_steps=spec["steps"], per_device_train_batch_size=spec["mbs"],
+        output_dir=str(Path(spec["out"]) / "hf"), max_steps=spec["steps"],
+        per_device_train_batch_size=spec["mbs"],
         gradient_accumulation_steps=1, learning_rate=2e-4, warmup_steps=2, lr_scheduler_type="cosine",
         optim="adamw_torch", max_grad_norm=1.0, weight_decay=0.0, bf16=bf16, use_cpu=True, report_to=[],
         save_strategy="no", logging_steps=1000, dataloader_num_workers=0, seed=cfg.seed, disable_tqdm=True,
@@ -219,7 +222,9 @@ def resolve_model(root: Path, tiny: bool) -> tuple[str, str]:
             print(f"SmolLM2 not available ({exc}); using a tiny random Llama", file=sys.stderr)
     from hellbender.testing.tiny import save_tiny_model_folder
 
-    return str(save_tiny_model_folder(root / "tiny", hidden_size=64, intermediate_size=128)), "tiny random Llama"
+    return str(
+        save_tiny_model_folder(root / "tiny", hidden_size=64, intermediate_size=128)
+    ), "tiny random Llama"
 
 
 def main() -> None:
@@ -250,7 +255,10 @@ def main() -> None:
     threads = int(os.environ.get("OMP_NUM_THREADS", "2"))
     print(f"model: {model_name}; seq {args.seq}, micro-batch {args.mbs}, {args.steps} steps, LoRA r16 on all "
           f"linear layers, {threads} CPU thread(s)")  # fmt: skip
-    header = f"{'mode':8s} {'trainer':11s} {'steps':>5s} {'trained tok':>11s} {'sec':>7s} {'trained tok/s':>13s} {'peak RSS MB':>11s}"
+    header = (
+        f"{'mode':8s} {'trainer':11s} {'steps':>5s} {'trained tok':>11s} {'sec':>7s} "
+        f"{'trained tok/s':>13s} {'peak RSS MB':>11s}"
+    )
     print(header, flush=True)
     for mode in args.modes.split(","):
         spec = {"model": model, "data": str(root / "data.jsonl"), "prepared": str(root / "prepared"),
@@ -270,7 +278,8 @@ def main() -> None:
                   f"{r['rate']:13.1f} {r['peak_rss_mb']:11.0f}   (runs: {every})")  # fmt: skip
         hb, hf = results["hellbender"], results["hf"]
         print(f"{mode:8s} ratio hellbender/HF: trained tokens/s ×{hb['rate'] / hf['rate']:.2f}, "
-              f"peak RSS ×{hb['peak_rss_mb'] / hf['peak_rss_mb']:.2f}  (dtype {hb['dtype']} vs {hf['dtype']})",
+              f"peak RSS ×{hb['peak_rss_mb'] / hf['peak_rss_mb']:.2f}  "
+              f"(dtype {hb['dtype']} vs {hf['dtype']})",
               flush=True)  # fmt: skip
 
 if __name__ == "__main__":

@@ -23,7 +23,9 @@ CONFIG = ROOT / "examples/demo/config.yaml"
 HELDOUT = ROOT / "examples/demo/data/heldout.jsonl"
 
 
-def exact_match(model, tokenizer, rows: list[dict], batch_size: int = 25) -> tuple[float, list[tuple[str, str, str]]]:
+def exact_match(
+    model, tokenizer, rows: list[dict], batch_size: int = 25
+) -> tuple[float, list[tuple[str, str, str]]]:
     """Greedy answers for each row's user turn; accuracy and (question, answer, expected)."""
     import torch
 
@@ -32,7 +34,8 @@ def exact_match(model, tokenizer, rows: list[dict], batch_size: int = 25) -> tup
     for start in range(0, len(rows), batch_size):
         batch = rows[start : start + batch_size]
         prompts = [
-            tokenizer.apply_chat_template(r["messages"][:1], tokenize=False, add_generation_prompt=True) for r in batch
+            tokenizer.apply_chat_template(r["messages"][:1], tokenize=False, add_generation_prompt=True)
+            for r in batch
         ]
         enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
         with torch.no_grad():
@@ -58,7 +61,10 @@ def measure(cfg, rows: list[dict], label: str) -> tuple[float, list[tuple[str, s
     tokenizer = load_tokenizer(cfg)
     model = load_model(cfg, tokenizer).eval()
     accuracy, results = exact_match(model, tokenizer, rows)
-    print(f"  {label}: exact match {accuracy:.0%} on {len(rows)} held-out dates ({time.perf_counter() - start:.0f} s)")
+    print(
+        f"  {label}: exact match {accuracy:.0%} on {len(rows)} held-out dates "
+        f"({time.perf_counter() - start:.0f} s)"
+    )
     return accuracy, results
 
 
@@ -70,7 +76,10 @@ def main() -> int:
     started = time.perf_counter()
     gguf = find_smollm2_gguf()
     override = f"base_model={gguf}"
-    print(f"== hellbender demo: SmolLM2-135M-Instruct learns ISO dates with LoRA on {os.cpu_count()} CPU cores ==")
+    print(
+        f"== hellbender demo: SmolLM2-135M-Instruct learns ISO dates with LoRA "
+        f"on {os.cpu_count()} CPU cores =="
+    )
     print(f"model: {gguf}")
     cfg, _ = load_config(CONFIG, [override])
     rows = [json.loads(line) for line in HELDOUT.read_text().splitlines() if line.strip()]

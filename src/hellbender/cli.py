@@ -2,23 +2,163 @@
 
 Heavy libraries (torch, transformers, datasets) are imported inside the commands that need them,
 so ``hellbender --help`` and ``hellbender validate`` answer in a fraction of a second.
+
+Every command reports failures the same way (:func:`_reports_errors`):
+
+* a :class:`~hellbender.errors.HellbenderError` (bad config, data, files, model choice, a missing
+  package or GPU) prints ``ERROR: <message>`` on stderr and exits 1; a
+  :class:`~hellbender.config.findings.ConfigError` prints its findings. With ``debug: true`` in the
+  config the exception is raised instead, so its traceback shows;
+* any other exception is a bug, in hellbender or in a library it uses: its traceback goes to a new
+  ``hellbender-crash-<time>-<pid>.log`` (in ``output_dir`` when that folder exists, else in the
+  system's temporary folder), one line names the exception and the file, and the exit code is 2;
+* Ctrl-C exits 130, as interrupted programs do, without a crash file.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
 from hellbender import __version__
+from hellbender.errors import HellbenderError
+
+if TYPE_CHECKING:
+    from hellbender.config.schema import ResolvedConfig
 
 # No `exists=True`: a missing file is a config error (HB000, exit 1) like any other, not a usage error.
 CONFIG = click.argument("config", type=click.Path(dir_okay=False))
 OVERRIDES = click.argument("overrides", nargs=-1)
 
+EXIT_USER_ERROR = 1
+EXIT_BUG = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a program stopped by Ctrl-C
+CRASH_FILE_PREFIX = "hellbender-crash-"
+BUG_NOTICE = "this is a bug in hellbender or a library it uses"
+# Keys of click's per-invocation ``ctx.meta``: what the error report knows of the loaded config.
+_DEBUG = "hellbender.debug"
+_OUTPUT_DIR = "hellbender.output_dir"
 
-def _load(config: str, overrides: tuple[str, ...]):
+
+def _remember(cfg: Any) -> None:
+    """Tell this command's error report whether to show tracebacks and where output_dir is."""
+    meta = click.get_current_context().meta
+    meta[_DEBUG] = bool(getattr(cfg, "debug", False))
+    meta[_OUTPUT_DIR] = getattr(cfg, "output_dir", None)
+
+
+def _crash_folders(output_dir: str | None) -> list[Path]:
+    """Where a crash file may go, best first: an existing output_dir, then the temporary folder."""
+    import tempfile
+
+    folders = []
+    if output_dir:
+        try:
+            out = Path(output_dir).expanduser()
+            if out.is_dir():
+                folders.append(out)
+        except (OSError, RuntimeError):  # RuntimeError: "~user" with no such user
+            pass
+    folders.append(Path(tempfile.gettempdir()))
+    return folders
+
+
+def _write_crash_file(exc: BaseException, output_dir: str | None) -> Path | None:
+    """Write the traceback of ``exc`` (with the command and versions) to a new crash file.
+
+    Returns its path, or None when no folder would take it. The name holds the time and the process
+    id, and the file is created exclusively, so a report never overwrites an earlier one.
+    """
+    import os
+    import platform
+    import time
+    import traceback
+
+    versions = [f"hellbender {__version__}", f"python {platform.python_version()}", platform.platform()]
+    for name in ("torch", "transformers", "peft", "datasets", "accelerate", "bitsandbytes"):
+        module = sys.modules.get(name)  # only what this run imported: a crash report imports nothing
+        if module is not None:
+            versions.append(f"{name} {getattr(module, '__version__', '?')}")
+    trace = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    text = f"command: {' '.join(sys.argv)}\nversions: {', '.join(versions)}\n\n{trace}"
+    stem = f"{CRASH_FILE_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    for folder in _crash_folders(output_dir):
+        for n in range(100):
+            path = folder / (f"{stem}.log" if n == 0 else f"{stem}-{n}.log")
+            try:
+                with path.open("x", encoding="utf-8") as fh:
+                    fh.write(text)
+            except FileExistsError:
+                continue
+            except OSError:
+                break  # not writable: try the next folder
+            return path.resolve()
+    return None
+
+
+def _exception_name(exc: BaseException) -> str:
+    kind = type(exc)
+    return kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+
+
+def _report_bug(exc: Exception, output_dir: str | None, debug: bool) -> NoReturn:
+    """An exception no check of hellbender anticipated: keep its traceback, say where, exit 2."""
+    import traceback
+
+    message = " ".join(str(exc).split())
+    if len(message) > 500:
+        message = message[:499] + "…"
+    what = f"{_exception_name(exc)}: {message}" if message else _exception_name(exc)
+    path = _write_crash_file(exc, output_dir)
+    if debug or path is None:
+        traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+    where = f"the traceback is in {path}" if path else "the traceback is above (no crash file was written)"
+    click.echo(f"ERROR: {what} — {BUG_NOTICE}; {where}", err=True)
+    sys.exit(EXIT_BUG)
+
+
+def _reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Give ``command`` the one error path every command shares (see the module docstring)."""
+
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise  # click's own signals and usage errors: click reports them
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+        except Exception as exc:
+            import errno
+
+            if isinstance(exc, OSError) and exc.errno == errno.EPIPE:
+                raise  # stdout closed by the reader (`| head`): click exits quietly
+            meta = click.get_current_context().meta
+            debug = bool(meta.get(_DEBUG))
+            if not isinstance(exc, HellbenderError):
+                _report_bug(exc, meta.get(_OUTPUT_DIR), debug)
+            if debug:
+                raise
+            from hellbender.config.findings import ConfigError
+
+            if isinstance(exc, ConfigError):
+                for finding in exc.findings:
+                    click.echo(finding.render(), err=True)
+            else:
+                click.echo(f"ERROR: {exc}", err=True)
+            sys.exit(EXIT_USER_ERROR)
+
+    return run
+
+
+def _load(config: str, overrides: tuple[str, ...]) -> ResolvedConfig:
     """Load a config for a command that runs; print findings; exit 1 on errors."""
     from hellbender.config.findings import ConfigError
     from hellbender.config.load import load_config
@@ -28,7 +168,8 @@ def _load(config: str, overrides: tuple[str, ...]):
     except ConfigError as exc:
         for finding in exc.findings:
             click.echo(finding.render(), err=True)
-        sys.exit(1)
+        sys.exit(EXIT_USER_ERROR)
+    _remember(cfg)
     for finding in findings:
         if finding.severity != "info" or finding.code == "HB190":
             click.echo(finding.render(), err=True)
@@ -55,6 +196,7 @@ def main() -> None:
 @OVERRIDES
 @click.option("--resolved", is_flag=True, help="Also print the fully resolved config as YAML.")
 @click.option("--fix", is_flag=True, help="Rewrite the YAML in place for findings with a mechanical fix.")
+@_reports_errors
 def validate(config: str, overrides: tuple[str, ...], resolved: bool, fix: bool) -> None:
     """Check CONFIG: print findings; exit 0 without errors, 1 with."""
     import yaml
@@ -65,13 +207,14 @@ def validate(config: str, overrides: tuple[str, ...], resolved: bool, fix: bool)
     if fix and overrides:
         # the fix would be computed from the overridden values and written into the file
         click.echo("ERROR: --fix rewrites the file itself and cannot be combined with key=value overrides.")
-        sys.exit(1)
+        sys.exit(EXIT_USER_ERROR)
     try:
         cfg, findings = load_config(config, list(overrides), strict=False)
     except ConfigError as exc:
         for finding in exc.findings:
             click.echo(finding.render())
-        sys.exit(1)
+        sys.exit(EXIT_USER_ERROR)
+    _remember(cfg)
     if fix:
         from hellbender.config.fix import fix_file
         from hellbender.config.load import read_config
@@ -88,10 +231,11 @@ def validate(config: str, overrides: tuple[str, ...], resolved: bool, fix: bool)
         click.echo("# resolved config")
         click.echo(yaml.safe_dump(cfg.model_dump(mode="json", exclude_none=True), sort_keys=False))
     click.echo(f"{config}: {errors} error(s), {warnings} warning(s)")
-    sys.exit(1 if has_errors(findings) else 0)
+    sys.exit(EXIT_USER_ERROR if has_errors(findings) else 0)
 
 
 @main.command("config-schema")
+@_reports_errors
 def config_schema() -> None:
     """Print the JSON schema of the config."""
     from hellbender.config.schema import HellbenderConfig
@@ -102,14 +246,21 @@ def config_schema() -> None:
 @main.command()
 @CONFIG
 @OVERRIDES
-@click.option("--debug", "debug_n", type=int, default=0, metavar="N", help="Print N examples, trained tokens highlighted.")
+@click.option(
+    "--debug",
+    "debug_n",
+    type=int,
+    default=0,
+    metavar="N",
+    help="Print N examples, trained tokens highlighted.",
+)
 @click.option("--rebuild", is_flag=True, help="Prepare again even if a matching cache exists.")
+@_reports_errors
 def preprocess(config: str, overrides: tuple[str, ...], debug_n: int, rebuild: bool) -> None:
     """Tokenize and mask the datasets of CONFIG into the cache that `train` reuses."""
     from rich.console import Console
     from rich.text import Text
 
-    from hellbender.data.errors import DataError
     from hellbender.data.prepare import prepare_datasets
     from hellbender.data.report import format_example
     from hellbender.models.load import load_tokenizer
@@ -117,11 +268,7 @@ def preprocess(config: str, overrides: tuple[str, ...], debug_n: int, rebuild: b
     cfg = _load(config, overrides)
     console = Console()
     tokenizer = load_tokenizer(cfg)
-    try:
-        prepared = prepare_datasets(cfg, tokenizer, rebuild=rebuild)
-    except DataError as exc:
-        click.echo(f"ERROR: {exc}", err=True)
-        sys.exit(1)
+    prepared = prepare_datasets(cfg, tokenizer, rebuild=rebuild)
     prepared.report.print(console)
     color = console.is_terminal and not console.no_color
     for i in range(min(debug_n, len(prepared.train))):
@@ -139,21 +286,24 @@ def _log_to_stderr(debug: bool) -> None:
     """Show hellbender's own log lines (resume, pad token, adapter size) on stderr."""
     import logging
 
-    class CurrentStderr(logging.StreamHandler):
+    class CurrentStderr(logging.Handler):
         # Resolve sys.stderr at each write: a handler holding the stream of the moment breaks
         # once that stream is swapped and closed (click's test runner does exactly that).
-        @property
-        def stream(self):  # type: ignore[override]
-            return sys.stderr
-
-        @stream.setter
-        def stream(self, value) -> None:
-            pass
+        def emit(self, record: logging.LogRecord) -> None:
+            try:
+                sys.stderr.write(self.format(record) + "\n")
+                sys.stderr.flush()
+            except RecursionError:  # as logging.StreamHandler.emit
+                raise
+            except Exception:
+                self.handleError(record)
 
     logger = logging.getLogger("hellbender")
     if not logger.handlers:
         handler = CurrentStderr()
-        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s" if debug else "%(message)s"))
+        handler.setFormatter(
+            logging.Formatter("%(levelname)s %(name)s: %(message)s" if debug else "%(message)s")
+        )
         logger.addHandler(handler)
     logger.setLevel(logging.DEBUG if debug else logging.INFO)
     if not debug:
@@ -162,31 +312,17 @@ def _log_to_stderr(debug: bool) -> None:
         logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
-def _run_or_exit(cfg, fn, *args, **kwargs):
-    """Run a command; expected failures (bad data, a stopped run, missing files) print one clear
-    message and exit 1 instead of a traceback (``debug: true`` shows the traceback)."""
-    from hellbender.data.errors import DataError
-    from hellbender.train.loop import TrainingStopped
-
-    _log_to_stderr(cfg.debug)
-    try:
-        return fn(*args, **kwargs)
-    except (TrainingStopped, DataError, FileNotFoundError, ValueError) as exc:
-        if cfg.debug:
-            raise
-        click.echo(f"ERROR: {exc}", err=True)
-        sys.exit(1)
-
-
 @main.command()
 @CONFIG
 @OVERRIDES
+@_reports_errors
 def train(config: str, overrides: tuple[str, ...]) -> None:
     """Fine-tune as CONFIG says; outputs (adapter or model, tokenizer, metrics, loss.png) go to output_dir."""
     from hellbender.commands.train import run_train
 
     cfg = _load(config, overrides)
-    result = _run_or_exit(cfg, run_train, cfg)
+    _log_to_stderr(cfg.debug)
+    result = run_train(cfg)
     last = result.losses.get(result.global_step)
     summary = f"trained {result.global_step}/{result.total_steps} steps"
     if last is not None:
@@ -199,34 +335,47 @@ def train(config: str, overrides: tuple[str, ...]) -> None:
 @main.command()
 @CONFIG
 @OVERRIDES
+@_reports_errors
 def evaluate(config: str, overrides: tuple[str, ...]) -> None:
     """Evaluate the trained model of CONFIG (or the base model before training) on the eval split."""
     from hellbender.commands.evaluate import run_evaluate
 
     cfg = _load(config, overrides)
-    metrics = _run_or_exit(cfg, run_evaluate, cfg)
+    _log_to_stderr(cfg.debug)
+    metrics = run_evaluate(cfg)
     click.echo(json.dumps(metrics, indent=2))
 
 
 @main.command("merge-lora")
 @CONFIG
 @OVERRIDES
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, help="Destination (default output_dir/merged).")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Destination (default output_dir/merged).",
+)
+@_reports_errors
 def merge_lora(config: str, overrides: tuple[str, ...], out_dir: str | None) -> None:
     """Fold the trained LoRA adapter into the base weights; write a plain Hugging Face model folder."""
     from hellbender.commands.merge_lora import run_merge_lora
 
     cfg = _load(config, overrides)
-    path = _run_or_exit(cfg, run_merge_lora, cfg, out_dir)
+    _log_to_stderr(cfg.debug)
+    path = run_merge_lora(cfg, out_dir)
     click.echo(f"merged model written to {path}")
 
 
 @main.command()
 @CONFIG
 @OVERRIDES
-@click.option("--prompt", default=None, help="The user message; without it, every line of stdin is one prompt.")
+@click.option(
+    "--prompt", default=None, help="The user message; without it, every line of stdin is one prompt."
+)
 @click.option("--max-new-tokens", type=int, default=256, show_default=True)
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy (reproducible).")
+@_reports_errors
 def inference(
     config: str, overrides: tuple[str, ...], prompt: str | None, max_new_tokens: int, temperature: float
 ) -> None:
@@ -234,7 +383,8 @@ def inference(
     from hellbender.commands.inference import run_inference
 
     cfg = _load(config, overrides)
-    _run_or_exit(cfg, run_inference, cfg, prompt, max_new_tokens=max_new_tokens, temperature=temperature)
+    _log_to_stderr(cfg.debug)
+    run_inference(cfg, prompt, max_new_tokens=max_new_tokens, temperature=temperature)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -14,8 +14,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 
-def write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp)`` to write the new content to a temporary sibling, then rename it to ``path``."""
+def write_atomically(path: Path, write: Callable[[Path], object]) -> Path:
+    """Call ``write(tmp)`` to write the new content to a temporary sibling, then rename it to ``path``.
+
+    Whatever ``write`` returns (``Path.write_text``'s character count, ...) is ignored.
+    """
     tmp = path.with_name(f".{path.name}.tmp")
     write(tmp)
     os.replace(tmp, path)

@@ -15,7 +15,19 @@ from pathlib import Path
 from typing import Any
 
 # GGUF metadata value types (gguf spec) → struct format of the scalar ones; 8 = string, 9 = array.
-_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_GGUF_SCALARS = {
+    0: "<B",
+    1: "<b",
+    2: "<H",
+    3: "<h",
+    4: "<I",
+    5: "<i",
+    6: "<f",
+    7: "<?",
+    10: "<Q",
+    11: "<q",
+    12: "<d",
+}
 
 
 def read_gguf_metadata(path: Path) -> dict[str, Any]:

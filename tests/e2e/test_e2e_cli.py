@@ -14,7 +14,7 @@ import torch
 import yaml
 from click.testing import CliRunner, Result
 from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, BatchEncoding, PreTrainedTokenizerBase
 
 from hellbender.cli import main
 from hellbender.train import checkpoint as ckpt
@@ -53,13 +53,19 @@ def plain_adapter_model(project: Path) -> PeftModel:
     return PeftModel.from_pretrained(base, str(project / "out")).eval()
 
 
-def greedy_answer(model: torch.nn.Module, tokenizer: object, prompt: str, n: int) -> str:
-    enc = tokenizer.apply_chat_template(  # type: ignore[attr-defined]
-        [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+def greedy_answer(model: PeftModel, tokenizer: PreTrainedTokenizerBase, prompt: str, n: int) -> str:
+    enc = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
     )
+    assert isinstance(enc, BatchEncoding)
     with torch.no_grad():
-        out = model.generate(**enc, max_new_tokens=n, do_sample=False, pad_token_id=tokenizer.pad_token_id)  # type: ignore[attr-defined]
-    return tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)  # type: ignore[attr-defined]
+        out = model.generate(**enc, max_new_tokens=n, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    answer = tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert isinstance(answer, str)  # one sequence of ids decodes to one string
+    return answer
 
 
 def test_train_wrote_the_outputs(project: Path) -> None:
@@ -86,8 +92,12 @@ def test_merge_lora_writes_a_plain_model(project: Path, tmp_path: Path) -> None:
     merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"))
     ids = torch.tensor([[5, 9, 40, 77, 12]])
     with torch.no_grad():
-        torch.testing.assert_close(merged(input_ids=ids).logits, plain_adapter_model(project)(input_ids=ids).logits,
-                                   rtol=1e-5, atol=1e-5)  # fmt: skip
+        torch.testing.assert_close(
+            merged(input_ids=ids).logits,
+            plain_adapter_model(project)(input_ids=ids).logits,
+            rtol=1e-5,
+            atol=1e-5,
+        )
 
 
 @pytest.fixture
@@ -147,7 +157,9 @@ def test_inference_streams_the_greedy_answer(project: Path, stream_events: list[
     # Computed before each command (its generate calls are recorded too, so the events are cleared).
     expected = greedy_answer(model, tokenizer, "Name an animal.", n)
     stream_events.clear()
-    result = invoke("inference", str(project / "cfg.yaml"), "--prompt", "Name an animal.", "--max-new-tokens", str(n))
+    result = invoke(
+        "inference", str(project / "cfg.yaml"), "--prompt", "Name an animal.", "--max-new-tokens", str(n)
+    )
     assert result.exit_code == 0, result.output
     assert expected in result.stdout
     [chunks] = streamed_answers(stream_events)
@@ -157,7 +169,9 @@ def test_inference_streams_the_greedy_answer(project: Path, stream_events: list[
     prompts = ["Is it true?", "Say hello."]
     answers = [greedy_answer(model, tokenizer, prompt, n) for prompt in prompts]
     stream_events.clear()
-    result = invoke("inference", str(project / "cfg.yaml"), "--max-new-tokens", str(n), stdin="\n".join(prompts) + "\n")
+    result = invoke(
+        "inference", str(project / "cfg.yaml"), "--max-new-tokens", str(n), stdin="\n".join(prompts) + "\n"
+    )
     assert result.exit_code == 0, result.output
     position = 0
     for answer, chunks in zip(answers, streamed_answers(stream_events), strict=True):

@@ -24,13 +24,23 @@ def invoke(*args: str) -> Result:
 
 def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
     """(inode, mtime) of the folder and of every file in it: a rebuild replaces them all."""
-    return {str(p.relative_to(folder)): (p.stat().st_ino, p.stat().st_mtime_ns) for p in [folder, *folder.rglob("*")]}
+    return {
+        str(p.relative_to(folder)): (p.stat().st_ino, p.stat().st_mtime_ns)
+        for p in [folder, *folder.rglob("*")]
+    }
 
 
-def test_train_reuses_the_cache_folder_preprocess_built(base_settings: dict[str, object], tmp_path: Path) -> None:
+def test_train_reuses_the_cache_folder_preprocess_built(
+    base_settings: dict[str, object], tmp_path: Path
+) -> None:
     prepared = tmp_path / "prepared"
     config = tmp_path / "cfg.yaml"
-    settings = {**base_settings, "dataset_prepared_path": str(prepared), "max_steps": 2, "output_dir": str(tmp_path / "out")}
+    settings = {
+        **base_settings,
+        "dataset_prepared_path": str(prepared),
+        "max_steps": 2,
+        "output_dir": str(tmp_path / "out"),
+    }
     config.write_text(yaml.safe_dump(settings))
 
     result = invoke("preprocess", str(config))

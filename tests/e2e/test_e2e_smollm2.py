@@ -29,11 +29,36 @@ pytestmark = [
 ]
 
 ROWS = [
-    {"messages": [{"role": "user", "content": "Reverse the word: cat"}, {"role": "assistant", "content": "tac"}]},
-    {"messages": [{"role": "user", "content": "Reverse the word: dog"}, {"role": "assistant", "content": "god"}]},
-    {"messages": [{"role": "user", "content": "Reverse the word: star"}, {"role": "assistant", "content": "rats"}]},
-    {"messages": [{"role": "user", "content": "Reverse the word: loop"}, {"role": "assistant", "content": "pool"}]},
-    {"messages": [{"role": "user", "content": "Reverse the word: part"}, {"role": "assistant", "content": "trap"}]},
+    {
+        "messages": [
+            {"role": "user", "content": "Reverse the word: cat"},
+            {"role": "assistant", "content": "tac"},
+        ]
+    },
+    {
+        "messages": [
+            {"role": "user", "content": "Reverse the word: dog"},
+            {"role": "assistant", "content": "god"},
+        ]
+    },
+    {
+        "messages": [
+            {"role": "user", "content": "Reverse the word: star"},
+            {"role": "assistant", "content": "rats"},
+        ]
+    },
+    {
+        "messages": [
+            {"role": "user", "content": "Reverse the word: loop"},
+            {"role": "assistant", "content": "pool"},
+        ]
+    },
+    {
+        "messages": [
+            {"role": "user", "content": "Reverse the word: part"},
+            {"role": "assistant", "content": "trap"},
+        ]
+    },
 ]
 
 

@@ -26,9 +26,10 @@ from hellbender.train.metrics import read_metrics
 
 ADAPTERS: dict[str, dict[str, object]] = {
     "full": {"learning_rate": 1e-2},
-    "lora": {"adapter": "lora", "lora_r": 16, "lora_alpha": 32, "lora_target_linear": True, "learning_rate": 5e-2},
-    "qlora": {"adapter": "qlora", "load_in_4bit": True, "lora_r": 16, "lora_alpha": 32, "lora_target_linear": True,
-              "learning_rate": 5e-2},
+    "lora": {"adapter": "lora", "lora_r": 16, "lora_alpha": 32, "lora_target_linear": True,
+             "learning_rate": 5e-2},
+    "qlora": {"adapter": "qlora", "load_in_4bit": True, "lora_r": 16, "lora_alpha": 32,
+              "lora_target_linear": True, "learning_rate": 5e-2},
 }  # fmt: skip
 
 
@@ -116,7 +117,9 @@ def test_merge_equals_adapter(runs: dict, tiny_assets: Path, kind: str, tmp_path
     adapter = PeftModel.from_pretrained(base, cfg.output_dir)
     ids = sample_ids(tiny_assets)
     with torch.no_grad():
-        torch.testing.assert_close(merged(input_ids=ids).logits, adapter(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            merged(input_ids=ids).logits, adapter(input_ids=ids).logits, rtol=1e-5, atol=1e-5
+        )
 
 
 def test_merge_refuses_a_full_fine_tune(runs: dict) -> None:

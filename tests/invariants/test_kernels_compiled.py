@@ -28,7 +28,11 @@ def _step(model: torch.nn.Module, cfg: ResolvedConfig, ids: torch.Tensor, labels
     loss = loss_sum(model, {"input_ids": ids}, labels, cfg)
     nodes = graph_node_names(loss)
     loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, nodes
+    return (
+        loss.detach(),
+        {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+        nodes,
+    )
 
 
 def _check(options: dict[str, Any]) -> set[str]:

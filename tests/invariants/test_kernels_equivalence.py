@@ -92,10 +92,20 @@ def _step(model: torch.nn.Module, cfg: ResolvedConfig):
 # (options, needs a LoRA adapter, autograd node that proves the optimization ran, saves memory?)
 CASES: list[tuple[dict[str, Any], bool, str | None, bool]] = [
     ({"chunked_cross_entropy": True}, False, "ChunkedLinearCrossEntropyBackward", True),
-    ({"chunked_cross_entropy": True, "chunked_cross_entropy_num_chunks": 5}, True, "ChunkedLinearCrossEntropyBackward", True),
+    (
+        {"chunked_cross_entropy": True, "chunked_cross_entropy_num_chunks": 5},
+        True,
+        "ChunkedLinearCrossEntropyBackward",
+        True,
+    ),
     ({"gradient_checkpointing": True}, False, None, True),
     ({"gradient_checkpointing": "selective"}, False, None, True),
-    ({"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": True}}, True, None, True),
+    (
+        {"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": True}},
+        True,
+        None,
+        True,
+    ),
     ({"gradient_checkpointing": True}, True, None, True),
     ({"tiled_mlp": True, "tiled_mlp_num_shards": 3}, False, "TiledMLPFunctionBackward", True),
     ({"tiled_mlp": True}, True, "TiledMLPFunctionBackward", True),
@@ -105,20 +115,38 @@ CASES: list[tuple[dict[str, Any], bool, str | None, bool]] = [
     ({"gradient_checkpointing": True, "activation_offloading": "disk"}, False, None, False),
     ({"gradient_checkpointing": True, "activation_offloading": True}, False, None, False),
     (
-        {"lora_mlp_kernel": True, "lora_qkv_kernel": True, "lora_o_kernel": True, "tiled_mlp": True,
-         "tiled_mlp_num_shards": 2, "gradient_checkpointing": "selective"},
-        True, "LoRAProjectionsBackward", True,
+        {
+            "lora_mlp_kernel": True,
+            "lora_qkv_kernel": True,
+            "lora_o_kernel": True,
+            "tiled_mlp": True,
+            "tiled_mlp_num_shards": 2,
+            "gradient_checkpointing": "selective",
+        },
+        True,
+        "LoRAProjectionsBackward",
+        True,
     ),
     (
-        {"gradient_checkpointing": True, "activation_offloading": "disk", "chunked_cross_entropy": True,
-         "lora_mlp_kernel": True},
-        True, "ChunkedLinearCrossEntropyBackward", False,
+        {
+            "gradient_checkpointing": True,
+            "activation_offloading": "disk",
+            "chunked_cross_entropy": True,
+            "lora_mlp_kernel": True,
+        },
+        True,
+        "ChunkedLinearCrossEntropyBackward",
+        False,
     ),
 ]
 
 
-@pytest.mark.parametrize(("options", "lora", "node", "saves"), CASES, ids=lambda v: str(v) if isinstance(v, dict) else None)
-def test_optimization_matches_plain_path(options: dict[str, Any], lora: bool, node: str | None, saves: bool) -> None:
+@pytest.mark.parametrize(
+    ("options", "lora", "node", "saves"), CASES, ids=lambda v: str(v) if isinstance(v, dict) else None
+)
+def test_optimization_matches_plain_path(
+    options: dict[str, Any], lora: bool, node: str | None, saves: bool
+) -> None:
     model = _model(lora)
     ref_loss, ref_grads, _, ref_saved, _ = _step(model, _cfg(lora))
     cfg = _cfg(lora, **options)
@@ -127,7 +155,9 @@ def test_optimization_matches_plain_path(options: dict[str, Any], lora: bool, no
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
     assert grads.keys() == ref_grads.keys() and grads
     for name in ref_grads:
-        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(
+            grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}"
+        )
     if node is not None:
         assert node in nodes, sorted(nodes)
     if saves:
@@ -201,7 +231,10 @@ def _lora_dropout_mlp_model() -> torch.nn.Module:
     from peft import LoraConfig, get_peft_model
 
     base = build_tiny_model(vocab_size=VOCAB, seed=0)
-    m = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.3, target_modules=["gate_proj", "up_proj", "down_proj"]))
+    m = get_peft_model(
+        base,
+        LoraConfig(r=4, lora_alpha=8, lora_dropout=0.3, target_modules=["gate_proj", "up_proj", "down_proj"]),
+    )
     with torch.no_grad():
         for name, p in m.named_parameters():
             if "lora_B" in name:
@@ -269,7 +302,9 @@ def test_tiled_mlp_replays_dropout_exactly_over_several_shards() -> None:
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
     assert grads.keys() == ref_grads.keys()
     for name in ref_grads:
-        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(
+            grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}"
+        )
 
 
 def test_packed_rows_through_the_real_collator_match_plain_path() -> None:
@@ -292,8 +327,15 @@ def test_packed_rows_through_the_real_collator_match_plain_path() -> None:
     inputs = model_inputs(batch, "sdpa")
     labels = batch["labels"]
     model = _model(True)
-    options = {"chunked_cross_entropy": True, "gradient_checkpointing": True, "tiled_mlp": True,
-               "tiled_mlp_num_shards": 3, "lora_mlp_kernel": True, "lora_qkv_kernel": True, "lora_o_kernel": True}
+    options = {
+        "chunked_cross_entropy": True,
+        "gradient_checkpointing": True,
+        "tiled_mlp": True,
+        "tiled_mlp_num_shards": 3,
+        "lora_mlp_kernel": True,
+        "lora_qkv_kernel": True,
+        "lora_o_kernel": True,
+    }
 
     def run(cfg: ResolvedConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         model.zero_grad(set_to_none=True)

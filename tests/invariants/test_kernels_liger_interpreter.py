@@ -31,7 +31,7 @@ pytest.importorskip("liger_kernel")
 pytest.importorskip("triton")
 
 SCRIPT = textwrap.dedent(
-    r'''
+    r"""
     import json, os, sys
     assert os.environ["TRITON_INTERPRET"] == "1"
     import numpy as np
@@ -69,11 +69,15 @@ SCRIPT = textwrap.dedent(
 
     CASES = {
         "liger_rms_norm": (lambda: build_tiny_model(vocab_size=300, seed=0), "LigerRMSNormFunctionBackward"),
-        "liger_glu_activation": (lambda: build_tiny_model(vocab_size=300, seed=0), "LigerSiLUMulFunctionBackward"),
+        "liger_glu_activation": (lambda: build_tiny_model(vocab_size=300, seed=0),
+                                 "LigerSiLUMulFunctionBackward"),
         "liger_rope": (lambda: build_tiny_model(vocab_size=300, seed=0), "LigerRopeFunctionBackward"),
-        "liger_cross_entropy": (lambda: build_tiny_model(vocab_size=300, seed=0), "LigerCrossEntropyFunctionBackward"),
-        "liger_fused_linear_cross_entropy": (lambda: build_tiny_model(vocab_size=300, seed=0, tie_word_embeddings=True),
-                                             "LigerFusedLinearCrossEntropyFunctionBackward"),
+        "liger_cross_entropy": (lambda: build_tiny_model(vocab_size=300, seed=0),
+                                "LigerCrossEntropyFunctionBackward"),
+        "liger_fused_linear_cross_entropy": (
+            lambda: build_tiny_model(vocab_size=300, seed=0, tie_word_embeddings=True),
+            "LigerFusedLinearCrossEntropyFunctionBackward",
+        ),
         "liger_layer_norm": (stablelm, "LigerLayerNormFunctionBackward"),
     }
     g = torch.Generator().manual_seed(0)
@@ -86,7 +90,8 @@ SCRIPT = textwrap.dedent(
         loss = loss_sum(model, {"input_ids": ids}, labels, cfg)
         nodes = graph_node_names(loss)
         loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, nodes
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return loss.detach(), grads, nodes
 
     out = {}
     for key in sys.argv[1:]:
@@ -105,7 +110,7 @@ SCRIPT = textwrap.dedent(
             "max_grad_diff": max((grads[n] - ref_grads[n]).abs().max().item() for n in ref_grads),
         }
     print("RESULT" + json.dumps(out))
-    '''
+    """
 )
 
 KEYS = [

@@ -20,6 +20,8 @@ from hellbender.models.attention import (
     XFORMERS_BIAS_KWARG,
     AttentionBackendError,
     check_backend_trainable,
+    document_causal_mask,
+    flex_document_block_mask,
     model_inputs,
     register_block_diagonal_attention,
     xformers_seqlens,
@@ -40,7 +42,12 @@ def tiny_llama(attn: str, dtype: torch.dtype = torch.float32) -> LlamaForCausalL
     of these tests is a regular token.
     """
     return build_tiny_model(
-        seed=0, dtype=dtype, vocab_size=VOCAB, max_position_embeddings=64, pad_token_id=None, attn_implementation=attn
+        seed=0,
+        dtype=dtype,
+        vocab_size=VOCAB,
+        max_position_embeddings=64,
+        pad_token_id=None,
+        attn_implementation=attn,
     )
 
 
@@ -80,7 +87,9 @@ def doc_slices(micro_batch: list[list[int]], samples: list[dict]) -> list[tuple[
     return out
 
 
-def reference_alone(model: LlamaForCausalLM, samples: list[dict]) -> tuple[list[torch.Tensor], torch.Tensor, int]:
+def reference_alone(
+    model: LlamaForCausalLM, samples: list[dict]
+) -> tuple[list[torch.Tensor], torch.Tensor, int]:
     """Per-document logits, and the token-exact mean loss of all documents, each run alone."""
     logits, loss_sum, count = [], torch.zeros(()), 0
     for s in samples:
@@ -110,7 +119,10 @@ def test_packed_equals_unpacked_logits_losses_and_gradients(attn: str) -> None:
 
     logits = model(**model_inputs(batch, attn)).logits
     per_token = F.cross_entropy(
-        logits[:, :-1].reshape(-1, VOCAB), batch["labels"][:, 1:].reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+        logits[:, :-1].reshape(-1, VOCAB),
+        batch["labels"][:, 1:].reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
     ).view(logits.shape[0], -1)
     for i, r, start, n in doc_slices(micro_batch, samples):
         torch.testing.assert_close(logits[r, start : start + n], ref_logits[i], atol=1e-5, rtol=1e-5)
@@ -166,7 +178,8 @@ def test_flex_attention_forward_isolates_documents() -> None:
     """Forward only: FlexAttention has no backward on CPU (torch 2.13).
 
     The first run compiles FlexAttention for CPU (~30 s cold, a few seconds with a warm inductor
-    cache), hence the `slow` mark.
+    cache), hence the `slow` mark. SEQ_LEN = 24 with head dim 8 is exactly the shape that torch's
+    compiled CPU kernel gets wrong on AVX2 CPUs with its default 128-wide KV tiles (see the next test).
     """
     model = tiny_llama("flex_attention")
     reference = tiny_llama("eager")  # same seed → same weights
@@ -181,6 +194,28 @@ def test_flex_attention_forward_isolates_documents() -> None:
         check_backend_trainable("flex_attention", "cpu")
     with pytest.raises(NotImplementedError, match="backward on CPU"):
         model(**model_inputs(batch, "flex_attention")).logits.sum().backward()
+
+
+@pytest.mark.parametrize("length", [8, 16, 24, 40, 120, 128, 136, 200, 2056])
+def test_flex_cpu_block_mask_has_no_kv_tile_8_mod_16_wide(length: int) -> None:
+    """torch's compiled CPU FlexAttention corrupts the first 8 query rows of a tile (garbage or NaN)
+    when a KV tile is 8 (mod 16) wide, on AVX2 CPUs, for head dim 8 or 16 (an unguarded 16-column
+    store in inductor's transposed-B micro-GEMM tail; see ``_cpu_flex_kv_block_size``). The test
+    above catches it only on such a CPU; this checks on any machine that hellbender's CPU
+    BlockMask never tiles the keys that way, and that its blocks still cover every allowed pair.
+    """
+    doc_lens = [length // 2, length // 4, length - length // 2 - length // 4]
+    doc = torch.repeat_interleave(torch.arange(3, dtype=torch.int32), torch.tensor(doc_lens))[None]
+    mask = flex_document_block_mask(doc)
+    q_block, kv_block = mask.BLOCK_SIZE
+    tiles = [min(kv_block, length - n) for n in range(0, length, kv_block)]
+    assert all(t % 16 != 8 for t in tiles), (kv_block, tiles)
+    # Block level: a (q, kv) block is computed iff it holds at least one allowed pair.
+    nq, nkv = -(-length // q_block), -(-length // kv_block)
+    allowed = torch.zeros(nq * q_block, nkv * kv_block, dtype=torch.bool)
+    allowed[:length, :length] = document_causal_mask(doc)[0, 0]
+    expected = allowed.view(nq, q_block, nkv, kv_block).any(3).any(1)
+    assert torch.equal(mask.to_dense()[0, 0].bool(), expected)
 
 
 def test_registered_block_diagonal_attention_isolates_documents_on_cpu() -> None:
@@ -232,7 +267,9 @@ def _gpu_packed_vs_alone(attn: str) -> None:
     batch = {k: v.cuda() for k, v in batch.items()}
     logits = model(**model_inputs(batch, attn, dtype=torch.bfloat16)).logits.float()
     for i, r, start, n in doc_slices(micro_batch, samples):
-        alone = model(input_ids=torch.tensor([samples[i]["input_ids"]], device="cuda"), use_cache=False).logits
+        alone = model(
+            input_ids=torch.tensor([samples[i]["input_ids"]], device="cuda"), use_cache=False
+        ).logits
         torch.testing.assert_close(logits[r, start : start + n], alone[0].float(), atol=2e-2, rtol=2e-2)
     loss = causal_lm_loss_sum(logits, batch["labels"]) / batch["num_trained_tokens"]
     loss.backward()

@@ -104,7 +104,9 @@ def test_resume_equals_straight(tmp_path: Path, case: str) -> None:
         resumed_cfg = make_cfg(out, **values)
         torch.manual_seed(999)  # a different process state before resuming must not matter
         model = build(resumed_cfg)
-        resumed = train(resumed_cfg, model, samples, None, pad_token_id=PAD, resume_from=out / f"checkpoint-{step}")
+        resumed = train(
+            resumed_cfg, model, samples, None, pad_token_id=PAD, resume_from=out / f"checkpoint-{step}"
+        )
         assert resumed.resumed_from == out / f"checkpoint-{step}"
         assert list(resumed.losses) == list(range(step + 1, straight.total_steps + 1))
         assert resumed.losses == {k: v for k, v in straight.losses.items() if k > step}
@@ -122,5 +124,12 @@ def test_resume_refuses_a_different_plan(tmp_path: Path) -> None:
     train(cfg, build_tiny_model(seed=0), samples, None, pad_token_id=PAD)
     longer = make_cfg(tmp_path, max_steps=6, save_steps=2)
     with pytest.raises(ValueError, match="cannot continue exactly"):
-        train(longer, build_tiny_model(seed=0), samples, None, pad_token_id=PAD, resume_from=tmp_path / "checkpoint-2")
+        train(
+            longer,
+            build_tiny_model(seed=0),
+            samples,
+            None,
+            pad_token_id=PAD,
+            resume_from=tmp_path / "checkpoint-2",
+        )
     assert ckpt.find_latest_checkpoint(tmp_path) == tmp_path / "checkpoint-4"

@@ -20,7 +20,11 @@ from hellbender.config.schema import HellbenderConfig
 
 # The group callback sets the allocator variable in os.environ; passing both names to the runner
 # makes click restore them afterwards, so no test leaks environment into another.
-ISOLATED_ENV: dict[str, str | None] = {"PYTORCH_ALLOC_CONF": None, "PYTORCH_CUDA_ALLOC_CONF": None, "WORLD_SIZE": "1"}
+ISOLATED_ENV: dict[str, str | None] = {
+    "PYTORCH_ALLOC_CONF": None,
+    "PYTORCH_CUDA_ALLOC_CONF": None,
+    "WORLD_SIZE": "1",
+}
 
 GOOD = GOOD_CONFIG + "gradient_accumulation_steps: 4\n"
 
@@ -111,7 +115,9 @@ def test_missing_or_unreadable_file_exits_1_with_a_finding(tmp_path: Path) -> No
 
 
 def test_a_key_given_twice_is_an_error_with_its_lines(tmp_path: Path) -> None:
-    result = invoke("validate", str(write_config(tmp_path, GOOD + "learning_rate: 0.1\nlearning_rate: 0.2\n")))
+    result = invoke(
+        "validate", str(write_config(tmp_path, GOOD + "learning_rate: 0.1\nlearning_rate: 0.2\n"))
+    )
     assert result.exit_code == 1 and "ERROR HB001" in result.output
     assert "'learning_rate' a second time" in result.output
 
@@ -182,9 +188,10 @@ def test_fix_rewrites_batch_size_and_legacy_flags_keeping_comments_and_order(tmp
     assert "fixed: batch_size → gradient_accumulation_steps: 8" in result.output
     after = path.read_text()
     # expected: exactly the two edits, every comment and every other line as written
-    expected = (
-        BEFORE.replace("batch_size: 16  # effective batch", "gradient_accumulation_steps: 8 # effective batch")
-        .replace("xformers_attention:\nflash_attention: true   # fast", "attn_implementation: flash_attention_2 # fast")
+    expected = BEFORE.replace(
+        "batch_size: 16  # effective batch", "gradient_accumulation_steps: 8 # effective batch"
+    ).replace(
+        "xformers_attention:\nflash_attention: true   # fast", "attn_implementation: flash_attention_2 # fast"
     )
     assert after == expected
     # the findings that were fixed are gone; the run itself was re-validated on the new file
@@ -213,16 +220,20 @@ def test_fix_removes_redundant_batch_size_keeping_its_comments(tmp_path: Path) -
             "base_model: m\ndatasets:\n- path: a.jsonl\n  type: alpaca\nsdp_attention: true\nchat_template: '"
             + "x" * 200
             + "'\n",
-            "base_model: m\ndatasets:\n- path: a.jsonl\n  type: alpaca\nattn_implementation: sdpa\nchat_template: '"
+            "base_model: m\ndatasets:\n- path: a.jsonl\n  type: alpaca\nattn_implementation: sdpa\n"
+            "chat_template: '"
             + "x" * 200
             + "'\n",
         ),
         (
-            "base_model: m\ndatasets: [{path: a.jsonl}]\nmicro_batch_size: 2\nbatch_size: 8\n\n# end\nseed: 1\n",
-            "base_model: m\ndatasets: [{path: a.jsonl}]\nmicro_batch_size: 2\ngradient_accumulation_steps: 4\n\n# end\nseed: 1\n",
+            "base_model: m\ndatasets: [{path: a.jsonl}]\nmicro_batch_size: 2\nbatch_size: 8\n\n"
+            "# end\nseed: 1\n",
+            "base_model: m\ndatasets: [{path: a.jsonl}]\nmicro_batch_size: 2\n"
+            "gradient_accumulation_steps: 4\n\n# end\nseed: 1\n",
         ),
         (
-            "base_model: m\nspecial_tokens:\n    pad_token: <pad>\ndatasets:\n    - path: a.jsonl\nflash_attention: false\n",
+            "base_model: m\nspecial_tokens:\n    pad_token: <pad>\ndatasets:\n    - path: a.jsonl\n"
+            "flash_attention: false\n",
             "base_model: m\nspecial_tokens:\n    pad_token: <pad>\ndatasets:\n    - path: a.jsonl\n",
         ),
     ],
@@ -238,7 +249,8 @@ def test_fix_keeps_the_files_own_layout(tmp_path: Path, before: str, after: str)
 @pytest.mark.parametrize(
     "text",
     [
-        GOOD.replace("gradient_accumulation_steps: 4\n", "") + "batch_size: 7  # not divisible by 2\n",  # HB121
+        GOOD.replace("gradient_accumulation_steps: 4\n", "")
+        + "batch_size: 7  # not divisible by 2\n",  # HB121
         GOOD + "batch_size: 99\n",  # HB122: contradicts the other two
         GOOD + "flash_attention: true\nxformers_attention: true\n",  # HB101: which one is meant?
     ],
@@ -310,10 +322,14 @@ def test_installed_entry_point_exit_codes(tmp_path: Path) -> None:
     exe = shutil.which("hellbender", path=str(Path(sys.executable).parent))
     if exe is None:
         pytest.skip("the hellbender console script is not installed next to this interpreter")
-    good = subprocess.run([exe, "validate", str(write_config(tmp_path, GOOD))], capture_output=True, text=True)
+    good = subprocess.run(
+        [exe, "validate", str(write_config(tmp_path, GOOD))], capture_output=True, text=True
+    )
     assert good.returncode == 0, good.stdout + good.stderr
     bad = subprocess.run(
-        [exe, "validate", str(write_config(tmp_path, GOOD + "lora_rr: 4\n", "bad.yaml"))], capture_output=True, text=True
+        [exe, "validate", str(write_config(tmp_path, GOOD + "lora_rr: 4\n", "bad.yaml"))],
+        capture_output=True,
+        text=True,
     )
     assert bad.returncode == 1 and "Did you mean `lora_r`" in bad.stdout
 
@@ -329,7 +345,9 @@ def test_fix_on_examples_changes_only_the_fixed_lines(tmp_path: Path, example: P
     invoke("validate", str(path), "--fix")
     changed = [
         line[1:]
-        for line in difflib.unified_diff(original.splitlines(), path.read_text().splitlines(), lineterm="", n=0)
+        for line in difflib.unified_diff(
+            original.splitlines(), path.read_text().splitlines(), lineterm="", n=0
+        )
         if line[:1] in "+-" and not line.startswith(("+++", "---"))
     ]
     fixed_keys = ("batch_size", "gradient_accumulation_steps", "attn_implementation", "flash_attention",

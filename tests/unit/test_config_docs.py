@@ -16,7 +16,9 @@ COMMITTED = ROOT / "docs" / "config.md"
 
 
 def test_committed_reference_is_up_to_date() -> None:
-    assert COMMITTED.is_file(), f"docs/config.md is missing; generate it with `{docs.REGENERATE}` from the repo root"
+    assert COMMITTED.is_file(), (
+        f"docs/config.md is missing; generate it with `{docs.REGENERATE}` from the repo root"
+    )
     assert COMMITTED.read_text(encoding="utf-8") == docs.render(), (
         f"docs/config.md is out of date with the config code; regenerate it with `{docs.REGENERATE}` "
         "from the repository root and commit the result"

@@ -81,14 +81,18 @@ scalars = st.one_of(
     st.integers(min_value=-(2**70), max_value=2**70),
     st.floats(allow_nan=True, allow_infinity=True),
     st.text(max_size=30),
-    st.sampled_from(["auto", "lora", "qlora", "sdpa", "flash_attention_2", "alpaca", "chat_template", "", "~", "0x1F"]),
+    st.sampled_from(
+        ["auto", "lora", "qlora", "sdpa", "flash_attention_2", "alpaca", "chat_template", "", "~", "0x1F"]
+    ),
 )
 garbage = st.recursive(
     scalars,
     lambda inner: st.one_of(
         st.lists(inner, max_size=4),
         st.dictionaries(
-            st.one_of(st.text(max_size=12), st.integers(), st.sampled_from([*DATASET_KEYS, *MODEL_CONFIG_KEYS])),
+            st.one_of(
+                st.text(max_size=12), st.integers(), st.sampled_from([*DATASET_KEYS, *MODEL_CONFIG_KEYS])
+            ),
             inner,
             max_size=4,
         ),
@@ -121,7 +125,10 @@ def mutated_config(draw: st.DrawFn) -> dict[str, Any]:
     destructive = draw(st.integers(min_value=0, max_value=2))
     plausible = draw(st.integers(min_value=0 if destructive else 1, max_value=6))
     kinds = [
-        *(draw(st.sampled_from(["typo", "wrong_type", "delete", "dataset_garbage", "dataset_key"])) for _ in range(destructive)),
+        *(
+            draw(st.sampled_from(["typo", "wrong_type", "delete", "dataset_garbage", "dataset_key"]))
+            for _ in range(destructive)
+        ),
         *(["valid_value"] * plausible),
     ]
     for kind in draw(st.permutations(kinds)):
@@ -152,14 +159,22 @@ def mutated_config(draw: st.DrawFn) -> dict[str, Any]:
                         ("pad_to_sequence_len", st.booleans()),
                         ("flash_attention", st.booleans()),
                         ("sdp_attention", st.booleans()),
-                        ("attn_implementation", st.sampled_from(["eager", "sdpa", "flex_attention", "flash_attention_2"])),
+                        (
+                            "attn_implementation",
+                            st.sampled_from(["eager", "sdpa", "flex_attention", "flash_attention_2"]),
+                        ),
                         ("adapter", st.sampled_from(["lora", "qlora", None])),
                         ("load_in_4bit", st.booleans()),
                         ("context_parallel_size", st.integers(1, 4)),
                         ("tensor_parallel_size", st.integers(1, 4)),
                         ("warmup_ratio", st.floats(0, 0.9)),
                         ("overrides_of_model_config", garbage),
-                        ("base_model", st.sampled_from(["~nobody_here/x", "/", ".", "x" * 300, "a.gguf", "", LOCAL_MODEL])),
+                        (
+                            "base_model",
+                            st.sampled_from(
+                                ["~nobody_here/x", "/", ".", "x" * 300, "a.gguf", "", LOCAL_MODEL]
+                            ),
+                        ),
                     ]
                 )
             )
@@ -178,10 +193,13 @@ def check_outcome(path: Path, overrides: list[str], hw: Hardware, world: int) ->
         check_findings(exc.findings)
         return
     check_findings(findings)
-    event("loaded; rules ran" + (" and found errors" if any(f.severity == "error" for f in findings) else ", no errors"))
+    event(
+        "loaded; rules ran"
+        + (" and found errors" if any(f.severity == "error" for f in findings) else ", no errors")
+    )
     if not any(f.severity == "error" for f in findings):
         dp = world // (cfg.context_parallel_size * cfg.tensor_parallel_size)
-        assert cfg.batch_size == cfg.micro_batch_size * cfg.gradient_accumulation_steps * dp  # type: ignore[operator]
+        assert cfg.batch_size == cfg.micro_batch_size * cfg.gradient_accumulation_steps * dp
 
 
 def check_findings(findings: list[Finding]) -> None:
@@ -207,7 +225,9 @@ def with_local_model(data: Any, workdir: Path) -> Any:
 
 @settings(FUZZ, max_examples=700)
 @given(data=mutated_config(), hw=hardware, world=worlds)
-def test_mutated_configs_give_findings_never_tracebacks(workdir: Path, data: dict[str, Any], hw: Hardware, world: int) -> None:
+def test_mutated_configs_give_findings_never_tracebacks(
+    workdir: Path, data: dict[str, Any], hw: Hardware, world: int
+) -> None:
     path = workdir / "mutated.yaml"
     path.write_text(dump(with_local_model(data, workdir)))
     check_outcome(path, [], hw, world)
@@ -238,13 +258,29 @@ override_paths = st.one_of(
     st.text(max_size=20),
     near_key(TOP_KEYS),
     st.sampled_from(TOP_KEYS),
-    st.builds(lambda i, k: f"datasets.{i}.{k}", st.sampled_from(["0", "1", "-1", "x", "²", "00", ""]), st.sampled_from(DATASET_KEYS)),
+    st.builds(
+        lambda i, k: f"datasets.{i}.{k}",
+        st.sampled_from(["0", "1", "-1", "x", "²", "00", ""]),
+        st.sampled_from(DATASET_KEYS),
+    ),
     st.builds(lambda a, b: f"{a}.{b}", st.sampled_from(TOP_KEYS), st.text(max_size=8)),
 )
-override_values = st.one_of(st.text(max_size=20), st.sampled_from(["[1, 2", "{a: 1}", "true", "null", "- x", "&a [*a]", "2e-5"]))
+override_values = st.one_of(
+    st.text(max_size=20), st.sampled_from(["[1, 2", "{a: 1}", "true", "null", "- x", "&a [*a]", "2e-5"])
+)
 plausible_overrides = st.sampled_from(
-    ["lora_r=16", "micro_batch_size=3", "batch_size=12", "datasets.0.type=completion", "bf16=true", "sample_packing=true",
-     "gradient_accumulation_steps=", "attn_implementation=eager", "flash_attention=true", "val_set_size=0.2"]
+    [
+        "lora_r=16",
+        "micro_batch_size=3",
+        "batch_size=12",
+        "datasets.0.type=completion",
+        "bf16=true",
+        "sample_packing=true",
+        "gradient_accumulation_steps=",
+        "attn_implementation=eager",
+        "flash_attention=true",
+        "val_set_size=0.2",
+    ]
 )
 
 
@@ -253,12 +289,16 @@ plausible_overrides = st.sampled_from(
     seed=st.sampled_from(SEEDS),
     overrides=st.lists(
         st.one_of(
-            st.text(max_size=30), st.builds(lambda p, v: f"{p}={v}", override_paths, override_values), plausible_overrides
+            st.text(max_size=30),
+            st.builds(lambda p, v: f"{p}={v}", override_paths, override_values),
+            plausible_overrides,
         ),
         max_size=4,
     ),
 )
-def test_random_overrides_give_findings_never_tracebacks(workdir: Path, seed: dict[str, Any], overrides: list[str]) -> None:
+def test_random_overrides_give_findings_never_tracebacks(
+    workdir: Path, seed: dict[str, Any], overrides: list[str]
+) -> None:
     path = workdir / "overridden.yaml"
     path.write_text(dump(seed))
     check_outcome(path, overrides, Hardware(description="CPU"), 1)
@@ -266,7 +306,9 @@ def test_random_overrides_give_findings_never_tracebacks(workdir: Path, seed: di
 
 @settings(FUZZ, max_examples=30)
 @given(data=mutated_config(), resolved=st.booleans(), fix=st.booleans())
-def test_cli_validate_exits_0_or_1_never_a_traceback(workdir: Path, data: dict[str, Any], resolved: bool, fix: bool) -> None:
+def test_cli_validate_exits_0_or_1_never_a_traceback(
+    workdir: Path, data: dict[str, Any], resolved: bool, fix: bool
+) -> None:
     path = workdir / "cli.yaml"
     path.write_text(dump(data))
     args = ["validate", str(path), *(["--resolved"] if resolved else []), *(["--fix"] if fix else [])]
@@ -291,7 +333,9 @@ def raw_config_file(draw: st.DrawFn) -> bytes:
         lines = text.splitlines(keepends=True)
         i = draw(st.integers(0, len(lines) - 1))
         return "".join([*lines[: i + 1], lines[i], *lines[i + 1 :]]).encode()
-    flag = draw(st.sampled_from(["flash_attention", "sdp_attention", "sample_packing", "bf16", "load_in_4bit"]))
+    flag = draw(
+        st.sampled_from(["flash_attention", "sdp_attention", "sample_packing", "bf16", "load_in_4bit"])
+    )
     word = draw(st.sampled_from(["off", "on", "yes", "no", "Off", "'false'", '"no"', "y", "n"]))
     return (text + f"{flag}: {word}\n").encode()
 
@@ -328,7 +372,9 @@ FLAG_WORDS = ["true", "false", "off", "on", "yes", "no", "'false'", '"no"', "'tr
     gas=st.one_of(st.none(), st.integers(1, 4)),
     batch=st.one_of(st.none(), st.integers(1, 48)),
     flags=st.dictionaries(
-        st.sampled_from(["flash_attention", "sdp_attention", "xformers_attention", "eager_attention", "flex_attention"]),
+        st.sampled_from(
+            ["flash_attention", "sdp_attention", "xformers_attention", "eager_attention", "flex_attention"]
+        ),
         st.sampled_from(FLAG_WORDS),
         max_size=3,
     ),
@@ -336,7 +382,13 @@ FLAG_WORDS = ["true", "false", "off", "on", "yes", "no", "'false'", '"no"', "'tr
     world=worlds,
 )
 def test_fix_never_changes_what_a_config_means(
-    workdir: Path, mbs: int, gas: int | None, batch: int | None, flags: dict[str, str], attn: str | None, world: int
+    workdir: Path,
+    mbs: int,
+    gas: int | None,
+    batch: int | None,
+    flags: dict[str, str],
+    attn: str | None,
+    world: int,
 ) -> None:
     data: dict[str, Any] = {
         "base_model": "org/model",

@@ -7,6 +7,7 @@ ranks without launching anything.
 
 from __future__ import annotations
 
+import typing
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ import yaml
 from hellbender.config.findings import Finding
 from hellbender.config.hardware import Hardware
 from hellbender.config.load import load_config
-from hellbender.config.normalize import allocator_setting, configure_allocator_env
+from hellbender.config.normalize import allocator_setting, configure_allocator_env, normalize
 from hellbender.config.schema import HellbenderConfig
 
 CPU = Hardware(description="CPU")
@@ -92,12 +93,14 @@ def test_batch_size_not_divisible_is_an_error(tmp_path: Path, world: int) -> Non
 def test_inconsistent_triple_is_an_error(tmp_path: Path, world: int) -> None:
     mbs, gas = 2, 4
     _, bad = run(
-        tmp_path, {"micro_batch_size": mbs, "gradient_accumulation_steps": gas, "batch_size": mbs * gas * world + 2},
+        tmp_path,
+        {"micro_batch_size": mbs, "gradient_accumulation_steps": gas, "batch_size": mbs * gas * world + 2},
         world=world,
     )
     assert codes(bad, "error") == ["HB122"]
     cfg, good = run(
-        tmp_path, {"micro_batch_size": mbs, "gradient_accumulation_steps": gas, "batch_size": mbs * gas * world},
+        tmp_path,
+        {"micro_batch_size": mbs, "gradient_accumulation_steps": gas, "batch_size": mbs * gas * world},
         world=world,
     )
     assert not codes(good, "error")
@@ -109,11 +112,18 @@ def test_inconsistent_triple_is_an_error(tmp_path: Path, world: int) -> None:
     ("world", "cp", "tp"),
     [(8, 2, 1), (8, 1, 2), (8, 2, 2), (8, 8, 1), (2, 2, 1)],
 )
-def test_context_and_tensor_parallel_reduce_data_parallel_size(tmp_path: Path, world: int, cp: int, tp: int) -> None:
+def test_context_and_tensor_parallel_reduce_data_parallel_size(
+    tmp_path: Path, world: int, cp: int, tp: int
+) -> None:
     dp = world // (cp * tp)
     cfg, findings = run(
         tmp_path,
-        {"micro_batch_size": 2, "gradient_accumulation_steps": 3, "context_parallel_size": cp, "tensor_parallel_size": tp},
+        {
+            "micro_batch_size": 2,
+            "gradient_accumulation_steps": 3,
+            "context_parallel_size": cp,
+            "tensor_parallel_size": tp,
+        },
         world=world,
     )
     assert cfg.batch_size == 2 * 3 * dp
@@ -121,7 +131,12 @@ def test_context_and_tensor_parallel_reduce_data_parallel_size(tmp_path: Path, w
     # deprecated batch_size divides by the data-parallel ranks only
     cfg, _ = run(
         tmp_path,
-        {"micro_batch_size": 2, "batch_size": 2 * 3 * dp, "context_parallel_size": cp, "tensor_parallel_size": tp},
+        {
+            "micro_batch_size": 2,
+            "batch_size": 2 * 3 * dp,
+            "context_parallel_size": cp,
+            "tensor_parallel_size": tp,
+        },
         world=world,
     )
     assert cfg.gradient_accumulation_steps == 3
@@ -206,7 +221,9 @@ def test_bf16_is_auto_by_default(tmp_path: Path) -> None:
         ({"bf16": False, "fp16": True}, CUDA_NO_BF16, "float16"),
     ],
 )
-def test_explicit_dtype_wins_over_hardware(tmp_path: Path, extra: dict[str, Any], hw: Hardware, expected: str) -> None:
+def test_explicit_dtype_wins_over_hardware(
+    tmp_path: Path, extra: dict[str, Any], hw: Hardware, expected: str
+) -> None:
     cfg, _ = run(tmp_path, extra, hw=hw)
     assert cfg.compute_dtype == expected
 
@@ -256,7 +273,9 @@ def test_two_legacy_flags_are_an_error(tmp_path: Path) -> None:
 def test_legacy_flag_disagreeing_with_attn_implementation_is_an_error(tmp_path: Path) -> None:
     _, bad = run(tmp_path, {"attn_implementation": "sdpa", "flash_attention": True}, hw=CUDA_BF16)
     assert "HB101" in codes(bad, "error")
-    cfg, agree = run(tmp_path, {"attn_implementation": "flash_attention_2", "flash_attention": True}, hw=CUDA_BF16)
+    cfg, agree = run(
+        tmp_path, {"attn_implementation": "flash_attention_2", "flash_attention": True}, hw=CUDA_BF16
+    )
     assert "HB101" not in codes(agree)
     assert cfg.attn_implementation == "flash_attention_2"
 
@@ -329,12 +348,74 @@ def test_adamw_bnb_8bit_is_adamw_8bit(tmp_path: Path) -> None:
 
 
 def test_legacy_message_fields_map_to_property_mappings(tmp_path: Path) -> None:
-    legacy = {"path": "c.jsonl", "type": "chat_template", "message_field_role": "from", "message_field_content": "value"}
+    legacy = {
+        "path": "c.jsonl",
+        "type": "chat_template",
+        "message_field_role": "from",
+        "message_field_content": "value",
+    }
     cfg, findings = run(tmp_path, {"datasets": [legacy, {"path": "d.jsonl", "type": "chat_template"}]})
     first, second = cfg.datasets
-    assert (first.message_property_mappings.role, first.message_property_mappings.content) == ("from", "value")
+    assert (first.message_property_mappings.role, first.message_property_mappings.content) == (
+        "from",
+        "value",
+    )
     assert first.message_field_role is None and first.message_field_content is None
-    assert (second.message_property_mappings.role, second.message_property_mappings.content) == ("role", "content")
+    assert (second.message_property_mappings.role, second.message_property_mappings.content) == (
+        "role",
+        "content",
+    )
     assert [f.key for f in findings if f.code == "HB141"] == ["datasets.0.message_field_role"]
     cfg, findings = run(tmp_path, {"datasets": [{"path": "d.jsonl", "type": "chat_template"}]})
     assert not [f for f in findings if f.code == "HB141"]
+
+
+# ------------------------------------------------------------------ the resolved config
+
+
+def test_a_resolved_config_comes_only_out_of_normalize() -> None:
+    """Derived fields have no defaults: a ResolvedConfig cannot be made without deriving them."""
+    from pydantic import ValidationError
+
+    from hellbender.config.schema import ResolvedConfig
+
+    with pytest.raises(ValidationError) as info:
+        ResolvedConfig(base_model="x")
+    missing = {e["loc"][0] for e in info.value.errors() if e["type"] == "missing"}
+    assert {
+        "compute_dtype",
+        "data_parallel_size",
+        "epochs_given",
+        "loss_method",
+        "eval_batch_size",
+    } <= missing
+
+
+def test_every_derived_value_is_set_and_never_optional() -> None:
+    cfg, _ = normalize(HellbenderConfig(base_model="x"), world_size=1, hardware=Hardware())
+    derived = set(type(cfg).model_fields) - set(HellbenderConfig.model_fields)
+    overridden = {"gradient_accumulation_steps", "batch_size", "eval_batch_size", "pad_to_sequence_len",
+                  "eval_sample_packing", "dataset_num_proc", "attn_implementation", "context_parallel_size"}
+    for name in derived | overridden:
+        assert getattr(cfg, name) is not None, name
+        assert type(None) not in typing.get_args(type(cfg).model_fields[name].annotation), name
+
+
+@pytest.mark.parametrize(
+    ("values", "given"),
+    [
+        ({}, True),
+        ({"max_steps": 5}, False),
+        ({"max_steps": 5, "num_epochs": 1}, True),
+        ({"num_epochs": 2}, True),
+    ],
+)
+def test_epochs_given(values: dict[str, object], given: bool) -> None:
+    cfg, _ = normalize(HellbenderConfig(base_model="x", **values), world_size=1, hardware=Hardware())
+    assert cfg.epochs_given is given
+
+
+def test_data_parallel_size_divides_out_the_model_parallel_ranks() -> None:
+    raw = HellbenderConfig(base_model="x", micro_batch_size=2, tensor_parallel_size=2)
+    cfg, _ = normalize(raw, world_size=8, hardware=Hardware())
+    assert cfg.data_parallel_size == 4 and cfg.batch_size == 2 * 1 * 4

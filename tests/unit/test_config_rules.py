@@ -22,8 +22,8 @@ from hellbender.config import rules
 from hellbender.config.findings import Finding
 from hellbender.config.hardware import Hardware
 from hellbender.config.load import load_config
-from hellbender.config.normalize import normalize
-from hellbender.config.schema import AttnImplementation, HellbenderConfig
+from hellbender.config.schema import HellbenderConfig
+from hellbender.model_files import read_model_config
 
 CPU = Hardware(description="CPU")
 CPU_BF16 = Hardware(cpu_bf16=True, description="CPU with AMX")
@@ -40,7 +40,12 @@ TEST_DS = {"test_datasets": [{"path": "heldout.jsonl", "type": "alpaca"}]}
 
 
 def run(
-    tmp_path: Path, extra: dict[str, Any], *, hw: Hardware = CPU, world: int = 1, base: dict[str, Any] | None = None
+    tmp_path: Path,
+    extra: dict[str, Any],
+    *,
+    hw: Hardware = CPU,
+    world: int = 1,
+    base: dict[str, Any] | None = None,
 ) -> list[Finding]:
     data = {**(BASE if base is None else base), **extra}
     path = tmp_path / "cfg.yaml"
@@ -56,58 +61,172 @@ def codes(findings: list[Finding]) -> set[str]:
 # (code, severity, config that triggers, near-identical config that does not, hardware for each)
 Case = tuple[str, str, dict[str, Any], dict[str, Any], Hardware, Hardware]
 CASES: list[Case] = [
-    ("HB103", "warning", {"fp16": True, "sample_packing": True},
-     {"fp16": True, "sample_packing": True, "adapter": "lora", "lora_target_linear": True}, A100, A100),
-    ("HB103", "warning", {"fp16": True, "sample_packing": True},
-     {"fp16": True, "sample_packing": True, "attn_implementation": "flash_attention_2"}, A100, A100),
+    (
+        "HB103",
+        "warning",
+        {"fp16": True, "sample_packing": True},
+        {"fp16": True, "sample_packing": True, "adapter": "lora", "lora_target_linear": True},
+        A100,
+        A100,
+    ),
+    (
+        "HB103",
+        "warning",
+        {"fp16": True, "sample_packing": True},
+        {"fp16": True, "sample_packing": True, "attn_implementation": "flash_attention_2"},
+        A100,
+        A100,
+    ),
     ("HB104", "warning", {"fp8": True}, {"fp8": True, "torch_compile": True}, H100, H100),
-    ("HB105", "error", {"fp8": True, "torch_compile": True}, {"fp8": True, "torch_compile": True}, A100, H100),
+    (
+        "HB105",
+        "error",
+        {"fp8": True, "torch_compile": True},
+        {"fp8": True, "torch_compile": True},
+        A100,
+        H100,
+    ),
     ("HB106", "error", {"load_in_4bit": True}, {"load_in_4bit": True, "adapter": "qlora"}, A100, A100),
     ("HB106", "error", {"load_in_8bit": True}, {"load_in_8bit": True, "adapter": "lora"}, A100, A100),
     ("HB107", "error", {"adapter": "qlora"}, {"adapter": "qlora", "load_in_4bit": True}, A100, A100),
-    ("HB112", "error", {"adapter": "lora", "load_in_4bit": True, "load_in_8bit": True},
-     {"adapter": "lora", "load_in_8bit": True}, A100, A100),
-    ("HB108", "error", {"activation_offloading": True},
-     {"activation_offloading": True, "gradient_checkpointing": True}, A100, A100),
+    (
+        "HB112",
+        "error",
+        {"adapter": "lora", "load_in_4bit": True, "load_in_8bit": True},
+        {"adapter": "lora", "load_in_8bit": True},
+        A100,
+        A100,
+    ),
+    (
+        "HB108",
+        "error",
+        {"activation_offloading": True},
+        {"activation_offloading": True, "gradient_checkpointing": True},
+        A100,
+        A100,
+    ),
     ("HB109", "error", {"evals_per_epoch": 4}, {"evals_per_epoch": 4, **EVAL}, CPU, CPU),
     ("HB109", "error", {"eval_steps": 50}, {"eval_steps": 50, **TEST_DS}, CPU, CPU),
     ("HB109", "error", {"eval_strategy": "epoch"}, {"eval_strategy": "epoch", **EVAL}, CPU, CPU),
     ("HB109", "error", {"eval_batch_size": 1}, {"eval_batch_size": 1, **EVAL}, CPU, CPU),
     ("HB110", "error", {"warmup_steps": 10, "warmup_ratio": 0.1}, {"warmup_steps": 10}, CPU, CPU),
-    ("HB111", "error", {"deepspeed": "ds.json", "fsdp_config": {"reshard_after_forward": True}},
-     {"deepspeed": "ds.json"}, A100, A100),
-    ("HB111", "error", {"deepspeed": "ds.json", "fsdp": ["full_shard"]}, {"fsdp": ["full_shard"]}, A100, A100),
+    (
+        "HB111",
+        "error",
+        {"deepspeed": "ds.json", "fsdp_config": {"reshard_after_forward": True}},
+        {"deepspeed": "ds.json"},
+        A100,
+        A100,
+    ),
+    (
+        "HB111",
+        "error",
+        {"deepspeed": "ds.json", "fsdp": ["full_shard"]},
+        {"fsdp": ["full_shard"]},
+        A100,
+        A100,
+    ),
     ("HB113", "error", {"bf16": True, "fp16": True}, {"bf16": "auto", "fp16": True}, A100, A100),
     ("HB114", "error", {"bf16": True}, {"bf16": "auto"}, T4, T4),
     ("HB114", "warning", {"bf16": True}, {"bf16": True}, CPU, CPU_BF16),
     ("HB115", "error", {"fp16": True}, {"fp16": True}, CPU, A100),
     ("HB116", "warning", {"tf32": True}, {"tf32": True}, CPU, A100),
-    ("HB117", "error", {"chunked_cross_entropy": True, "cut_cross_entropy": True},
-     {"chunked_cross_entropy": True}, A100, A100),
-    ("HB118", "error", {"liger_glu_activation": True, "lora_mlp_kernel": True, "adapter": "lora"},
-     {"lora_mlp_kernel": True, "adapter": "lora"}, A100, A100),
-    ("HB130", "error", {"attn_implementation": "flash_attention_2"},
-     {"attn_implementation": "flash_attention_2"}, CPU, A100),
+    (
+        "HB117",
+        "error",
+        {"chunked_cross_entropy": True, "cut_cross_entropy": True},
+        {"chunked_cross_entropy": True},
+        A100,
+        A100,
+    ),
+    (
+        "HB118",
+        "error",
+        {"liger_glu_activation": True, "lora_mlp_kernel": True, "adapter": "lora"},
+        {"lora_mlp_kernel": True, "adapter": "lora"},
+        A100,
+        A100,
+    ),
+    (
+        "HB130",
+        "error",
+        {"attn_implementation": "flash_attention_2"},
+        {"attn_implementation": "flash_attention_2"},
+        CPU,
+        A100,
+    ),
     ("HB130", "error", {"xformers_attention": True}, {"xformers_attention": True}, CPU_BF16, A100),
-    ("HB131", "error", {"attn_implementation": "flex_attention"},
-     {"attn_implementation": "flex_attention"}, CPU, A100),
-    ("HB133", "warning", {"sample_packing": True, "pad_to_sequence_len": False}, {"sample_packing": True}, CPU, CPU),
+    (
+        "HB131",
+        "error",
+        {"attn_implementation": "flex_attention"},
+        {"attn_implementation": "flex_attention"},
+        CPU,
+        A100,
+    ),
+    (
+        "HB133",
+        "warning",
+        {"sample_packing": True, "pad_to_sequence_len": False},
+        {"sample_packing": True},
+        CPU,
+        CPU,
+    ),
     ("HB134", "error", {"liger_rms_norm": True}, {"liger_rms_norm": True}, CPU, A100),
-    ("HB135", "warning", {"lora_r": 16}, {"lora_r": 16, "adapter": "lora", "lora_target_linear": True}, CPU, CPU),
-    ("HB135", "warning", {"peft_use_dora": True},
-     {"peft_use_dora": True, "adapter": "lora", "lora_target_linear": True}, CPU, CPU),
+    (
+        "HB135",
+        "warning",
+        {"lora_r": 16},
+        {"lora_r": 16, "adapter": "lora", "lora_target_linear": True},
+        CPU,
+        CPU,
+    ),
+    (
+        "HB135",
+        "warning",
+        {"peft_use_dora": True},
+        {"peft_use_dora": True, "adapter": "lora", "lora_target_linear": True},
+        CPU,
+        CPU,
+    ),
     ("HB136", "warning", {"adapter": "lora"}, {"adapter": "lora", "lora_target_linear": True}, CPU, CPU),
-    ("HB136", "warning", {"adapter": "lora"}, {"adapter": "lora", "lora_target_modules": ["q_proj"]}, CPU, CPU),
+    (
+        "HB136",
+        "warning",
+        {"adapter": "lora"},
+        {"adapter": "lora", "lora_target_modules": ["q_proj"]},
+        CPU,
+        CPU,
+    ),
     ("HB138", "error", {**EVAL, **TEST_DS}, {**TEST_DS}, CPU, CPU),
     ("HB139", "error", {"save_steps": 100, "saves_per_epoch": 2}, {"save_steps": 100}, CPU, CPU),
-    ("HB139", "error", {"eval_steps": 10, "evals_per_epoch": 2, **EVAL}, {"evals_per_epoch": 2, **EVAL}, CPU, CPU),
+    (
+        "HB139",
+        "error",
+        {"eval_steps": 10, "evals_per_epoch": 2, **EVAL},
+        {"evals_per_epoch": 2, **EVAL},
+        CPU,
+        CPU,
+    ),
     ("HB140", "warning", {"max_steps": 10, "num_epochs": 3}, {"max_steps": 10}, CPU, CPU),
     ("HB141", "warning", {"dataset_processes": 2}, {"dataset_num_proc": 2}, CPU, CPU),
     ("HB141", "warning", {"sequence_parallel_degree": 2}, {"context_parallel_size": 2}, CPU, CPU),
-    ("HB142", "warning", {"save_total_limit": 2, "save_strategy": "no"},
-     {"save_total_limit": 2, "save_strategy": "steps"}, CPU, CPU),
-    ("HB143", "warning", {"resume_from_checkpoint": "out/checkpoint-5", "auto_resume_from_checkpoints": True},
-     {"auto_resume_from_checkpoints": True}, CPU, CPU),
+    (
+        "HB142",
+        "warning",
+        {"save_total_limit": 2, "save_strategy": "no"},
+        {"save_total_limit": 2, "save_strategy": "steps"},
+        CPU,
+        CPU,
+    ),
+    (
+        "HB143",
+        "warning",
+        {"resume_from_checkpoint": "out/checkpoint-5", "auto_resume_from_checkpoints": True},
+        {"auto_resume_from_checkpoints": True},
+        CPU,
+        CPU,
+    ),
 ]
 
 
@@ -139,7 +258,9 @@ def test_hb137_no_datasets(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("extra", [{"optimizer": "adamw_8bit"}, {"load_in_4bit": True, "adapter": "qlora"}])
-def test_hb144_bitsandbytes_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, extra: dict[str, Any]) -> None:
+def test_hb144_bitsandbytes_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, extra: dict[str, Any]
+) -> None:
     if find_spec("bitsandbytes") is None:
         pytest.skip("bitsandbytes not installed: the near-miss (installed) case cannot be shown")
     assert "HB144" not in codes(run(tmp_path, extra, hw=A100))
@@ -202,7 +323,10 @@ def test_hb145_sequence_len_beyond_model(tmp_path: Path) -> None:
     hit = [f for f in run(tmp_path, {"sequence_len": 1024}, base=base) if f.code == "HB145"]
     assert [f.severity for f in hit] == ["warning"] and "512" in hit[0].message
     assert not {"HB145", "HB150"} & codes(run(tmp_path, {"sequence_len": 512}, base=base))
-    scaled = {"sequence_len": 1024, "overrides_of_model_config": {"rope_scaling": {"type": "linear", "factor": 2.0}}}
+    scaled = {
+        "sequence_len": 1024,
+        "overrides_of_model_config": {"rope_scaling": {"type": "linear", "factor": 2.0}},
+    }
     assert "HB145" not in codes(run(tmp_path, scaled, base=base))
     longer = {"sequence_len": 1024, "overrides_of_model_config": {"max_position_embeddings": 1024}}
     assert "HB145" not in codes(run(tmp_path, longer, base=base))
@@ -257,7 +381,7 @@ def test_read_model_config_from_real_gguf_matches_gguf_library() -> None:
     from gguf import GGUFReader
 
     path = _smollm2_gguf()
-    got = rules.read_model_config(str(path))
+    got = read_model_config(str(path))
     # reference: the gguf library's full reader
     reader = GGUFReader(str(path))
     arch_field = reader.fields["general.architecture"]
@@ -269,7 +393,9 @@ def test_read_model_config_from_real_gguf_matches_gguf_library() -> None:
 
 def test_gguf_context_length_drives_hb145(tmp_path: Path) -> None:
     path = _smollm2_gguf()
-    limit = rules.read_model_config(str(path))["max_position_embeddings"]  # type: ignore[index]
+    model_config = read_model_config(str(path))
+    assert model_config is not None
+    limit = model_config["max_position_embeddings"]
     base = {**BASE, "base_model": str(path)}
     assert "HB145" in codes(run(tmp_path, {"sequence_len": limit * 2}, base=base))
     assert not {"HB145", "HB150"} & codes(run(tmp_path, {"sequence_len": limit}, base=base))
@@ -284,14 +410,16 @@ def test_reading_gguf_metadata_loads_no_weights() -> None:
         "    for line in open('/proc/self/status'):\n"
         "        if line.startswith('RssFile:'):\n"
         "            return int(line.split()[1]) * 1024\n"
-        "from hellbender.config.rules import read_model_config\n"
+        "from hellbender.model_files import read_model_config\n"
         "before = rss_file()\n"
         f"cfg = read_model_config({str(path)!r})\n"
         "print(rss_file() - before, 'torch' in sys.modules, cfg is not None)\n"
     )
     if not Path("/proc/self/status").exists():
         pytest.skip("needs /proc to measure resident file pages")
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    ).stdout.split()
     grown, torch_imported, read_ok = int(out[0]), out[1] == "True", out[2] == "True"
     assert read_ok and not torch_imported
     assert grown < path.stat().st_size // 20, f"{grown} bytes of a {path.stat().st_size}-byte file paged in"
@@ -328,7 +456,7 @@ def test_read_model_config_from_written_gguf(tmp_path: Path, context_length: int
     expected: dict[str, Any] = {"model_type": "qwen2"}
     if context_length is not None:
         expected["max_position_embeddings"] = context_length
-    assert rules.read_model_config(str(path)) == expected
+    assert read_model_config(str(path)) == expected
 
 
 def test_truncated_gguf_is_unreadable_not_a_crash(tmp_path: Path) -> None:
@@ -338,4 +466,4 @@ def test_truncated_gguf_is_unreadable_not_a_crash(tmp_path: Path) -> None:
     for cut in (3, 10, 30, len(data) // 3):
         part = tmp_path / f"cut{cut}.gguf"
         part.write_bytes(data[:cut])
-        assert rules.read_model_config(str(part)) is None
+        assert read_model_config(str(part)) is None

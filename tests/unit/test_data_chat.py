@@ -66,7 +66,9 @@ def family(request: pytest.FixtureRequest) -> tuple[Family, Any]:
     return fam, fam.make_tokenizer()
 
 
-def conversation(rng: random.Random, turns: int, *, system: bool, padded: bool = False) -> list[dict[str, Any]]:
+def conversation(
+    rng: random.Random, turns: int, *, system: bool, padded: bool = False
+) -> list[dict[str, Any]]:
     """``turns`` user/assistant pairs; ``padded`` adds surrounding whitespace to some contents."""
     msgs: list[dict[str, Any]] = []
     if system:
@@ -104,7 +106,9 @@ def expected_runs(
 
 def make_format(tokenizer: Any, **ds: Any) -> ChatTemplateFormat:
     cfg = DatasetConfig(path="unused", type="chat_template", **ds)
-    return ChatTemplateFormat(cfg, tokenizer, chat_template=None, default_system_message=None, train_on_inputs=False)
+    return ChatTemplateFormat(
+        cfg, tokenizer, chat_template=None, default_system_message=None, train_on_inputs=False
+    )
 
 
 def tokenize_row(fmt: ChatTemplateFormat, tokenizer: Any, row: dict[str, Any]) -> tuple[list[int], list[int]]:
@@ -141,7 +145,9 @@ CASES = [
 
 
 @pytest.mark.parametrize(("roles", "eos", "flags"), CASES)
-def test_trained_text_is_exact(family: tuple[Family, Any], roles: list[str], eos: str, flags: dict | None) -> None:
+def test_trained_text_is_exact(
+    family: tuple[Family, Any], roles: list[str], eos: str, flags: dict | None
+) -> None:
     fam, tok = family
     fmt = make_format(tok, roles_to_train=roles, train_on_eos=eos)
     rng = random.Random(zlib.crc32(repr((roles, eos, flags)).encode()))
@@ -196,12 +202,16 @@ def per_turn_spans(
     return spans
 
 
-def test_spans_and_labels_match_per_turn_reference(family: tuple[Family, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_spans_and_labels_match_per_turn_reference(
+    family: tuple[Family, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
     fam, tok = family
     fmt = make_format(tok, train_on_eos="all")
     rng = random.Random(5)
     for _ in range(12):
-        msgs = conversation(rng, rng.randint(1, 6), system=not fam.alternating and rng.random() < 0.5, padded=fam.strips)
+        msgs = conversation(
+            rng, rng.randint(1, 6), system=not fam.alternating and rng.random() < 0.5, padded=fam.strips
+        )
         plain = [{"role": m["role"], "content": m["content"]} for m in msgs]
         text, spans = ct.locate_contents(fmt.template, plain, fmt.template_kwargs)
         assert text == tok.apply_chat_template(plain, tokenize=False)
@@ -253,7 +263,9 @@ def test_named_templates_mask_exactly() -> None:
         assert fmt.template == ct.KNOWN_TEMPLATES[name]
         ids, labels = tokenize_row(fmt, tok, {"messages": msgs})
         assert trained_runs(ids, labels, tok) == ["cats are small" + eot, "dogs are large" + eot], name
-        assert ids == list(tok.apply_chat_template(msgs, tokenize=True, return_dict=False, chat_template=fmt.template))
+        assert ids == list(
+            tok.apply_chat_template(msgs, tokenize=True, return_dict=False, chat_template=fmt.template)
+        )
 
 
 def test_named_template_needs_its_tokens() -> None:
@@ -281,12 +293,16 @@ def test_top_level_chat_template_and_default_system_message() -> None:
     fmt = ChatTemplateFormat(
         cfg, tok, chat_template="chatml", default_system_message="you are terse", train_on_inputs=False
     )
-    row = fmt.normalize({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
+    row = fmt.normalize(
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    )
     assert row["messages"][0] == {"role": "system", "content": "you are terse", "training": None}
     rendered = fmt.render(row)
     assert rendered.text.startswith("<|im_start|>system\nyou are terse<|im_end|>\n")
     # An explicit system message is kept as it is.
-    row = fmt.normalize({"messages": [{"role": "system", "content": "own"}, {"role": "user", "content": "hi"}]})
+    row = fmt.normalize(
+        {"messages": [{"role": "system", "content": "own"}, {"role": "user", "content": "hi"}]}
+    )
     assert [m["content"] for m in row["messages"]] == ["own", "hi"]
 
 
@@ -299,7 +315,9 @@ def test_sharegpt_fields_and_role_names() -> None:
     ids, labels = tokenize_row(fmt, tok, row)
     assert trained_runs(ids, labels, tok) == ["about cats<|im_end|>"]
     custom = make_format(tok, roles={"user": ["asker"], "assistant": ["bot"]})
-    ids, labels = tokenize_row(custom, tok, {"messages": [{"role": "asker", "content": "q"}, {"role": "bot", "content": "a b"}]})
+    ids, labels = tokenize_row(
+        custom, tok, {"messages": [{"role": "asker", "content": "q"}, {"role": "bot", "content": "a b"}]}
+    )
     assert trained_runs(ids, labels, tok) == ["a b<|im_end|>"]
     with pytest.raises(BadRow) as err:
         custom.normalize({"messages": [{"role": "human", "content": "q"}]})
@@ -359,7 +377,9 @@ def test_fallback_search_does_not_take_header_words_for_contents() -> None:
 
 def test_template_that_rewrites_content_is_a_bad_row() -> None:
     tok = smollm2_tokenizer()
-    fmt = make_format(tok, chat_template="{% for m in messages %}{{ m['content'] | upper }}<|im_end|>{% endfor %}")
+    fmt = make_format(
+        tok, chat_template="{% for m in messages %}{{ m['content'] | upper }}<|im_end|>{% endfor %}"
+    )
     with pytest.raises(BadRow) as err:
         fmt.render(fmt.normalize({"messages": [{"role": "user", "content": "abc"}]}))
     assert err.value.reason == "template_mismatch"

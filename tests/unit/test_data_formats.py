@@ -243,7 +243,11 @@ def test_trimmed_offsets_do_not_lose_whitespace_tokens(smol: Any) -> None:
 
     trimmed = copy.deepcopy(smol)
     trimmed.backend_tokenizer.post_processor = processors.ByteLevel(trim_offsets=True)
-    segments = [{"text": "Q: x\n", "label": False}, {"text": "a  b \n  c", "label": True}, {"text": "\nQ", "label": False}]
+    segments = [
+        {"text": "Q: x\n", "label": False},
+        {"text": "a  b \n  c", "label": True},
+        {"text": "\nQ", "label": False},
+    ]
     fmt = InputOutputFormat(field_segments="segments", train_on_inputs=False)
     enc = trimmed.backend_tokenizer.encode("a  b \n  c")
     assert any(s == e for s, e in enc.offsets), "the test needs a token with trimmed (empty) offsets"

@@ -36,7 +36,11 @@ def write_jsonl(path: Path, rows: list[Any]) -> Path:
 def alpaca_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
     rng = random.Random(seed)
     return [
-        {"instruction": f"task {i}: " + words(rng, 4), "input": words(rng, 2) if i % 3 else "", "output": words(rng, rng.randint(1, 12))}
+        {
+            "instruction": f"task {i}: " + words(rng, 4),
+            "input": words(rng, 2) if i % 3 else "",
+            "output": words(rng, rng.randint(1, 12)),
+        }
         for i in range(n)
     ]
 
@@ -57,7 +61,9 @@ def samples(ds: Any) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
     return [(tuple(r["input_ids"]), tuple(r["labels"])) for r in ds]
 
 
-def direct(tok: Any, ds_cfg: DatasetConfig, rows: list[Any], **cfg_values: Any) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+def direct(
+    tok: Any, ds_cfg: DatasetConfig, rows: list[Any], **cfg_values: Any
+) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
     """The samples a dataset should produce, row by row through the format and the tokenizer."""
     fmt = build_format(ds_cfg, make_cfg(**cfg_values), tok)
     out = []
@@ -87,11 +93,17 @@ def test_mixed_datasets_end_to_end(tmp_path: Path, tok: Any) -> None:
     expected = (
         direct(tok, DatasetConfig(**datasets[0]), a_rows)
         + direct(tok, DatasetConfig(**datasets[1]), c_rows)
-        + direct(tok, DatasetConfig(**datasets[2]), [{"text": t} for t in (tmp_path / "t.txt").read_text().split("\n") if t])
+        + direct(
+            tok,
+            DatasetConfig(**datasets[2]),
+            [{"text": t} for t in (tmp_path / "t.txt").read_text().split("\n") if t],
+        )
     )
     assert Counter(got) == Counter(expected)
     assert got != expected  # shuffled with the seed
-    assert all(len(i) == n for i, n in zip(prepared.train["input_ids"], prepared.train["length"], strict=True))
+    assert all(
+        len(i) == n for i, n in zip(prepared.train["input_ids"], prepared.train["length"], strict=True)
+    )
     report = prepared.report
     assert [(d.rows_read, d.kept) for d in report.datasets] == [(40, 40), (30, 30), (10, 10)]
     assert report.train_samples == 80 and report.train_tokens == sum(len(i) for i, _ in expected)
@@ -111,8 +123,22 @@ CHAT_OK = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant",
 # (dataset entry extras, file name, file text with the bad row on the given line, line, reason, problem text)
 BAD_CASES = [
     ({"type": "alpaca"}, "d.jsonl", [ALPACA_OK, "{broken", ALPACA_OK], 2, "invalid_json", "invalid JSON"),
-    ({"type": "alpaca"}, "d.jsonl", [ALPACA_OK, ALPACA_OK, {"instruction": "x"}], 3, "missing_field", "'output' is missing"),
-    ({"type": "alpaca"}, "d.jsonl", [{"instruction": "x", "output": 5}, ALPACA_OK], 1, "wrong_type", "must be a string"),
+    (
+        {"type": "alpaca"},
+        "d.jsonl",
+        [ALPACA_OK, ALPACA_OK, {"instruction": "x"}],
+        3,
+        "missing_field",
+        "'output' is missing",
+    ),
+    (
+        {"type": "alpaca"},
+        "d.jsonl",
+        [{"instruction": "x", "output": 5}, ALPACA_OK],
+        1,
+        "wrong_type",
+        "must be a string",
+    ),
     ({"type": "chat_template"}, "d.jsonl", [CHAT_OK, {"messages": []}], 2, "empty_messages", "empty list"),
     (
         {"type": "chat_template"},
@@ -122,20 +148,51 @@ BAD_CASES = [
         "unknown_role",
         "unknown role 'wizard'",
     ),
-    ({"type": "input_output"}, "d.jsonl", [{"segments": []}, {"segments": [{"text": "a b c", "label": True}]}], 1, "empty_segments", "empty list"),
     (
-        {"type": "chat_template", "chat_template": "{% if messages|length > 2 %}{{ raise_exception('too long') }}{% endif %}"
-         "{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}"},
+        {"type": "input_output"},
+        "d.jsonl",
+        [{"segments": []}, {"segments": [{"text": "a b c", "label": True}]}],
+        1,
+        "empty_segments",
+        "empty list",
+    ),
+    (
+        {
+            "type": "chat_template",
+            "chat_template": "{% if messages|length > 2 %}{{ raise_exception('too long') }}{% endif %}"
+            "{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}",
+        },
         "d.jsonl",
         [CHAT_OK, {"messages": CHAT_OK["messages"] * 2}, CHAT_OK],
         2,
         "template_error",
         "too long",
     ),
-    ({"type": "alpaca"}, "d.csv", "instruction,output\nsay hi,hi\nsay,hi,extra\n", 3, "invalid_csv", "3 values"),
+    (
+        {"type": "alpaca"},
+        "d.csv",
+        "instruction,output\nsay hi,hi\nsay,hi,extra\n",
+        3,
+        "invalid_csv",
+        "3 values",
+    ),
     # A byte that is not UTF-8 (0xe9: "é" in Latin-1) spoils its line only.
-    ({"type": "alpaca"}, "d.jsonl", b'{"instruction": "a", "output": "b"}\n{"instruction": "caf\xe9", "output": "b"}\n', 2, "not_utf8", "byte 0xe9"),
-    ({"type": "alpaca"}, "d.csv", b"instruction,output\nsay hi,hi\ncaf\xe9,hi\n", 3, "not_utf8", "column 'instruction': not UTF-8"),
+    (
+        {"type": "alpaca"},
+        "d.jsonl",
+        b'{"instruction": "a", "output": "b"}\n{"instruction": "caf\xe9", "output": "b"}\n',
+        2,
+        "not_utf8",
+        "byte 0xe9",
+    ),
+    (
+        {"type": "alpaca"},
+        "d.csv",
+        b"instruction,output\nsay hi,hi\ncaf\xe9,hi\n",
+        3,
+        "not_utf8",
+        "column 'instruction': not UTF-8",
+    ),
     ({"type": "completion"}, "d.txt", b"some text\nhello caf\xe9\nmore text\n", 2, "not_utf8", "byte 0xe9"),
 ]
 
@@ -151,7 +208,11 @@ def _bad_dataset(tmp_path: Path, extras: dict, name: str, content: Any) -> Path:
     return path
 
 
-@pytest.mark.parametrize(("extras", "name", "content", "line", "reason", "problem"), BAD_CASES, ids=[c[4] + "-" + c[1] for c in BAD_CASES])
+@pytest.mark.parametrize(
+    ("extras", "name", "content", "line", "reason", "problem"),
+    BAD_CASES,
+    ids=[c[4] + "-" + c[1] for c in BAD_CASES],
+)
 def test_bad_row_stops_with_file_line_and_problem(
     tmp_path: Path, tok: Any, extras: dict, name: str, content: Any, line: int, reason: str, problem: str
 ) -> None:
@@ -162,15 +223,25 @@ def test_bad_row_stops_with_file_line_and_problem(
     message = str(err.value)
     assert f"{path}, line {line}:" in message and problem in message and f"[{reason}]" in message
     assert repr(str(path)) in message  # the dataset is named
-    assert not list((tmp_path / "prep").glob("*")) or not any(is_complete(p) for p in (tmp_path / "prep").iterdir())
+    assert not list((tmp_path / "prep").glob("*")) or not any(
+        is_complete(p) for p in (tmp_path / "prep").iterdir()
+    )
 
 
-@pytest.mark.parametrize(("extras", "name", "content", "line", "reason", "problem"), BAD_CASES, ids=[c[4] + "-" + c[1] for c in BAD_CASES])
+@pytest.mark.parametrize(
+    ("extras", "name", "content", "line", "reason", "problem"),
+    BAD_CASES,
+    ids=[c[4] + "-" + c[1] for c in BAD_CASES],
+)
 def test_bad_row_skipped_counted_and_rejected(
     tmp_path: Path, tok: Any, extras: dict, name: str, content: Any, line: int, reason: str, problem: str
 ) -> None:
     path = _bad_dataset(tmp_path, extras, name, content)
-    cfg = make_cfg(datasets=[{"path": str(path), **extras}], dataset_prepared_path=str(tmp_path / "prep"), on_bad_row="skip")
+    cfg = make_cfg(
+        datasets=[{"path": str(path), **extras}],
+        dataset_prepared_path=str(tmp_path / "prep"),
+        on_bad_row="skip",
+    )
     prepared = prepare_datasets(cfg, tok)
     stats = prepared.report.datasets[0]
     assert stats.bad == {reason: 1}
@@ -208,7 +279,9 @@ def test_template_mismatch_names_file_and_line_and_is_rejected_with_its_row(tmp_
         "{% if m['content'] == 'shout' %}{{ m['content'] | upper }}{% else %}{{ m['content'] }}{% endif %}"
         "<|im_end|>\n{% endfor %}"
     )
-    shouting = {"messages": [{"role": "user", "content": "say it"}, {"role": "assistant", "content": "shout"}]}
+    shouting = {
+        "messages": [{"role": "user", "content": "say it"}, {"role": "assistant", "content": "shout"}]
+    }
     path = write_jsonl(tmp_path / "c.jsonl", [CHAT_OK, CHAT_OK, shouting, CHAT_OK])
     ds = {"path": str(path), "type": "chat_template", "chat_template": template}
 
@@ -221,17 +294,36 @@ def test_template_mismatch_names_file_and_line_and_is_rejected_with_its_row(tmp_
     assert prepared.report.datasets[0].bad == {"template_mismatch": 1} and len(prepared.train) == 3
     (reject,) = [json.loads(x) for x in Path(prepared.report.rejects_file or "").read_text().splitlines()]
     assert (reject["file"], reject["line"], reject["reason"]) == (str(path), 3, "template_mismatch")
-    assert [(m["role"], m["content"]) for m in reject["value"]["messages"]] == [("user", "say it"), ("assistant", "shout")]
+    assert [(m["role"], m["content"]) for m in reject["value"]["messages"]] == [
+        ("user", "say it"),
+        ("assistant", "shout"),
+    ]
 
 
 def test_skip_mode_counts_many_reasons_at_once(tmp_path: Path, tok: Any) -> None:
-    rows = [CHAT_OK, "not json", {"messages": []}, {"messages": "x"}, {"msgs": []}, {"messages": [{"role": "x", "content": "y"}]}, CHAT_OK]
+    rows = [
+        CHAT_OK,
+        "not json",
+        {"messages": []},
+        {"messages": "x"},
+        {"msgs": []},
+        {"messages": [{"role": "x", "content": "y"}]},
+        CHAT_OK,
+    ]
     path = write_jsonl(tmp_path / "c.jsonl", rows)
     cfg = make_cfg(
-        datasets=[{"path": str(path), "type": "chat_template"}], dataset_prepared_path=str(tmp_path / "p"), on_bad_row="skip"
+        datasets=[{"path": str(path), "type": "chat_template"}],
+        dataset_prepared_path=str(tmp_path / "p"),
+        on_bad_row="skip",
     )
     prepared = prepare_datasets(cfg, tok)
-    assert prepared.report.datasets[0].bad == {"invalid_json": 1, "empty_messages": 1, "wrong_type": 1, "missing_field": 1, "unknown_role": 1}
+    assert prepared.report.datasets[0].bad == {
+        "invalid_json": 1,
+        "empty_messages": 1,
+        "wrong_type": 1,
+        "missing_field": 1,
+        "unknown_role": 1,
+    }
     lines = [json.loads(x)["line"] for x in Path(prepared.report.rejects_file or "").read_text().splitlines()]
     assert lines == [2, 3, 4, 5, 6]
 
@@ -267,7 +359,11 @@ def test_missing_end_of_turn_token_is_warned_once_and_counted(
     assert all(not run.endswith("<|eot_id|>") for sample in runs for run in sample)  # really none trained
     assert stats.no_eot == stats.kept == 5
     assert len(warnings) == 1  # once for the dataset, not once per sample
-    assert repr(str(path)) in warnings[0] and "train_on_eos: turn" in warnings[0] and "5 of 5 samples" in warnings[0]
+    assert (
+        repr(str(path)) in warnings[0]
+        and "train_on_eos: turn" in warnings[0]
+        and "5 of 5 samples" in warnings[0]
+    )
     line = "no end-of-turn token found to train in 5 of 5 samples"
     assert line in prepared.report.render()
     assert line in prepare_datasets(cfg, tok).report.render()  # a run that reuses the cache shows it too
@@ -284,7 +380,9 @@ def test_length_strategies_counted(tmp_path: Path, tok: Any, strategy: str) -> N
         {"instruction": "mid", "output": "many words " * 40},  # answer crosses the limit
     ]
     path = write_jsonl(tmp_path / "a.jsonl", rows)
-    only_user = write_jsonl(tmp_path / "u.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}, CHAT_OK])
+    only_user = write_jsonl(
+        tmp_path / "u.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}, CHAT_OK]
+    )
     cfg = make_cfg(
         datasets=[{"path": str(path), "type": "alpaca"}, {"path": str(only_user), "type": "chat_template"}],
         sequence_len=64,
@@ -307,7 +405,11 @@ def test_length_strategies_counted(tmp_path: Path, tok: Any, strategy: str) -> N
 def test_min_sample_len(tmp_path: Path, tok: Any) -> None:
     rows = [{"text": "hi"}, {"text": words(random.Random(0), 30)}]
     path = write_jsonl(tmp_path / "t.jsonl", rows)
-    cfg = make_cfg(datasets=[{"path": str(path), "type": "completion"}], min_sample_len=5, dataset_prepared_path=str(tmp_path / "p"))
+    cfg = make_cfg(
+        datasets=[{"path": str(path), "type": "completion"}],
+        min_sample_len=5,
+        dataset_prepared_path=str(tmp_path / "p"),
+    )
     stats = prepare_datasets(cfg, tok).report.datasets[0]
     assert stats.dropped == {"too_short": 1} and stats.kept == 1
 
@@ -320,7 +422,9 @@ def test_shuffle_by_seed_and_unshuffled_order(tmp_path: Path, tok: Any) -> None:
     b = write_jsonl(tmp_path / "b.jsonl", alpaca_rows(20, 2))
     base = {"datasets": [{"path": str(a)}, {"path": str(b)}], "dataset_prepared_path": str(tmp_path / "p")}
     plain = samples(prepare_datasets(make_cfg(**base, shuffle_merged_datasets=False), tok).train)
-    assert plain == direct(tok, DatasetConfig(path=str(a)), alpaca_rows(20, 1)) + direct(tok, DatasetConfig(path=str(b)), alpaca_rows(20, 2))
+    assert plain == direct(tok, DatasetConfig(path=str(a)), alpaca_rows(20, 1)) + direct(
+        tok, DatasetConfig(path=str(b)), alpaca_rows(20, 2)
+    )
     s1 = samples(prepare_datasets(make_cfg(**base, seed=1), tok).train)
     s1_again = samples(prepare_datasets(make_cfg(**base, seed=1), tok, rebuild=True).train)
     s2 = samples(prepare_datasets(make_cfg(**base, seed=2), tok).train)
@@ -337,7 +441,10 @@ def test_val_set_size(tmp_path: Path, tok: Any, val: float, n_eval: int) -> None
     assert Counter(train + ev) == Counter(direct(tok, DatasetConfig(path=str(a)), alpaca_rows(40, 1)))
     assert prepared.report.eval_samples == n_eval
     with pytest.raises(DataError, match="leaves no training sample"):
-        prepare_datasets(make_cfg(datasets=[{"path": str(a)}], val_set_size=40, dataset_prepared_path=str(tmp_path / "p")), tok)
+        prepare_datasets(
+            make_cfg(datasets=[{"path": str(a)}], val_set_size=40, dataset_prepared_path=str(tmp_path / "p")),
+            tok,
+        )
 
 
 def test_test_datasets_make_the_eval_set(tmp_path: Path, tok: Any) -> None:
@@ -350,7 +457,9 @@ def test_test_datasets_make_the_eval_set(tmp_path: Path, tok: Any) -> None:
     )
     prepared = prepare_datasets(cfg, tok)
     assert len(prepared.train) == 10
-    assert samples(prepared.eval) == direct(tok, DatasetConfig(path=str(e), type="chat_template"), chat_rows(6, 5))
+    assert samples(prepared.eval) == direct(
+        tok, DatasetConfig(path=str(e), type="chat_template"), chat_rows(6, 5)
+    )
     assert [d.split for d in prepared.report.datasets] == ["train", "eval"]
 
 
@@ -360,7 +469,12 @@ def test_exact_deduplication(tmp_path: Path, tok: Any) -> None:
     b = write_jsonl(tmp_path / "b.jsonl", [rows[5], *alpaca_rows(3, 9)])  # one repeat across
     e = write_jsonl(tmp_path / "e.jsonl", [rows[2], *alpaca_rows(2, 11)])  # one eval row seen in training
     datasets = [{"path": str(a)}, {"path": str(b)}]
-    cfg = make_cfg(datasets=datasets, test_datasets=[{"path": str(e)}], dataset_exact_deduplication=True, dataset_prepared_path=str(tmp_path / "p"))
+    cfg = make_cfg(
+        datasets=datasets,
+        test_datasets=[{"path": str(e)}],
+        dataset_exact_deduplication=True,
+        dataset_prepared_path=str(tmp_path / "p"),
+    )
     prepared = prepare_datasets(cfg, tok)
     assert [d.dropped.get("duplicate", 0) for d in prepared.report.datasets] == [2, 1, 1]
     assert len(prepared.train) == 13 and len(prepared.eval) == 2
@@ -372,16 +486,30 @@ def test_exact_deduplication(tmp_path: Path, tok: Any) -> None:
 
 def test_shards_use_a_fraction(tmp_path: Path, tok: Any) -> None:
     a = write_jsonl(tmp_path / "a.jsonl", alpaca_rows(10, 1))
-    cfg = make_cfg(datasets=[{"path": str(a), "shards": 3}], dataset_prepared_path=str(tmp_path / "p"), shuffle_merged_datasets=False)
+    cfg = make_cfg(
+        datasets=[{"path": str(a), "shards": 3}],
+        dataset_prepared_path=str(tmp_path / "p"),
+        shuffle_merged_datasets=False,
+    )
     prepared = prepare_datasets(cfg, tok)
     assert samples(prepared.train) == direct(tok, DatasetConfig(path=str(a)), alpaca_rows(10, 1)[:4])
 
 
 def test_two_processes_give_the_same_result(tmp_path: Path, tok: Any) -> None:
     c = write_jsonl(tmp_path / "c.jsonl", chat_rows(200, 4))
-    one = prepare_datasets(make_cfg(datasets=[{"path": str(c), "type": "chat_template"}], dataset_prepared_path=str(tmp_path / "p1")), tok)
+    one = prepare_datasets(
+        make_cfg(
+            datasets=[{"path": str(c), "type": "chat_template"}], dataset_prepared_path=str(tmp_path / "p1")
+        ),
+        tok,
+    )
     two = prepare_datasets(
-        make_cfg(datasets=[{"path": str(c), "type": "chat_template"}], dataset_prepared_path=str(tmp_path / "p2"), dataset_num_proc=2), tok
+        make_cfg(
+            datasets=[{"path": str(c), "type": "chat_template"}],
+            dataset_prepared_path=str(tmp_path / "p2"),
+            dataset_num_proc=2,
+        ),
+        tok,
     )
     assert samples(one.train) == samples(two.train)
     assert one.report.train_tokens == two.report.train_tokens
@@ -392,7 +520,11 @@ def test_two_processes_give_the_same_result(tmp_path: Path, tok: Any) -> None:
 
 def test_cache_reused_identical_and_fast_then_rebuilt_on_one_byte(tmp_path: Path, tok: Any) -> None:
     c = write_jsonl(tmp_path / "c.jsonl", chat_rows(2000, 6, max_turns=4))
-    cfg = make_cfg(datasets=[{"path": str(c), "type": "chat_template"}], dataset_prepared_path=str(tmp_path / "p"), val_set_size=0.05)
+    cfg = make_cfg(
+        datasets=[{"path": str(c), "type": "chat_template"}],
+        dataset_prepared_path=str(tmp_path / "p"),
+        val_set_size=0.05,
+    )
     started = time.perf_counter()
     first = prepare_datasets(cfg, tok)
     build = time.perf_counter() - started
@@ -415,7 +547,10 @@ def test_cache_reused_identical_and_fast_then_rebuilt_on_one_byte(tmp_path: Path
 @pytest.fixture
 def key_setup(tmp_path: Path) -> dict[str, Any]:
     c = write_jsonl(tmp_path / "c.jsonl", chat_rows(5, 1))
-    return {"datasets": [{"path": str(c), "type": "chat_template"}], "dataset_prepared_path": str(tmp_path / "p")}
+    return {
+        "datasets": [{"path": str(c), "type": "chat_template"}],
+        "dataset_prepared_path": str(tmp_path / "p"),
+    }
 
 
 # A different value for every key that changes tokenization (each must change the key).
@@ -447,9 +582,17 @@ def test_each_config_key_changes_the_cache_key(key_setup: dict[str, Any], tok: A
 
 @pytest.mark.parametrize(
     "change",
-    [{"type": "alpaca"}, {"roles_to_train": ["user"]}, {"train_on_eos": "all"}, {"field_messages": "conversation"}, {"chat_template": "chatml"}],
+    [
+        {"type": "alpaca"},
+        {"roles_to_train": ["user"]},
+        {"train_on_eos": "all"},
+        {"field_messages": "conversation"},
+        {"chat_template": "chatml"},
+    ],
 )
-def test_each_dataset_setting_changes_the_cache_key(key_setup: dict[str, Any], tok: Any, change: dict[str, Any]) -> None:
+def test_each_dataset_setting_changes_the_cache_key(
+    key_setup: dict[str, Any], tok: Any, change: dict[str, Any]
+) -> None:
     base, _ = cache_key_for(make_cfg(**key_setup), tok)
     setup = {**key_setup, "datasets": [{**key_setup["datasets"][0], **change}]}
     assert cache_key_for(make_cfg(**setup), tok)[0] != base
@@ -480,7 +623,9 @@ def test_tokenizer_content_file_content_and_version_change_the_cache_key(
     assert cache_key_for(cfg, tok)[0] != base
 
 
-def test_interrupted_build_leaves_no_trusted_cache(tmp_path: Path, tok: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_interrupted_build_leaves_no_trusted_cache(
+    tmp_path: Path, tok: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import hellbender.data.prepare as prep
 
     a = write_jsonl(tmp_path / "a.jsonl", alpaca_rows(10, 1))

@@ -34,7 +34,9 @@ def read(path: Path | str, **kw: Any) -> list[tuple[str, Any]]:
 
 def test_jsonl_lines_and_blank_lines(tmp_path: Path) -> None:
     f = tmp_path / "d.jsonl"
-    f.write_text(json.dumps(ROWS[0]) + "\n\n" + json.dumps(ROWS[1]) + "\n{oops\n" + json.dumps(ROWS[2]) + "\n")
+    f.write_text(
+        json.dumps(ROWS[0]) + "\n\n" + json.dumps(ROWS[1]) + "\n{oops\n" + json.dumps(ROWS[2]) + "\n"
+    )
     assert read(f) == [
         (f"{f}, line 1", ROWS[0]),
         (f"{f}, line 3", ROWS[1]),
@@ -71,7 +73,9 @@ def test_json_array_rows_know_their_lines(tmp_path: Path) -> None:
     ],
     ids=["broken-element", "missing-comma", "text-after-array", "not-an-array"],
 )
-def test_broken_json_document_stops_instead_of_losing_the_rest(tmp_path: Path, text: str, line: int, problem: str) -> None:
+def test_broken_json_document_stops_instead_of_losing_the_rest(
+    tmp_path: Path, text: str, line: int, problem: str
+) -> None:
     # Rows after a break in a JSON document cannot be found reliably; reading them as "one bad
     # row" would silently drop them all under on_bad_row: skip. So the reader raises, naming
     # the file and the line, before yielding anything past the break.
@@ -152,7 +156,9 @@ def test_save_to_disk_folders(tmp_path: Path) -> None:
 
     datasets.Dataset.from_list(ROWS).save_to_disk(str(tmp_path / "one"))
     assert read(tmp_path / "one") == [(f"{tmp_path / 'one'}, row {i}", r) for i, r in enumerate(ROWS, 1)]
-    dd = datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS[:2]), "test": datasets.Dataset.from_list(ROWS[2:])})
+    dd = datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(ROWS[:2]), "test": datasets.Dataset.from_list(ROWS[2:])}
+    )
     dd.save_to_disk(str(tmp_path / "dict"))
     assert [v for _, v in read(tmp_path / "dict")] == ROWS[:2]
     assert [v for _, v in read(tmp_path / "dict", split="test")] == ROWS[2:]
@@ -260,7 +266,9 @@ def test_byte_that_is_not_utf8_in_a_whole_document_is_a_data_error(
 
 
 @pytest.mark.parametrize(("name", "what"), [("d.parquet", "parquet"), ("d.arrow", "Arrow IPC")])
-def test_corrupt_table_file_is_a_data_error_naming_dataset_and_file(tmp_path: Path, name: str, what: str) -> None:
+def test_corrupt_table_file_is_a_data_error_naming_dataset_and_file(
+    tmp_path: Path, name: str, what: str
+) -> None:
     folder = tmp_path / "data"
     folder.mkdir()
     f = folder / name
@@ -278,9 +286,17 @@ BOM = b"\xef\xbb\xbf"  # what Notepad and Excel's "CSV UTF-8" put at the start o
 @pytest.mark.parametrize(
     ("name", "content", "first"),
     [
-        ("d.jsonl", BOM + b'{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": "d"}\n', (1, {"instruction": "a", "output": "b"})),
+        (
+            "d.jsonl",
+            BOM + b'{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": "d"}\n',
+            (1, {"instruction": "a", "output": "b"}),
+        ),
         ("d.csv", BOM + b"instruction,output\na,b\nc,d\n", (2, {"instruction": "a", "output": "b"})),
-        ("d.json", BOM + b'[{"instruction": "a", "output": "b"},\n {"instruction": "c", "output": "d"}]\n', (1, {"instruction": "a", "output": "b"})),
+        (
+            "d.json",
+            BOM + b'[{"instruction": "a", "output": "b"},\n {"instruction": "c", "output": "d"}]\n',
+            (1, {"instruction": "a", "output": "b"}),
+        ),
         ("d.txt", BOM + b"a b\nc d\n", (1, {"text": "a b"})),
     ],
     ids=["jsonl", "csv", "json", "txt"],
@@ -298,7 +314,12 @@ def test_utf8_byte_order_mark_is_not_part_of_the_first_row(
 def test_jsonl_error_column_is_on_the_bad_line(tmp_path: Path) -> None:
     f = tmp_path / "d.jsonl"
     f.write_bytes(b'{"instruction": "a", "output": "b"\n{"instruction": "a"}\n{"a": [1, 2\r\n')
-    problems = [rec.error.problem for rec in resolve_source(DatasetConfig(path=str(f))).records() if rec.error]
+    problems = [
+        rec.error.problem for rec in resolve_source(DatasetConfig(path=str(f))).records() if rec.error
+    ]
     # Both lines end too early: the error is right after their last character, not at
     # "column 1" of a line 2 made of the line end.
-    assert problems == ["invalid JSON: Expecting ',' delimiter at column 35", "invalid JSON: Expecting ',' delimiter at column 12"]
+    assert problems == [
+        "invalid JSON: Expecting ',' delimiter at column 35",
+        "invalid JSON: Expecting ',' delimiter at column 12",
+    ]

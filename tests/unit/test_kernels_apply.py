@@ -112,7 +112,9 @@ def test_output_head_refuses_lora_on_the_head_and_reads_softcap() -> None:
     with pytest.raises(ValueError, match="not a plain Linear"):
         apply_optimizations(model, _cfg(adapter="lora", chunked_cross_entropy=True))
 
-    saved = get_peft_model(build_tiny_model(seed=0), LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    saved = get_peft_model(
+        build_tiny_model(seed=0), LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    )
     head = output_head(saved)
     assert head.weight is saved.base_model.model.lm_head.modules_to_save["default"].weight
 

@@ -47,7 +47,9 @@ def _grads(loss, tensors):
 def test_loss_and_grads_match_full_logits(num_chunks: int, bias: bool, softcap: float | None) -> None:
     hidden, weight, b, targets = _data(bias=bias)
     ref = _reference(hidden, weight, b, targets, softcap)
-    got = chunked_linear_cross_entropy_sum(hidden, weight, targets, bias=b, num_chunks=num_chunks, softcap=softcap)
+    got = chunked_linear_cross_entropy_sum(
+        hidden, weight, targets, bias=b, num_chunks=num_chunks, softcap=softcap
+    )
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     for g_got, g_ref in zip(_grads(got, (hidden, weight, b)), _grads(ref, (hidden, weight, b)), strict=True):
         torch.testing.assert_close(g_got, g_ref, rtol=1e-4, atol=1e-6)
@@ -98,10 +100,14 @@ def test_bf16_autocast_is_as_accurate_as_the_plain_autocast_loss() -> None:
     exact = _reference(hidden, weight, None, targets)
     exact_grads = _grads(exact, (hidden, weight))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        plain = F.cross_entropy(F.linear(hidden, weight).float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+        plain = F.cross_entropy(
+            F.linear(hidden, weight).float(), targets, ignore_index=IGNORE_INDEX, reduction="sum"
+        )
         got = chunked_linear_cross_entropy_sum(hidden, weight, targets, num_chunks=4)
     torch.testing.assert_close(got, plain, rtol=1e-3, atol=1e-3)
-    for g_got, g_plain, g_exact in zip(_grads(got, (hidden, weight)), _grads(plain, (hidden, weight)), exact_grads, strict=True):
+    for g_got, g_plain, g_exact in zip(
+        _grads(got, (hidden, weight)), _grads(plain, (hidden, weight)), exact_grads, strict=True
+    ):
         assert g_got.dtype == torch.float32
         err_got = (g_got - g_exact).abs().max().item()
         err_plain = (g_plain - g_exact).abs().max().item()

@@ -185,8 +185,14 @@ def test_autocast_bf16_is_as_accurate_as_peft_under_autocast() -> None:
     cfg = _cfg(**KERNELS)
     with optimized(model, cfg), torch.autocast("cpu", dtype=torch.bfloat16):
         fused_grads = torch.autograd.grad(loss_sum(model, {"input_ids": ids}, ids, cfg), params)
-    err_peft = max((a - e).abs().max().item() / (e.abs().max().item() + 1e-12) for a, e in zip(peft_grads, exact, strict=True))
-    err_fused = max((a - e).abs().max().item() / (e.abs().max().item() + 1e-12) for a, e in zip(fused_grads, exact, strict=True))
+    err_peft = max(
+        (a - e).abs().max().item() / (e.abs().max().item() + 1e-12)
+        for a, e in zip(peft_grads, exact, strict=True)
+    )
+    err_fused = max(
+        (a - e).abs().max().item() / (e.abs().max().item() + 1e-12)
+        for a, e in zip(fused_grads, exact, strict=True)
+    )
     assert err_peft > 0  # autocast really ran in bf16
     assert err_fused <= 1.5 * err_peft + 1e-4, (err_fused, err_peft)
 

@@ -46,7 +46,9 @@ def test_mlp_intermediates_exist_one_shard_at_a_time() -> None:
     model = build_tiny_model(vocab_size=300, seed=0).train()
     mlp = decoder_layers(model)[0].mlp
     hidden, width = model.config.hidden_size, model.config.intermediate_size
-    weight_shapes = {tuple(p.shape) for p in mlp.parameters()} | {tuple(p.shape)[::-1] for p in mlp.parameters()}
+    weight_shapes = {tuple(p.shape) for p in mlp.parameters()} | {
+        tuple(p.shape)[::-1] for p in mlp.parameters()
+    }
     tokens, shards = 2 * 60, 8
     x = torch.randn(2, 60, hidden, generator=torch.Generator().manual_seed(0), requires_grad=True)
 

@@ -82,11 +82,15 @@ def test_linear_module_names_and_explicit_union() -> None:
     only_q = apply_adapter(build_tiny_model(seed=SEED), make_cfg(lora_target_modules=["q_proj"]))
     assert {n.rsplit(".", 1)[-1] for n in lora_wrapped_modules(only_q)} == {"q_proj"}
     with pytest.raises(ValueError, match="regex"):
-        apply_adapter(build_tiny_model(seed=SEED), make_cfg(lora_target_linear=True, lora_target_modules=".*proj"))
+        apply_adapter(
+            build_tiny_model(seed=SEED), make_cfg(lora_target_linear=True, lora_target_modules=".*proj")
+        )
 
 
 def test_layers_to_transform_limits_the_layers() -> None:
-    peft_model = apply_adapter(build_tiny_model(seed=SEED), make_cfg(lora_target_linear=True, peft_layers_to_transform=[1]))
+    peft_model = apply_adapter(
+        build_tiny_model(seed=SEED), make_cfg(lora_target_linear=True, peft_layers_to_transform=[1])
+    )
     assert lora_wrapped_modules(peft_model)
     assert all(name.startswith("model.layers.1.") for name in lora_wrapped_modules(peft_model))
 

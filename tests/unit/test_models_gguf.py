@@ -10,6 +10,7 @@ import json
 import shutil
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -167,13 +168,13 @@ def test_metadata_that_contradicts_the_vocabulary_is_refused(tiny_gguf: Path) ->
         apply_gguf_special_tokens(tok, model, bad)
 
 
-def _read_real_metadata(path: Path) -> dict[str, object]:
+def _read_real_metadata(path: Path) -> dict[str, Any]:
     """Read the SmolLM2 metadata with the gguf library directly (independent of models.gguf)."""
     from gguf import GGUFReader
 
     fields = GGUFReader(str(path)).fields
     tokens = fields["tokenizer.ggml.tokens"]
-    out: dict[str, object] = {"chat_template": fields["tokenizer.chat_template"].contents()}
+    out: dict[str, Any] = {"chat_template": fields["tokenizer.chat_template"].contents()}
     for key in ("bos", "eos"):
         token_id = int(fields[f"tokenizer.ggml.{key}_token_id"].contents())
         out[key] = (tokens.contents(token_id), token_id)
@@ -195,11 +196,13 @@ def test_real_smollm2_gguf_special_tokens(tmp_path: Path) -> None:
     config = json.loads((folder / "config.json").read_text())
     generation = GenerationConfig.from_pretrained(folder)
     for key in ("bos", "eos"):
-        text, token_id = expected[key]  # type: ignore[misc]
+        text, token_id = expected[key]
         assert (getattr(tok, f"{key}_token"), getattr(tok, f"{key}_token_id")) == (text, token_id)
         assert config[f"{key}_token_id"] == token_id
         assert getattr(generation, f"{key}_token_id") == token_id
     assert tok.chat_template == expected["chat_template"]
     assert "quantization_config" not in config
-    prompt = tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True
+    )
     assert prompt.endswith("<|im_start|>assistant\n")

@@ -7,11 +7,13 @@ model built directly by :func:`build_tiny_model` with the seed the saved folder 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from hellbender.config.schema import ResolvedConfig
+from hellbender.errors import OptionError
 from hellbender.models.load import (
     ModelNotLocalError,
     PickledWeightsError,
@@ -50,7 +52,9 @@ def make_cfg(base_model: str | Path, **overrides: object) -> ResolvedConfig:
 
 
 def reference_model(dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    return build_tiny_model(seed=SEED, dtype=dtype, rope_theta=50000.0, vocab_size=len(build_tiny_tokenizer()))
+    return build_tiny_model(
+        seed=SEED, dtype=dtype, rope_theta=50000.0, vocab_size=len(build_tiny_tokenizer())
+    )
 
 
 INPUT = torch.tensor([[1, 40, 41, 300, 2, 17, 99, 250]])
@@ -106,6 +110,9 @@ def test_config_override_errors() -> None:
         apply_config_overrides(config, {"max_position_embedding": 10})
     with pytest.raises(ValueError, match="unknown rope type"):
         apply_config_overrides(config, {"rope_scaling": {"type": "warp", "factor": 2.0}})
+    # transformers' own refusal (a KeyError) becomes a user error naming the key
+    with pytest.raises(OptionError, match=r"overrides_of_model_config\.rope_scaling: .*factor"):
+        apply_config_overrides(tiny_llama_config(), {"rope_scaling": {"type": "linear"}})
     assert apply_config_overrides(config, {"rope_theta": 123.0}) == ["rope_theta"]
     assert config.rope_parameters["rope_theta"] == 123.0
 
@@ -141,7 +148,9 @@ def test_special_tokens_and_added_tokens(tiny_folder: Path) -> None:
     text = "The capital of France is Paris."
     assert tokenizer(text).input_ids == base_tok(text).input_ids
 
-    model = load_model(make_cfg(tiny_folder, special_tokens={"eos_token": "<|eot|>"}, tokens=["<|tool|>"]), tokenizer)
+    model = load_model(
+        make_cfg(tiny_folder, special_tokens={"eos_token": "<|eot|>"}, tokens=["<|tool|>"]), tokenizer
+    )
     assert model.get_input_embeddings().num_embeddings == len(tokenizer)
     assert model.get_output_embeddings().out_features == len(tokenizer)
     assert model.config.eos_token_id == eot
@@ -197,9 +206,9 @@ def test_new_token_in_spare_rows_still_needs_training(tmp_path: Path) -> None:
     assert model.get_input_embeddings().num_embeddings == 352  # never shrunk
 
 
-def _save_tokenizer_folder(tmp_path: Path, name: str, **kwargs: object) -> Path:
+def _save_tokenizer_folder(tmp_path: Path, name: str, **kwargs: Any) -> Path:
     """A model folder whose tokenizer is built with ``kwargs``."""
-    tok = build_tiny_tokenizer(**kwargs)  # type: ignore[arg-type]
+    tok = build_tiny_tokenizer(**kwargs)
     return save_tiny_model_folder(tmp_path / name, seed=SEED, tokenizer=tok)
 
 
@@ -302,7 +311,9 @@ class HbModel(LlamaForCausalLM):
 '''
 
 
-def test_remote_code_runs_only_with_trust_remote_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_remote_code_runs_only_with_trust_remote_code(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A folder whose config names a custom model_type and maps the Auto classes to code shipped in
     the folder (auto_map): refused by default without running that code; loaded with
     trust_remote_code: true, giving the tiny model's own numbers."""
@@ -320,7 +331,8 @@ def test_remote_code_runs_only_with_trust_remote_code(tmp_path: Path, monkeypatc
     (folder / "custom_llama.py").write_text(REMOTE_CODE.format(marker=str(marker)))
     config = json.loads((folder / "config.json").read_text())
     config.update(model_type="hb_custom", architectures=["HbModel"],
-                  auto_map={"AutoConfig": "custom_llama.HbConfig", "AutoModelForCausalLM": "custom_llama.HbModel"})  # fmt: skip
+                  auto_map={"AutoConfig": "custom_llama.HbConfig",
+                            "AutoModelForCausalLM": "custom_llama.HbModel"})  # fmt: skip
     (folder / "config.json").write_text(json.dumps(config))
 
     cfg = make_cfg(folder)

@@ -6,6 +6,8 @@ Python recount of labels, transformers' own helpers), never copied from the code
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 import torch
@@ -67,7 +69,9 @@ def make_samples(lengths: list[int], seed: int = 0, vocab: int = 128) -> list[di
     capacity=st.integers(1, 64),
     data=st.data(),
 )
-def test_bfd_is_a_partition_within_capacity_and_matches_textbook_bfd(capacity: int, data: st.DataObject) -> None:
+def test_bfd_is_a_partition_within_capacity_and_matches_textbook_bfd(
+    capacity: int, data: st.DataObject
+) -> None:
     lengths = data.draw(st.lists(st.integers(1, capacity), min_size=0, max_size=80))
     seed = data.draw(st.integers(0, 3))
     bins = best_fit_decreasing(lengths, capacity, np.random.default_rng(seed))
@@ -148,7 +152,9 @@ def test_sampler_is_deterministic_and_changes_every_epoch() -> None:
 
 
 def test_no_shuffle_keeps_dataset_order_without_packing() -> None:
-    s = BatchSampler([3, 4, 5, 6, 7], sequence_len=8, micro_batch_size=2, sample_packing=False, seed=0, shuffle=False)
+    s = BatchSampler(
+        [3, 4, 5, 6, 7], sequence_len=8, micro_batch_size=2, sample_packing=False, seed=0, shuffle=False
+    )
     assert list(s) == [[[0], [1]], [[2], [3]], [[4]]]
 
 
@@ -175,7 +181,9 @@ def rows_of(samples: list[dict], micro_batch: list[list[int]]) -> list[list[dict
 def test_collator_lays_out_documents(pad_to_sequence_len: bool) -> None:
     samples = make_samples([5, 3, 7, 2, 6], seed=1)
     micro_batch = [[0, 1], [2], [3, 4]]
-    collate = Collator(0, sequence_len=16, pad_to_sequence_len=pad_to_sequence_len, attn_implementation="sdpa")
+    collate = Collator(
+        0, sequence_len=16, pad_to_sequence_len=pad_to_sequence_len, attn_implementation="sdpa"
+    )
     batch = collate(rows_of(samples, micro_batch))
     width = 16 if pad_to_sequence_len else 8
     assert batch["input_ids"].shape == (3, width)
@@ -206,7 +214,11 @@ def test_collator_lays_out_documents(pad_to_sequence_len: bool) -> None:
     assert batch["max_seqlen"].item() == max(np.diff(expected_cu))
     # What the shifted loss will count: per document, labels[1:] != -100 (first label is never used).
     expected_trained = sum(sum(lab != IGNORE_INDEX for lab in s["labels"][1:]) for s in samples)
-    assert batch["num_trained_tokens"].item() == expected_trained == int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    assert (
+        batch["num_trained_tokens"].item()
+        == expected_trained
+        == int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    )
     assert batch["num_tokens"].item() == sum(len(s["input_ids"]) for s in samples)
 
 
@@ -228,7 +240,9 @@ def test_constant_shapes_over_an_epoch_with_pad_to_sequence_len(packing: bool) -
     # 61 samples: 30 bins packed, 61 rows unpacked; either way micro-batches of 4 leave a short last one.
     lengths = np.random.default_rng(3).integers(1, 40, size=61).tolist()
     samples = make_samples(lengths, seed=3)
-    collate = Collator(0, sequence_len=40, pad_to_sequence_len=True, attn_implementation="sdpa", micro_batch_size=4)
+    collate = Collator(
+        0, sequence_len=40, pad_to_sequence_len=True, attn_implementation="sdpa", micro_batch_size=4
+    )
     for drop_last in (False, True):
         sampler = BatchSampler(
             lengths, sequence_len=40, micro_batch_size=4, sample_packing=packing, seed=0, drop_last=drop_last
@@ -238,10 +252,14 @@ def test_constant_shapes_over_an_epoch_with_pad_to_sequence_len(packing: bool) -
         if not drop_last:  # the case the filler rows exist for: a short last micro-batch
             assert len(sampler.micro_batches()[-1]) < 4
         # Every batch, the last one included, is exactly micro_batch_size × sequence_len.
-        assert all(b[key].shape == (4, 40) for b in batches for key in ("input_ids", "labels", "position_ids"))
+        assert all(
+            b[key].shape == (4, 40) for b in batches for key in ("input_ids", "labels", "position_ids")
+        )
         assert all(int(b["cu_seqlens"][-1]) == 4 * 40 for b in batches)
         # Filler rows add no token, real or trained: every sample counted once, nothing more.
-        assert sum(int(b["num_tokens"]) for b in batches) == sum(lengths[i] for mb in sampler for r in mb for i in r)
+        assert sum(int(b["num_tokens"]) for b in batches) == sum(
+            lengths[i] for mb in sampler for r in mb for i in r
+        )
 
 
 def test_filler_rows_change_neither_loss_nor_gradients() -> None:
@@ -251,7 +269,9 @@ def test_filler_rows_change_neither_loss_nor_gradients() -> None:
 
     samples = make_samples([9, 5, 12, 4], seed=4)
     rows = [[samples[0], samples[1]], [samples[2], samples[3]]]  # 2 packed rows of a 4-row micro-batch
-    filled = Collator(0, sequence_len=32, pad_to_sequence_len=True, attn_implementation="sdpa", micro_batch_size=4)
+    filled = Collator(
+        0, sequence_len=32, pad_to_sequence_len=True, attn_implementation="sdpa", micro_batch_size=4
+    )
     batch = filled(rows)
     assert batch["input_ids"].shape == (4, 32)
     assert (batch["input_ids"][2:] == 0).all() and (batch["labels"][2:] == IGNORE_INDEX).all()
@@ -263,9 +283,11 @@ def test_filler_rows_change_neither_loss_nor_gradients() -> None:
     assert batch["num_trained_tokens"] == unfilled["num_trained_tokens"]
     assert batch["num_tokens"] == unfilled["num_tokens"]
 
-    def loss_and_grads(run: object) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def loss_and_grads(
+        run: Callable[[torch.nn.Module], torch.Tensor],
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         model = build_tiny_model(seed=3, vocab_size=128, num_hidden_layers=2, pad_token_id=None)
-        loss = run(model)  # type: ignore[operator]
+        loss = run(model)
         loss.backward()
         return loss.detach(), [p.grad.clone() for p in model.parameters()]
 
@@ -289,9 +311,13 @@ def test_filler_rows_change_neither_loss_nor_gradients() -> None:
 def test_collator_without_fill_or_padding_keeps_the_rows_given() -> None:
     samples = make_samples([5, 3], seed=2)
     # micro_batch_size only fills rows when every row is padded to sequence_len anyway.
-    by_longest = Collator(0, sequence_len=16, pad_to_sequence_len=False, attn_implementation="sdpa", micro_batch_size=4)
+    by_longest = Collator(
+        0, sequence_len=16, pad_to_sequence_len=False, attn_implementation="sdpa", micro_batch_size=4
+    )
     assert by_longest([[samples[0]], [samples[1]]])["input_ids"].shape == (2, 5)
-    filled = Collator(0, sequence_len=16, pad_to_sequence_len=True, attn_implementation="sdpa", micro_batch_size=1)
+    filled = Collator(
+        0, sequence_len=16, pad_to_sequence_len=True, attn_implementation="sdpa", micro_batch_size=1
+    )
     with pytest.raises(ValueError, match="more than micro_batch_size=1"):
         filled([[samples[0]], [samples[1]]])
 
@@ -394,7 +420,9 @@ def test_model_inputs_masks_per_backend() -> None:
 def test_loss_sum_and_count_match_transformers_mean_loss() -> None:
     from hellbender.testing.tiny import build_tiny_model
 
-    model = build_tiny_model(seed=0, vocab_size=128, num_hidden_layers=1, max_position_embeddings=64, pad_token_id=None)
+    model = build_tiny_model(
+        seed=0, vocab_size=128, num_hidden_layers=1, max_position_embeddings=64, pad_token_id=None
+    )
     # build_tiny_model leaves the global RNG untouched, so the ids get their own seeded generator.
     ids = torch.randint(1, 128, (2, 12), generator=torch.Generator().manual_seed(0))
     labels = ids.clone()
@@ -407,5 +435,7 @@ def test_loss_sum_and_count_match_transformers_mean_loss() -> None:
     torch.testing.assert_close(total / n, out.loss, atol=1e-6, rtol=1e-6)
     # bf16 logits are upcast before the log-softmax.
     half = causal_lm_loss_sum(out.logits.bfloat16(), labels)
-    ref = F.cross_entropy(out.logits.bfloat16().float()[:, :-1].reshape(-1, 128), labels[:, 1:].reshape(-1), reduction="sum")
+    ref = F.cross_entropy(
+        out.logits.bfloat16().float()[:, :-1].reshape(-1, 128), labels[:, 1:].reshape(-1), reduction="sum"
+    )
     torch.testing.assert_close(half, ref)

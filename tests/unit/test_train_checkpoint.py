@@ -39,8 +39,8 @@ def assert_state_equal(a: object, b: object) -> None:
         for k in a:
             assert_state_equal(a[k], b[k])
     elif isinstance(a, list | tuple):
-        assert len(a) == len(b)  # type: ignore[arg-type]
-        for x, y in zip(a, b, strict=True):  # type: ignore[call-overload]
+        assert isinstance(b, list | tuple) and len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
             assert_state_equal(x, y)
     else:
         assert a == b
@@ -101,7 +101,9 @@ def test_failed_write_leaves_previous_checkpoint(tmp_path: Path, monkeypatch: py
 def test_rotation_keeps_the_newest_by_step(tmp_path: Path) -> None:
     model, opt, sched = trained_setup(0, lora=True, steps=1)
     for step in (2, 9, 10, 11):
-        ckpt.save_checkpoint(tmp_path, model, opt, sched, ckpt.TrainState(global_step=step), save_total_limit=2)
+        ckpt.save_checkpoint(
+            tmp_path, model, opt, sched, ckpt.TrainState(global_step=step), save_total_limit=2
+        )
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["checkpoint-10", "checkpoint-11"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-10", "checkpoint-11"]
 
@@ -117,7 +119,9 @@ def test_folder_without_state_file_is_not_complete(tmp_path: Path) -> None:
 
 def test_save_only_model_cannot_resume(tmp_path: Path) -> None:
     model, opt, sched = trained_setup(0, lora=True, steps=1)
-    path = ckpt.save_checkpoint(tmp_path, model, opt, sched, ckpt.TrainState(global_step=1), save_only_model=True)
+    path = ckpt.save_checkpoint(
+        tmp_path, model, opt, sched, ckpt.TrainState(global_step=1), save_only_model=True
+    )
     assert not (path / ckpt.OPTIMIZER_FILE).exists()
     with pytest.raises(ValueError, match="save_only_model"):
         ckpt.load_checkpoint(path, model, opt, sched)
@@ -173,7 +177,9 @@ def test_a_crash_while_writing_final_outputs_keeps_the_old_ones(tmp_path: Path) 
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(before)
 
 
-def test_a_crash_between_the_renames_leaves_only_complete_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_crash_between_the_renames_leaves_only_complete_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     model_a, _, _ = trained_setup(0, lora=True, steps=1)
     model_b, _, _ = trained_setup(0, lora=True, steps=3)
     ckpt.publish_files(tmp_path / "a", write_adapter(model_a))
@@ -207,7 +213,9 @@ def test_a_crash_during_rotation_keeps_the_newest_checkpoints_loadable(
     models = {}
     for step in (1, 2):
         models[step], opt, sched = trained_setup(step, steps=1)
-        ckpt.save_checkpoint(tmp_path, models[step], opt, sched, ckpt.TrainState(global_step=step), save_total_limit=2)
+        ckpt.save_checkpoint(
+            tmp_path, models[step], opt, sched, ckpt.TrainState(global_step=step), save_total_limit=2
+        )
     models[3], opt, sched = trained_setup(3, steps=1)
 
     real_rename, real_rmtree = ckpt.os.rename, ckpt.shutil.rmtree
@@ -227,7 +235,9 @@ def test_a_crash_during_rotation_keeps_the_newest_checkpoints_loadable(
     else:
         monkeypatch.setattr(ckpt.shutil, "rmtree", crash_mid_delete)
     with pytest.raises(OSError, match="simulated"):
-        ckpt.save_checkpoint(tmp_path, models[3], opt, sched, ckpt.TrainState(global_step=3), save_total_limit=2)
+        ckpt.save_checkpoint(
+            tmp_path, models[3], opt, sched, ckpt.TrainState(global_step=3), save_total_limit=2
+        )
     monkeypatch.setattr(ckpt.os, "rename", real_rename)
     monkeypatch.setattr(ckpt.shutil, "rmtree", real_rmtree)
 

@@ -79,7 +79,9 @@ def test_one_step_equals_plain_pytorch(
     loss_sum = torch.zeros(())
     for s in samples:
         logits = reference(input_ids=torch.tensor([s["input_ids"]]), use_cache=False).logits[0]
-        loss_sum = loss_sum + F.cross_entropy(logits[:-1], torch.tensor(s["labels"][1:]), ignore_index=-100, reduction="sum")
+        loss_sum = loss_sum + F.cross_entropy(
+            logits[:-1], torch.tensor(s["labels"][1:]), ignore_index=-100, reduction="sum"
+        )
     (loss_sum / total).backward()
     if max_grad_norm:
         torch.nn.utils.clip_grad_norm_(reference.parameters(), max_grad_norm)
@@ -105,7 +107,9 @@ def test_one_step_equals_plain_pytorch(
         ({"max_steps": 4, "num_epochs": 3, "gradient_accumulation_steps": 2}, None),
     ],
 )
-def test_plan_equals_the_steps_taken(tmp_path: Path, values: dict[str, object], epochs_seen: int | None) -> None:
+def test_plan_equals_the_steps_taken(
+    tmp_path: Path, values: dict[str, object], epochs_seen: int | None
+) -> None:
     samples = make_samples(11, seed=3)
     cfg = make_cfg(tmp_path, learning_rate=1e-3, **values)
     sampler = BatchSampler([len(s["input_ids"]) for s in samples], sequence_len=64,
@@ -131,7 +135,8 @@ def test_eval_and_save_schedules(tmp_path: Path) -> None:
         ({"evals_per_epoch": 2}, {"evals": [5, 10, 15, 20]}),
         ({"eval_steps": 0.25}, {"evals": [5, 10, 15, 20]}),
         ({"eval_steps": 7}, {"evals": [7, 14, 20]}),  # the end of training is always evaluated
-        ({"eval_strategy": "epoch", "save_steps": 6, "save_strategy": "steps"}, {"evals": [10, 20], "saves": [6, 12, 18]}),
+        ({"eval_strategy": "epoch", "save_steps": 6, "save_strategy": "steps"},
+         {"evals": [10, 20], "saves": [6, 12, 18]}),
         ({"eval_strategy": "no", "saves_per_epoch": 2, "save_strategy": None, "save_total_limit": 3},
          {"evals": [], "saves": [5, 10, 15, 20], "kept": [10, 15, 20]}),
         ({"save_strategy": None}, {"evals": [20], "saves": [10, 20]}),  # default: a checkpoint per epoch
@@ -219,7 +224,9 @@ def test_memory_options_run_through_the_loop_unchanged(tmp_path: Path) -> None:
         # SGD, so a weight differs from the plain run by lr × the gradient difference; Adam
         # divides by sqrt(v) and turns a 1e-9 rounding difference on a near-zero gradient into a
         # full-size step, which says nothing about the optimization under test.
-        cfg = make_cfg(tmp_path / name, max_steps=3, micro_batch_size=2, optimizer="sgd", learning_rate=0.5, **values)
+        cfg = make_cfg(
+            tmp_path / name, max_steps=3, micro_batch_size=2, optimizer="sgd", learning_rate=0.5, **values
+        )
         model = apply_optimizations(build_tiny_model(seed=0), cfg)
         result = train(cfg, model, samples, None, pad_token_id=PAD)
         results[name] = (list(result.losses.values()), [p.detach().clone() for p in model.parameters()])
@@ -272,7 +279,9 @@ def test_every_batch_has_the_same_shape_with_pad_to_sequence_len(tmp_path: Path)
     assert runs[True][1] == pytest.approx(runs[False][1], rel=1e-5)
 
 
-def test_packing_efficiency_is_logged_before_the_first_step(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_packing_efficiency_is_logged_before_the_first_step(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """Step 0 of metrics.jsonl is the plan, with the packing efficiency recomputed here by hand:
     real tokens / (rows × sequence_len) of epoch 0's packed rows."""
     from hellbender.train.metrics import read_metrics
@@ -300,7 +309,9 @@ def test_resuming_into_another_output_dir_keeps_the_whole_metrics_history(tmp_pa
 
     samples = make_samples(6, seed=15)
     values = {"max_steps": 6, "save_steps": 3, "save_strategy": "steps", "logging_steps": 1}
-    first = train(make_cfg(tmp_path / "a", **values), build_tiny_model(seed=0), samples, None, pad_token_id=PAD)
+    first = train(
+        make_cfg(tmp_path / "a", **values), build_tiny_model(seed=0), samples, None, pad_token_id=PAD
+    )
     original = read_metrics(tmp_path / "a" / "metrics.jsonl")
     assert [r["step"] for r in original] == list(range(7))  # the plan record, then steps 1-6
 
@@ -322,3 +333,32 @@ def test_resuming_into_another_output_dir_keeps_the_whole_metrics_history(tmp_pa
     # ... but in its run's folder, that folder's metrics.jsonl serves.
     (tmp_path / "a" / "checkpoint-3" / "metrics.jsonl").unlink()
     assert resume_into("d", tmp_path / "a" / "checkpoint-3")[:4] == original[:4]
+
+
+def test_scheduled_steps_are_decided_from_the_plan() -> None:
+    """Eval/save steps are computed before the loop from the step plan (StepPlan)."""
+    from hellbender.train.loop import StepPlan, scheduled_steps
+
+    # 2 full epochs of 10 steps, then half of a third (num_epochs 2.5): its end is never reached
+    plan = StepPlan(steps_per_epoch=[10, 10, 5], epoch_lengths=[10, 10, 10])
+
+    def due(
+        strategy: str | None = None,
+        every: float | None = None,
+        per_epoch: int | None = None,
+        default_epoch_end: bool = False,
+    ) -> list[int]:
+        return sorted(
+            scheduled_steps(
+                plan, strategy=strategy, every=every, per_epoch=per_epoch, default_epoch_end=default_epoch_end
+            )
+        )
+
+    assert due(strategy="no", every=5) == []
+    assert due(strategy="epoch") == [10, 20]
+    assert due(every=10) == [10, 20]
+    assert due(every=0.4) == [10, 20]  # a fraction of all 25 steps: every ceil(10) steps
+    assert due(every=0.5) == [13]
+    assert due(per_epoch=2) == [5, 10, 15, 20, 25]  # the cut epoch keeps its mid-point (step 5 of it)
+    assert due(default_epoch_end=True) == [10, 20]
+    assert due() == []

@@ -58,7 +58,14 @@ def test_run_logger_continues_a_resumed_file(tmp_path: Path) -> None:
     resumed.log(6, {"loss": 60.0})
     resumed.close()
     records = read_metrics(tmp_path / "metrics.jsonl")
-    assert [(r["step"], r["loss"]) for r in records] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0), (5, 5.0), (6, 60.0)]
+    assert [(r["step"], r["loss"]) for r in records] == [
+        (1, 1.0),
+        (2, 2.0),
+        (3, 3.0),
+        (4, 4.0),
+        (5, 5.0),
+        (6, 60.0),
+    ]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None, reason="tensorboard not installed")
@@ -81,7 +88,9 @@ def test_tensorboard_is_on_by_default_when_installed(tmp_path: Path) -> None:
     ("key", "value", "module"),
     [("wandb_project", "p", "wandb"), ("mlflow_tracking_uri", "file:///tmp/x", "mlflow")],
 )
-def test_configured_but_missing_backend_is_an_error(tmp_path: Path, key: str, value: str, module: str) -> None:
+def test_configured_but_missing_backend_is_an_error(
+    tmp_path: Path, key: str, value: str, module: str
+) -> None:
     if importlib.util.find_spec(module) is not None:
         pytest.skip(f"{module} is installed here")
     with pytest.raises(RuntimeError, match=f"{key}.*pip install {module}"):
@@ -147,7 +156,8 @@ class FakeWandb:
         self.calls: list[tuple[str, Any]] = []
 
     def init(self, entity=None, project=None, dir=None, id=None, name=None, notes=None, tags=None,
-             config=None, group=None, job_type=None, mode=None, resume=None, settings=None) -> FakeWandb:  # fmt: skip
+             config=None, group=None, job_type=None, mode=None, resume=None,
+             settings=None) -> FakeWandb:  # fmt: skip
         assert mode in (None, "online", "offline", "disabled")
         assert resume in (None, True, False, "allow", "never", "must", "auto")
         assert config is None or isinstance(config, dict)
@@ -207,7 +217,9 @@ def install(monkeypatch: pytest.MonkeyPatch, name: str, fake: object) -> None:
     monkeypatch.setitem(sys.modules, name, module)
 
 
-def test_wandb_and_mlflow_receive_every_record_of_a_training_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_wandb_and_mlflow_receive_every_record_of_a_training_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A real (tiny) training run with both backends configured: each gets exactly the records of
     metrics.jsonl, in order, at their steps, and its run is opened once and closed once."""
     from hellbender.testing.tiny import build_tiny_model
@@ -218,11 +230,14 @@ def test_wandb_and_mlflow_receive_every_record_of_a_training_run(tmp_path: Path,
     install(monkeypatch, "mlflow", mlflow)
     out = tmp_path / "out"
     cfg = make_cfg(
-        tmp_path / "cfg-dir", use_tensorboard=False, sequence_len=32, max_steps=4, eval_steps=2, save_strategy="no",
-        wandb_project="proj", wandb_entity="team", wandb_name="run-a", wandb_run_id="id-1", wandb_mode="offline",
-        mlflow_tracking_uri=f"file://{tmp_path}/mlruns", mlflow_experiment_name="exp", mlflow_run_name="run-a",
+        tmp_path / "cfg-dir", use_tensorboard=False, sequence_len=32, max_steps=4, eval_steps=2,
+        save_strategy="no", wandb_project="proj", wandb_entity="team", wandb_name="run-a",
+        wandb_run_id="id-1", wandb_mode="offline", mlflow_tracking_uri=f"file://{tmp_path}/mlruns",
+        mlflow_experiment_name="exp", mlflow_run_name="run-a",
     )  # fmt: skip
-    samples = [{"input_ids": list(range(5 + i, 15 + i)), "labels": list(range(5 + i, 15 + i))} for i in range(6)]
+    samples = [
+        {"input_ids": list(range(5 + i, 15 + i)), "labels": list(range(5 + i, 15 + i))} for i in range(6)
+    ]
     result = train(cfg, build_tiny_model(seed=0), samples[:4], samples[4:], pad_token_id=3, output_dir=out)
 
     records = read_metrics(out / "metrics.jsonl")
@@ -230,10 +245,13 @@ def test_wandb_and_mlflow_receive_every_record_of_a_training_run(tmp_path: Path,
     expected = [(r["step"], {k: v for k, v in r.items() if k != "step"}) for r in records]
 
     assert wandb.calls[0] == ("init", {"entity": "team", "project": "proj", "dir": str(out), "id": "id-1",
-                                       "name": "run-a", "config": cfg.model_dump(mode="json"), "mode": "offline",
-                                       "resume": "allow"})  # fmt: skip
+                                       "name": "run-a", "config": cfg.model_dump(mode="json"),
+                                       "mode": "offline", "resume": "allow"})  # fmt: skip
     assert [c[1] for c in wandb.calls[1:-1]] == expected
-    assert [c[0] for c in wandb.calls[1:-1]] == ["log"] * len(expected) and wandb.calls[-1] == ("finish", None)
+    assert [c[0] for c in wandb.calls[1:-1]] == ["log"] * len(expected) and wandb.calls[-1] == (
+        "finish",
+        None,
+    )
     assert [(step, data["loss"]) for step, data in expected if "loss" in data] == list(result.losses.items())
 
     assert mlflow.calls[:4] == [

@@ -20,11 +20,15 @@ from hellbender.train.optim import build_optimizer, build_scheduler, param_group
 
 
 def make_cfg(**values: object) -> HellbenderConfig:
-    raw = HellbenderConfig.model_validate({"base_model": "x", "datasets": [{"path": "x"}], "bf16": False, **values})
+    raw = HellbenderConfig.model_validate(
+        {"base_model": "x", "datasets": [{"path": "x"}], "bf16": False, **values}
+    )
     return normalize(raw, world_size=1, hardware=Hardware())[0]
 
 
-def lr_trace(scheduler: torch.optim.lr_scheduler.LRScheduler, optimizer: torch.optim.Optimizer, n: int) -> list[float]:
+def lr_trace(
+    scheduler: torch.optim.lr_scheduler.LRScheduler, optimizer: torch.optim.Optimizer, n: int
+) -> list[float]:
     out = []
     for _ in range(n):
         out.append(scheduler.get_last_lr()[0])
@@ -51,7 +55,9 @@ def test_schedules_match_transformers(kind: str, warmup: int, total: int) -> Non
         ref = get_linear_schedule_with_warmup(ref_opt, warmup, total)
     else:
         ref = get_constant_schedule_with_warmup(ref_opt, warmup)
-    assert lr_trace(ours, ours_opt, total + 2) == pytest.approx(lr_trace(ref, ref_opt, total + 2), rel=1e-12, abs=0)
+    assert lr_trace(ours, ours_opt, total + 2) == pytest.approx(
+        lr_trace(ref, ref_opt, total + 2), rel=1e-12, abs=0
+    )
 
 
 @pytest.mark.parametrize("ratio", [0.1, 0.5])
@@ -137,7 +143,11 @@ def test_adamw_variants_equal_torch_reference(name: str) -> None:
     cfg = make_cfg(optimizer=name, learning_rate=1e-2, weight_decay=0.0, adam_beta2=0.99, adam_epsilon=1e-6)
     ours = build_optimizer(cfg, model)
     reference = torch.optim.AdamW(
-        [p for p in ref.parameters() if p.requires_grad], lr=1e-2, betas=(0.9, 0.99), eps=1e-6, weight_decay=0.0
+        [p for p in ref.parameters() if p.requires_grad],
+        lr=1e-2,
+        betas=(0.9, 0.99),
+        eps=1e-6,
+        weight_decay=0.0,
     )
     x = torch.randn(8, 4)
     for _ in range(3):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from hellbender.commands.trained import load_for_use, trained_source
 from hellbender.config.schema import ResolvedConfig
+from hellbender.errors import OptionError
 from hellbender.files import write_atomically
 from hellbender.train.loop import evaluate
 
@@ -26,7 +27,7 @@ def run_evaluate(cfg: ResolvedConfig) -> dict[str, float]:
     model, tokenizer = load_for_use(source)
     data = prepare_datasets(source.cfg, tokenizer)
     if data.eval is None or len(data.eval) == 0:
-        raise ValueError("no evaluation set: set val_set_size or test_datasets in the config")
+        raise OptionError("no evaluation set: set val_set_size or test_datasets in the config")
     metrics = evaluate(model, data.eval, source.cfg, tokenizer.pad_token_id)
     metrics = {**metrics, "trained": float(source.trained)}
     out = Path(cfg.output_dir).expanduser()

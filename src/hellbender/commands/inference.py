@@ -31,8 +31,12 @@ def read_prompts(stream: IO[str]) -> Iterable[str]:
 def build_prompt_ids(tokenizer: Any, prompt: str, system: str | None) -> dict[str, torch.Tensor]:
     """Token ids of ``prompt`` as a user turn in the chat template (plain text without one)."""
     if tokenizer.chat_template:
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": prompt}
+        ]
+        enc = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
     else:
         enc = tokenizer(prompt, return_tensors="pt")
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
@@ -60,16 +64,22 @@ def run_inference(
     prompts: Iterable[str] = [prompt] if prompt is not None else read_prompts(prompts_from or sys.stdin)
     answers: list[str] = []
     for text in prompts:
-        inputs = {k: v.to(device) for k, v in build_prompt_ids(tokenizer, text, cfg.default_system_message).items()}
+        inputs = {
+            k: v.to(device) for k, v in build_prompt_ids(tokenizer, text, cfg.default_system_message).items()
+        }
         streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
         sampling: dict[str, Any] = (
             {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
         )
+        # generate(): transformers' GenerationMixin or peft's causal-LM wrapper, which nn.Module is not.
+        lm: Any = model
         with torch.no_grad():
-            output = model.generate(
+            output = lm.generate(
                 **inputs, max_new_tokens=max_new_tokens, streamer=streamer,
                 pad_token_id=tokenizer.pad_token_id, **sampling,
             )  # fmt: skip
         new_tokens = output[0, inputs["input_ids"].shape[1] :]
-        answers.append(tokenizer.decode(new_tokens, skip_special_tokens=True))
+        answer = tokenizer.decode(new_tokens, skip_special_tokens=True)
+        assert isinstance(answer, str)  # one sequence of ids decodes to one string
+        answers.append(answer)
     return answers

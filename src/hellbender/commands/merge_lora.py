@@ -8,6 +8,7 @@ import torch
 
 from hellbender.commands.trained import TrainedSource, load_for_use, trained_source
 from hellbender.config.schema import ResolvedConfig
+from hellbender.errors import MissingFileError, OptionError
 from hellbender.train import checkpoint as ckpt
 
 
@@ -23,12 +24,12 @@ def run_merge_lora(cfg: ResolvedConfig, out_dir: str | Path | None = None) -> Pa
     from hellbender.models.adapters import merge_adapter
 
     if cfg.adapter is None:
-        raise ValueError("merge-lora: the config trains no adapter (adapter is not set); nothing to merge")
+        raise OptionError("merge-lora: the config trains no adapter (adapter is not set); nothing to merge")
     source = trained_source(cfg)
     if not source.trained:
-        raise FileNotFoundError(
-            f"merge-lora: no trained adapter in {cfg.output_dir} (adapter_config.json) and no lora_model_dir; "
-            "train first"
+        raise MissingFileError(
+            f"merge-lora: no trained adapter in {cfg.output_dir} (adapter_config.json) "
+            "and no lora_model_dir; train first"
         )
     merge_cfg = source.cfg.model_copy(
         update={"adapter": "lora", "load_in_4bit": False, "load_in_8bit": False, "compute_dtype": "float32"}

@@ -13,6 +13,7 @@ import yaml
 
 from hellbender.commands.trained import pick_device
 from hellbender.config.schema import ResolvedConfig
+from hellbender.errors import OptionError
 from hellbender.files import write_atomically
 from hellbender.train import checkpoint as ckpt
 from hellbender.train.loop import TrainResult, World, train
@@ -71,12 +72,17 @@ def run_train(cfg: ResolvedConfig, *, world: World | None = None) -> TrainResult
 
     world = world or World()
     out = Path(cfg.output_dir).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file in the way, no permission, a read-only disk
+        raise OptionError(f"output_dir: cannot create the folder {out} ({exc.strerror or exc})") from exc
     resume = ckpt.resolve_resume(cfg.resume_from_checkpoint, cfg.auto_resume_from_checkpoints, out)
     ckpt.check_output_dir(out, resume)
     if world.is_main:
         for leftover in ckpt.remove_incomplete(out):
-            logger.warning("removed %s, left by a run killed while writing a checkpoint or its outputs", leftover)
+            logger.warning(
+                "removed %s, left by a run killed while writing a checkpoint or its outputs", leftover
+            )
         write_resolved_config(cfg, out)
 
     tokenizer = load_tokenizer(cfg)

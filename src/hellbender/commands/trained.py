@@ -11,11 +11,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from hellbender.config.schema import ResolvedConfig
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 def pick_device(model: torch.nn.Module) -> torch.device:
@@ -42,16 +45,20 @@ def trained_source(cfg: ResolvedConfig) -> TrainedSource:
     tok_dir = out if (out / "tokenizer_config.json").is_file() else None
     if cfg.adapter is not None:
         if (out / "adapter_config.json").is_file():
-            return TrainedSource(cfg.model_copy(update={"lora_model_dir": str(out)}), f"adapter in {out}", True, tok_dir)
+            return TrainedSource(
+                cfg.model_copy(update={"lora_model_dir": str(out)}), f"adapter in {out}", True, tok_dir
+            )
         if cfg.lora_model_dir:
             return TrainedSource(cfg, f"adapter in {cfg.lora_model_dir}", True, None)
     elif (out / "config.json").is_file() and any(out.glob("*.safetensors")):
-        return TrainedSource(cfg.model_copy(update={"base_model": str(out)}), f"fine-tuned model in {out}", True, tok_dir)
+        return TrainedSource(
+            cfg.model_copy(update={"base_model": str(out)}), f"fine-tuned model in {out}", True, tok_dir
+        )
     base = cfg.model_copy(update={"adapter": None, "lora_model_dir": None})
     return TrainedSource(base, f"the base model {cfg.base_model} (no trained weights in {out})", False, None)
 
 
-def load_for_use(source: TrainedSource) -> tuple[torch.nn.Module, Any]:
+def load_for_use(source: TrainedSource) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
     from hellbender.models.load import load_model, load_tokenizer
 
     cfg = source.cfg

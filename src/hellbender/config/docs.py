@@ -31,7 +31,6 @@ from typing import Any
 
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
-from pydantic_core import PydanticUndefined
 
 from hellbender.config import load, normalize, rules
 from hellbender.config.schema import (
@@ -99,12 +98,9 @@ def _constraints(info: FieldInfo) -> str:
 
 
 def _default(info: FieldInfo) -> str:
-    if info.default_factory is not None:
-        value = info.default_factory()  # type: ignore[call-arg]
-    elif info.default is PydanticUndefined:
+    if info.is_required():
         return "**required**"
-    else:
-        value = info.default
+    value = info.get_default(call_default_factory=True)
     if isinstance(value, BaseModel):
         value = value.model_dump()
     return f"`{json.dumps(value, ensure_ascii=False)}`"
@@ -212,7 +208,13 @@ def _finding_sites(module: types.ModuleType) -> list[tuple[str, CodeSite, str]]:
                     msg = args[1] if len(args) > 1 else kwargs.get("message")
                     fix = args[2] if len(args) > 2 else kwargs.get("fix")
                 where = f"{module.__name__.rsplit('.', 1)[-1]}.{function}"
-                found.append((code_node.value, CodeSite(str(severity), _template(msg), _template(fix), where), function))
+                found.append(
+                    (
+                        code_node.value,
+                        CodeSite(str(severity), _template(msg), _template(fix), where),
+                        function,
+                    )
+                )
         for child in ast.iter_child_nodes(node):
             visit(child, function)
 
@@ -258,7 +260,12 @@ def render() -> str:
         "",
     ]
     for title, names in _field_groups(HellbenderConfig):
-        out += [f"### {title.capitalize() if title else 'General'}", "", *_options_table(HellbenderConfig, names), ""]
+        out += [
+            f"### {title.capitalize() if title else 'General'}",
+            "",
+            *_options_table(HellbenderConfig, names),
+            "",
+        ]
     for model, title, intro in NESTED_MODELS:
         out += [f"### {title}", "", intro, "", *_options_table(model, model.model_fields), ""]
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from hellbender.errors import HellbenderError
+
 Severity = Literal["error", "warning", "info"]
 
 
@@ -32,7 +34,7 @@ class Finding:
         return f"{self.severity.upper()} {self.code}{where}: {self.message}{fix}"
 
 
-class ConfigError(Exception):
+class ConfigError(HellbenderError):
     """The config cannot be used. Carries every finding so they can all be shown together."""
 
     def __init__(self, findings: list[Finding]):

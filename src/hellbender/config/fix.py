@@ -32,7 +32,11 @@ def _replace_keys(data: Any, old_keys: list[str], new_key: str | None, value: An
     old_keys = sorted(old_keys, key=keys.index)
     position = keys.index(old_keys[0])
     after = [k for k in keys[keys.index(old_keys[-1]) + 1 :] if k not in old_keys]
-    texts = [data.ca.items.pop(k)[2].value for k in old_keys if k in data.ca.items and data.ca.items[k][2] is not None]
+    texts = [
+        data.ca.items.pop(k)[2].value
+        for k in old_keys
+        if k in data.ca.items and data.ca.items[k][2] is not None
+    ]
     for key in old_keys:
         del data[key]
     if new_key is not None:
@@ -53,7 +57,9 @@ def _replace_keys(data: Any, old_keys: list[str], new_key: str | None, value: An
         # the removed key was the last one: its comment can only follow the previous scalar line
         slot = data.ca.items.setdefault(keys[position - 1], [None, None, None, None])
         previous = slot[2].value if slot[2] is not None else ""
-        slot[2] = CommentToken(previous.rstrip("\n") + ("\n" if previous else "") + text.lstrip(" "), CommentMark(0))
+        slot[2] = CommentToken(
+            previous.rstrip("\n") + ("\n" if previous else "") + text.lstrip(" "), CommentMark(0)
+        )
 
 
 def _mapping_indent(text: str) -> int:
@@ -105,7 +111,9 @@ def fix_file(path: str | Path, cfg: HellbenderConfig, raw: HellbenderConfig) -> 
     if "batch_size" in data and data["batch_size"] is not None and data["batch_size"] == cfg.batch_size:
         if "gradient_accumulation_steps" not in data or data["gradient_accumulation_steps"] is None:
             gas_key = ["gradient_accumulation_steps"] if "gradient_accumulation_steps" in data else []
-            _replace_keys(data, ["batch_size", *gas_key], "gradient_accumulation_steps", cfg.gradient_accumulation_steps)
+            _replace_keys(
+                data, ["batch_size", *gas_key], "gradient_accumulation_steps", cfg.gradient_accumulation_steps
+            )
             changes.append(f"batch_size → gradient_accumulation_steps: {cfg.gradient_accumulation_steps}")
         else:
             _replace_keys(data, ["batch_size"], None, None)
@@ -113,7 +121,10 @@ def fix_file(path: str | Path, cfg: HellbenderConfig, raw: HellbenderConfig) -> 
 
     legacy = [flag for flag in LEGACY_ATTN_FLAGS if flag in data]
     enabled = {LEGACY_ATTN_FLAGS[f] for f in legacy if getattr(raw, f)}
-    if legacy and len(enabled | ({data["attn_implementation"]} if data.get("attn_implementation") else set())) <= 1:
+    if (
+        legacy
+        and len(enabled | ({data["attn_implementation"]} if data.get("attn_implementation") else set())) <= 1
+    ):
         if enabled and not data.get("attn_implementation"):
             backend = next(iter(enabled))
             stale = ["attn_implementation"] if "attn_implementation" in data else []

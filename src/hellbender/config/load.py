@@ -147,11 +147,12 @@ class _StrictLoader(yaml.SafeLoader):
             # enough to leave to PyYAML
             if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
                 continue
-            key = self.construct_object(key_node, deep=True)  # type: ignore[no-untyped-call]
+            key = self.construct_object(key_node, deep=True)
             first = seen.get(key)
             if first is not None:
                 raise yaml.constructor.ConstructorError(
-                    f"while constructing a mapping (key {key!r} first given on line {first.start_mark.line + 1})",
+                    f"while constructing a mapping "
+                    f"(key {key!r} first given on line {first.start_mark.line + 1})",
                     node.start_mark,
                     f"found the key {key!r} a second time",
                     key_node.start_mark,
@@ -170,7 +171,13 @@ def parse_yaml(text: str, source: str = "<config>") -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(
-            [Finding("HB002", "error", f"{source}: the top level must be a mapping of keys, got {type(data).__name__}")]
+            [
+                Finding(
+                    "HB002",
+                    "error",
+                    f"{source}: the top level must be a mapping of keys, got {type(data).__name__}",
+                )
+            ]
         )
     return data
 
@@ -194,7 +201,13 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             if isinstance(node, list):
                 if not part.isdecimal() or int(part) >= len(node):
                     raise ConfigError(
-                        [Finding("HB003", "error", f"override {path}: {part!r} is not an index of a list of {len(node)}")]
+                        [
+                            Finding(
+                                "HB003",
+                                "error",
+                                f"override {path}: {part!r} is not an index of a list of {len(node)}",
+                            )
+                        ]
                     )
                 if last:
                     node[int(part)] = value
@@ -209,7 +222,13 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                     node = node[part]
             else:
                 raise ConfigError(
-                    [Finding("HB003", "error", f"override {path}: {'.'.join(parts[:i])} is not a mapping or list")]
+                    [
+                        Finding(
+                            "HB003",
+                            "error",
+                            f"override {path}: {'.'.join(parts[:i])} is not a mapping or list",
+                        )
+                    ]
                 )
     return data
 
@@ -303,7 +322,8 @@ def unknown_key_findings(data: dict[str, Any], lines: dict[str, int] | None = No
                 Finding(
                     "HB005",
                     "error",
-                    f"`{key}: {value}`{line} is an Axolotl {key.replace('_', ' ')} hellbender does not support yet.",
+                    f"`{key}: {value}`{line} is an Axolotl {key.replace('_', ' ')} "
+                    "hellbender does not support yet.",
                     fix=f"Use one of: {', '.join(supported)}.",
                     key=key,
                 )
@@ -374,7 +394,9 @@ def _type_findings(exc: ValidationError, data: dict[str, Any], lines: dict[str, 
     findings: list[Finding] = []
     for path, key in missing.items():
         line = f" (line {lines[path]})" if path in lines else ""
-        findings.append(Finding("HB007", "error", f"`{path}`{line} is required.", fix=f"Add `{key}:`.", key=path))
+        findings.append(
+            Finding("HB007", "error", f"`{path}`{line} is required.", fix=f"Add `{key}:`.", key=path)
+        )
     for path, (given, messages) in wrong.items():
         line = f" (line {lines[path]})" if path in lines else ""
         findings.append(
@@ -429,7 +451,9 @@ def _without_paths(data: dict[str, Any], paths: list[str]) -> dict[str, Any]:
     return out
 
 
-def validate_mapping(data: dict[str, Any], source: str = "<config>", text: str | None = None) -> HellbenderConfig:
+def validate_mapping(
+    data: dict[str, Any], source: str = "<config>", text: str | None = None
+) -> HellbenderConfig:
     """Turn a parsed mapping into a config object (not yet normalized); raises ConfigError."""
     lines = _key_lines(text) if text else {}
     data = _drop_unset_nulls(data, HellbenderConfig)
@@ -454,7 +478,9 @@ def validate_mapping(data: dict[str, Any], source: str = "<config>", text: str |
         raise ConfigError(_type_findings(exc, data, lines)) from None
 
 
-def read_config(path: str | Path, overrides: list[str] | None = None) -> tuple[HellbenderConfig, dict[str, Any]]:
+def read_config(
+    path: str | Path, overrides: list[str] | None = None
+) -> tuple[HellbenderConfig, dict[str, Any]]:
     """Read a YAML file and overrides into an un-normalized config and the raw mapping."""
     path = Path(path)
     try:

@@ -25,8 +25,8 @@ from hellbender.config.schema import (
     ResolvedConfig,
 )
 
-DEFAULT_ATTN = "sdpa"
-LEGACY_ATTN_FLAGS = {
+DEFAULT_ATTN: AttnImplementation = "sdpa"
+LEGACY_ATTN_FLAGS: dict[str, AttnImplementation] = {
     "flash_attention": "flash_attention_2",
     "flex_attention": "flex_attention",
     "sdp_attention": "sdpa",
@@ -94,7 +94,8 @@ def _resolve_attention(cfg: HellbenderConfig, findings: list[Finding]) -> AttnIm
                     "HB102",
                     "warning",
                     f"`{flag}: true` is a legacy flag; it means `attn_implementation: {backend}`.",
-                    fix=f"Replace it with `attn_implementation: {backend}` (hellbender validate --fix does this).",
+                    fix=f"Replace it with `attn_implementation: {backend}` "
+                    "(hellbender validate --fix does this).",
                     key=flag,
                 )
             )
@@ -153,7 +154,8 @@ def _batch_sizes(cfg: HellbenderConfig, dp_world: int, findings: list[Finding]) 
                 "error",
                 f"batch_size {cfg.batch_size} is not divisible by micro_batch_size {mbs} × "
                 f"data-parallel ranks {dp_world} = {per_step}.",
-                fix=f"Set gradient_accumulation_steps so that {mbs} × gas × {dp_world} is the batch you want.",
+                fix=f"Set gradient_accumulation_steps so that {mbs} × gas × {dp_world} "
+                "is the batch you want.",
                 key="batch_size",
             )
         )
@@ -194,7 +196,11 @@ def _legacy_message_fields(ds: DatasetConfig, path: str, findings: list[Finding]
         )
     )
     return ds.model_copy(
-        update={"message_property_mappings": mapping, "message_field_role": None, "message_field_content": None}
+        update={
+            "message_property_mappings": mapping,
+            "message_field_role": None,
+            "message_field_content": None,
+        }
     )
 
 
@@ -261,8 +267,9 @@ def normalize(
             Finding(
                 "HB123",
                 "warning",
-                f"eval_batch_size {cfg.eval_batch_size} ≠ micro_batch_size {cfg.micro_batch_size}: the memory "
-                "profile changes between training and evaluation (a run that fits can run out at eval).",
+                f"eval_batch_size {cfg.eval_batch_size} ≠ micro_batch_size {cfg.micro_batch_size}: "
+                "the memory profile changes between training and evaluation "
+                "(a run that fits can run out at eval).",
                 fix="Remove eval_batch_size (it defaults to micro_batch_size) unless you planned for both.",
                 key="eval_batch_size",
             )
@@ -275,8 +282,12 @@ def normalize(
         "gradient_accumulation_steps": gas,
         "batch_size": batch,
         "eval_batch_size": cfg.eval_batch_size if cfg.eval_batch_size is not None else cfg.micro_batch_size,
-        "pad_to_sequence_len": cfg.sample_packing if cfg.pad_to_sequence_len is None else cfg.pad_to_sequence_len,
-        "eval_sample_packing": cfg.sample_packing if cfg.eval_sample_packing is None else cfg.eval_sample_packing,
+        "pad_to_sequence_len": cfg.sample_packing
+        if cfg.pad_to_sequence_len is None
+        else cfg.pad_to_sequence_len,
+        "eval_sample_packing": cfg.sample_packing
+        if cfg.eval_sample_packing is None
+        else cfg.eval_sample_packing,
         "dataset_num_proc": cfg.dataset_num_proc or cfg.dataset_processes or max(1, os.cpu_count() or 1),
         # Set alone, max_steps repeats epochs until reached (as in the HF Trainer).
         "epochs_given": "num_epochs" in cfg.model_fields_set or cfg.max_steps is None,
@@ -288,7 +299,9 @@ def normalize(
     for list_key in ("datasets", "test_datasets"):
         entries = getattr(cfg, list_key)
         if entries and any(d.message_field_role or d.message_field_content for d in entries):
-            update[list_key] = [_legacy_message_fields(d, f"{list_key}.{i}", findings) for i, d in enumerate(entries)]
+            update[list_key] = [
+                _legacy_message_fields(d, f"{list_key}.{i}", findings) for i, d in enumerate(entries)
+            ]
 
     dtype = resolve_dtype(cfg.bf16, cfg.fp16, hw)
     update["compute_dtype"] = dtype

@@ -61,7 +61,8 @@ def _warn(code: str, message: str, fix: str, key: str | None = None) -> list[Fin
 
 @rule
 def fp16_full_finetune_packing(cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
-    """Full fine-tune in fp16 with sample packing and no flash attention: fp16 weights overflow, and the padded-mask path is slow."""
+    """Full fine-tune in fp16 with sample packing and no flash attention: fp16 weights overflow,
+    and the padded-mask path is slow."""
     if (
         cfg.fp16
         and cfg.adapter is None
@@ -97,7 +98,8 @@ def fp8_hardware(cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfig) -> li
     if cfg.fp8 and not hw.cuda_fp8:
         return _err(
             "HB105",
-            f"fp8 needs a GPU with fp8 tensor cores (compute capability ≥ 8.9); this machine is {hw.description}.",
+            f"fp8 needs a GPU with fp8 tensor cores (compute capability ≥ 8.9); "
+            f"this machine is {hw.description}.",
             "Remove fp8 (use bf16) or run on an Ada/Hopper/Blackwell GPU.",
             "fp8",
         )
@@ -110,7 +112,8 @@ def quantized_base_needs_adapter(cfg: ResolvedConfig, hw: Hardware, raw: Hellben
     if (cfg.load_in_4bit or cfg.load_in_8bit) and cfg.adapter is None:
         return _err(
             "HB106",
-            "a quantized base (load_in_4bit/load_in_8bit) cannot be fine-tuned in full: its weights are frozen.",
+            "a quantized base (load_in_4bit/load_in_8bit) cannot be fine-tuned in full: "
+            "its weights are frozen.",
             "Set adapter: qlora (4 bit) or adapter: lora (8 bit).",
             "adapter",
         )
@@ -151,7 +154,8 @@ def offload_needs_checkpointing(cfg: ResolvedConfig, hw: Hardware, raw: Hellbend
 
 @rule
 def eval_without_data(cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
-    """Evaluation settings (eval_steps, evals_per_epoch, eval_strategy, eval_batch_size) without evaluation data would silently never evaluate."""
+    """Evaluation settings (eval_steps, evals_per_epoch, eval_strategy, eval_batch_size) without
+    evaluation data would silently never evaluate."""
     has_eval_data = cfg.val_set_size > 0 or bool(cfg.test_datasets)
     asked = [k for k in ("eval_steps", "evals_per_epoch") if getattr(cfg, k) is not None]
     if cfg.eval_strategy in ("steps", "epoch"):
@@ -201,7 +205,8 @@ def dtype_conflict(cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfig) -> 
 
 @rule
 def bf16_hardware(cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
-    """bf16: true on hardware without bf16: an error on a CUDA GPU without it, a warning on a CPU (emulated, slow)."""
+    """bf16: true on hardware without bf16: an error on a CUDA GPU without it, a warning on a CPU
+    (emulated, slow)."""
     if raw.bf16 is not True:
         return []
     if hw.cuda and not hw.cuda_bf16:
@@ -282,13 +287,15 @@ def cut_cross_entropy_installed(cfg: ResolvedConfig, hw: Hardware, raw: Hellbend
 
 @rule
 def attention_on_cpu(cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
-    """GPU-only attention backends (flash attention, xformers) on a machine without CUDA, and flex_attention, which has no backward on CPU."""
+    """GPU-only attention backends (flash attention, xformers) on a machine without CUDA, and
+    flex_attention, which has no backward on CPU."""
     if hw.cuda:
         return []
     if cfg.attn_implementation in GPU_ONLY_BACKENDS:
         return _err(
             "HB130",
-            f"attn_implementation {cfg.attn_implementation} needs a CUDA GPU; this machine is {hw.description}.",
+            f"attn_implementation {cfg.attn_implementation} needs a CUDA GPU; "
+            f"this machine is {hw.description}.",
             "Use attn_implementation: sdpa on CPU.",
             "attn_implementation",
         )
@@ -304,7 +311,8 @@ def attention_on_cpu(cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfig) -
 
 @rule
 def packing_without_padding(cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
-    """sample_packing with pad_to_sequence_len: false gives batches of varying shape (fragmentation, recompiles)."""
+    """sample_packing with pad_to_sequence_len: false gives batches of varying shape
+    (fragmentation, recompiles)."""
     if cfg.sample_packing and raw.pad_to_sequence_len is False:
         return _warn(
             "HB133",
@@ -332,7 +340,8 @@ def liger_on_cpu(cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfig) -> li
 
 @rule
 def lora_keys_without_adapter(cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
-    """LoRA/PEFT keys set without an adapter are ignored by a full fine-tune, which is usually not what was meant."""
+    """LoRA/PEFT keys set without an adapter are ignored by a full fine-tune, which is usually not
+    what was meant."""
     lora_keys = [
         k
         for k in raw.model_fields_set
@@ -341,7 +350,8 @@ def lora_keys_without_adapter(cfg: ResolvedConfig, hw: Hardware, raw: Hellbender
     if lora_keys and cfg.adapter is None:
         return _warn(
             "HB135",
-            f"{', '.join(sorted(lora_keys))} set but adapter is not: this is a full fine-tune and they are ignored.",
+            f"{', '.join(sorted(lora_keys))} set but adapter is not: "
+            "this is a full fine-tune and they are ignored.",
             "Set adapter: lora, or remove the LoRA keys.",
             sorted(lora_keys)[0],
         )
@@ -350,7 +360,8 @@ def lora_keys_without_adapter(cfg: ResolvedConfig, hw: Hardware, raw: Hellbender
 
 @rule
 def adapter_without_targets(cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
-    """An adapter without lora_target_modules/lora_target_linear falls back to peft's per-architecture defaults (often only q_proj and v_proj)."""
+    """An adapter without lora_target_modules/lora_target_linear falls back to peft's
+    per-architecture defaults (often only q_proj and v_proj)."""
     if cfg.adapter and not cfg.lora_target_modules and not cfg.lora_target_linear and not cfg.lora_model_dir:
         return _warn(
             "HB136",
@@ -445,7 +456,8 @@ def save_limit_without_saving(cfg: ResolvedConfig, hw: Hardware, raw: Hellbender
 
 @rule
 def resume_both(cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
-    """resume_from_checkpoint with auto_resume_from_checkpoints: the explicit path wins, the other is ignored."""
+    """resume_from_checkpoint with auto_resume_from_checkpoints: the explicit path wins, the other
+    is ignored."""
     if cfg.resume_from_checkpoint and cfg.auto_resume_from_checkpoints:
         return _warn(
             "HB143",
@@ -474,7 +486,8 @@ def adamw_8bit_needs_bnb(cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfi
 
 @rule
 def not_yet_implemented(cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
-    """Options that parse (so Axolotl configs load) but whose feature has not landed: setting one is an error, never a silent no-op."""
+    """Options that parse (so Axolotl configs load) but whose feature has not landed: setting one is
+    an error, never a silent no-op."""
     defaults = HellbenderConfig.model_fields
     out: list[Finding] = []
     for key, feature in NOT_YET_IMPLEMENTED.items():
@@ -500,7 +513,9 @@ def not_yet_implemented(cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfig
 
 @rule
 def sequence_len_vs_model(cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
-    """sequence_len beyond the model's max_position_embeddings without rope_scaling. Reads config.json or GGUF metadata only, never weights; reports that it was skipped when the model config cannot be read (hub id offline, private)."""
+    """sequence_len beyond the model's max_position_embeddings without rope_scaling. Reads
+    config.json or GGUF metadata only, never weights; reports that it was skipped when the model
+    config cannot be read (hub id offline, private)."""
     model_cfg = read_model_config(cfg.base_model_config or cfg.base_model)
     if model_cfg is None:
         return [

@@ -153,7 +153,9 @@ class HellbenderConfig(_Strict):
         description="Allow loading pickled (.bin/.pt) weights. Off: safetensors only, because "
         "unpickling can run arbitrary code.",
     )
-    model_cache_dir: str = Field("~/.cache/hellbender/models", description="Where GGUF conversions are cached.")
+    model_cache_dir: str = Field(
+        "~/.cache/hellbender/models", description="Where GGUF conversions are cached."
+    )
     overrides_of_model_config: dict[str, Any] | None = Field(
         None, description="Values set on the model config before loading (e.g. rope_scaling)."
     )
@@ -199,7 +201,9 @@ class HellbenderConfig(_Strict):
     val_set_size: float = Field(
         0.0, ge=0.0, description="Evaluation split: a fraction (< 1) or a row count (>= 1)."
     )
-    dataset_prepared_path: str = Field("./last_run_prepared", description="Cache folder for prepared datasets.")
+    dataset_prepared_path: str = Field(
+        "./last_run_prepared", description="Cache folder for prepared datasets."
+    )
     shuffle_merged_datasets: bool = Field(True, description="Shuffle the merged datasets with `seed`.")
     dataset_exact_deduplication: bool = Field(False, description="Drop exact duplicate rows.")
     dataset_num_proc: int | None = Field(
@@ -213,16 +217,26 @@ class HellbenderConfig(_Strict):
     )
     train_on_inputs: bool = Field(False, description="Also train on prompt tokens.")
     on_bad_row: Literal["error", "skip"] = Field(
-        "error", description="Malformed rows stop with an error (default) or are skipped and written to a rejects file."
+        "error",
+        description="Malformed rows stop with an error (default) or are skipped and written to a "
+        "rejects file.",
     )
-    skip_prepare_dataset: bool = Field(False, description="Prepare the dataset lazily (not supported: always prepared).")
+    skip_prepare_dataset: bool = Field(
+        False, description="Prepare the dataset lazily (not supported: always prepared)."
+    )
     sample_packing: bool = Field(False, description="Pack several samples per row, isolated by attention.")
-    eval_sample_packing: bool | None = Field(None, description="Pack evaluation data (default: sample_packing).")
+    eval_sample_packing: bool | None = Field(
+        None, description="Pack evaluation data (default: sample_packing)."
+    )
     pad_to_sequence_len: bool | None = Field(
         None, description="Pad every batch to sequence_len (constant shapes; default: sample_packing)."
     )
-    sample_packing_bin_size: int = Field(200, ge=1, description="Accepted for compatibility; the packer is exact.")
-    sample_packing_group_size: int = Field(100000, ge=1, description="Accepted for compatibility; the packer is exact.")
+    sample_packing_bin_size: int = Field(
+        200, ge=1, description="Accepted for compatibility; the packer is exact."
+    )
+    sample_packing_group_size: int = Field(
+        100000, ge=1, description="Accepted for compatibility; the packer is exact."
+    )
     group_by_length: bool = Field(False, description="Batch samples of similar length together.")
 
     # ---------------------------------------------------------------- batch and schedule
@@ -236,7 +250,9 @@ class HellbenderConfig(_Strict):
         description="Derived: micro_batch_size × gradient_accumulation_steps × data-parallel ranks. "
         "Setting it is deprecated.",
     )
-    eval_batch_size: int | None = Field(None, ge=1, description="Rows per eval forward (default micro_batch_size).")
+    eval_batch_size: int | None = Field(
+        None, ge=1, description="Rows per eval forward (default micro_batch_size)."
+    )
     num_epochs: float = Field(1.0, gt=0, description="Passes over the training data.")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
     learning_rate: float = Field(2e-5, gt=0, description="Peak learning rate.")
@@ -249,7 +265,9 @@ class HellbenderConfig(_Strict):
     adam_beta1: float = Field(0.9, gt=0, lt=1, description="Adam beta1.")
     adam_beta2: float = Field(0.999, gt=0, lt=1, description="Adam beta2.")
     adam_epsilon: float = Field(1e-8, gt=0, description="Adam epsilon.")
-    max_grad_norm: float | None = Field(1.0, ge=0, description="Clip gradients to this norm (0 or null: off).")
+    max_grad_norm: float | None = Field(
+        1.0, ge=0, description="Clip gradients to this norm (0 or null: off)."
+    )
     seed: int = Field(42, description="Seed for data order, initialisation and dropout.")
 
     # ---------------------------------------------------------------- precision
@@ -283,7 +301,9 @@ class HellbenderConfig(_Strict):
     activation_offloading: bool | Literal["disk"] = Field(
         False, description="Move saved activations to CPU memory (true) or to disk (disk)."
     )
-    chunked_cross_entropy: bool = Field(False, description="Loss computed chunk by chunk without full logits.")
+    chunked_cross_entropy: bool = Field(
+        False, description="Loss computed chunk by chunk without full logits."
+    )
     chunked_cross_entropy_num_chunks: int = Field(8, ge=1, description="Chunks for chunked_cross_entropy.")
     cut_cross_entropy: bool = Field(False, description="Apple's cut-cross-entropy loss.")
     liger_rms_norm: bool = Field(False, description="Liger RMSNorm kernel (GPU).")
@@ -302,9 +322,13 @@ class HellbenderConfig(_Strict):
     fsdp_version: int | None = Field(None, description="FSDP version (2 recommended).")
     ddp: bool | None = Field(None, description="Force DistributedDataParallel.")
     context_parallel_size: int = Field(1, ge=1, description="Ranks that split one sequence.")
-    sequence_parallel_degree: int | None = Field(None, ge=1, description="Legacy alias of context_parallel_size.")
+    sequence_parallel_degree: int | None = Field(
+        None, ge=1, description="Legacy alias of context_parallel_size."
+    )
     tensor_parallel_size: int = Field(1, ge=1, description="Ranks that split each layer.")
-    dp_shard_size: int | None = Field(None, ge=1, description="Data-parallel ranks that shard weights (FSDP).")
+    dp_shard_size: int | None = Field(
+        None, ge=1, description="Data-parallel ranks that shard weights (FSDP)."
+    )
     dp_replicate_size: int | None = Field(None, ge=1, description="Data-parallel replica groups.")
 
     # ---------------------------------------------------------------- evaluation, saving, logging
@@ -313,7 +337,9 @@ class HellbenderConfig(_Strict):
     eval_strategy: Literal["no", "steps", "epoch"] | None = Field(None, description="When to evaluate.")
     save_steps: int | float | None = Field(None, gt=0, description="Checkpoint every N steps (or fraction).")
     saves_per_epoch: int | None = Field(None, ge=1, description="Checkpoints per epoch.")
-    save_strategy: Literal["no", "steps", "epoch", "best"] | None = Field(None, description="When to checkpoint.")
+    save_strategy: Literal["no", "steps", "epoch", "best"] | None = Field(
+        None, description="When to checkpoint."
+    )
     save_total_limit: int | None = Field(None, ge=1, description="Keep at most this many checkpoints.")
 
     @field_validator("eval_strategy", "save_strategy", mode="before")
@@ -323,13 +349,19 @@ class HellbenderConfig(_Strict):
         return "no" if value is False else value
 
     save_safetensors: bool = Field(True, description="Write weights as safetensors.")
-    save_only_model: bool = Field(False, description="Checkpoints without optimizer state (cannot resume exactly).")
+    save_only_model: bool = Field(
+        False, description="Checkpoints without optimizer state (cannot resume exactly)."
+    )
     output_dir: str = Field("./outputs", description="Where checkpoints, weights, metrics and plots go.")
     resume_from_checkpoint: str | None = Field(None, description="Checkpoint folder to resume from.")
-    auto_resume_from_checkpoints: bool = Field(False, description="Resume from the newest checkpoint in output_dir.")
+    auto_resume_from_checkpoints: bool = Field(
+        False, description="Resume from the newest checkpoint in output_dir."
+    )
     logging_steps: int = Field(1, ge=1, description="Log every N optimizer steps.")
     loss_watchdog_threshold: float | None = Field(None, gt=0, description="Stop when the loss exceeds this.")
-    early_stopping_patience: int | None = Field(None, ge=1, description="Stop after N evals without improvement.")
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="Stop after N evals without improvement."
+    )
     use_tensorboard: bool | None = Field(None, description="Log to TensorBoard (default: when installed).")
     wandb_project: str | None = Field(None, description="Weights & Biases project (enables W&B).")
     wandb_entity: str | None = Field(None, description="W&B entity.")

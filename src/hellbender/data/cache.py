@@ -63,7 +63,10 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
         h.update(backend.to_str().encode())
     else:
         h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
-    added = {int(i): [t.content, bool(getattr(t, "special", False))] for i, t in tokenizer.added_tokens_decoder.items()}
+    added = {
+        int(i): [t.content, bool(getattr(t, "special", False))]
+        for i, t in tokenizer.added_tokens_decoder.items()
+    }
     extra = {
         "special_tokens": {k: str(v) for k, v in tokenizer.special_tokens_map.items()},
         "added": sorted(added.items()),
@@ -135,4 +138,6 @@ def atomic_folder(final: Path) -> Iterator[Path]:
 
 
 def write_meta(folder: Path, ingredients: Mapping[str, Any]) -> None:
-    (folder / META_FILE).write_text(json.dumps({"key": cache_key(ingredients), "ingredients": ingredients}, indent=2, default=str))
+    (folder / META_FILE).write_text(
+        json.dumps({"key": cache_key(ingredients), "ingredients": ingredients}, indent=2, default=str)
+    )

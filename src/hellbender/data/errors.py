@@ -9,6 +9,8 @@ and where there is one, the file and the line or row.
 
 from __future__ import annotations
 
+from hellbender.errors import HellbenderError
+
 # Stable reason codes: the report, the rejects file and the tests all use these strings.
 BAD_ROW_REASONS: dict[str, str] = {
     "invalid_json": "invalid JSON",
@@ -43,5 +45,9 @@ class BadRow(Exception):
         super().__init__(f"{problem} [{reason}]")
 
 
-class DataError(Exception):
+class DataError(HellbenderError):
     """Preparing the datasets cannot go on. The message says which dataset, where, and what to do."""
+
+
+class EmptyTrainingSetError(DataError, ValueError):
+    """The prepared training set yields no micro-batch to train on."""

@@ -18,8 +18,9 @@ best-fit decreasing (BFD). BFD has the same worst-case guarantee as first-fit de
 integers it can be run *per distinct length* with buckets indexed by remaining capacity: one sort,
 one Python step per item and one vectorized scan of the capacity table per distinct length,
 instead of a scan over all open bins for every item. 100k samples pack in well under a second
-(bench/packing.py: ~0.1 s, 99.99% full on a long-tailed distribution at sequence_len 2048). Every epoch draws a new random
-order among samples of equal length (so bin *contents* change cheaply) and a new bin order. The
+(bench/packing.py: ~0.1 s, 99.99% full on a long-tailed distribution at sequence_len 2048).
+Every epoch draws a new random order among samples of equal length (so bin *contents* change
+cheaply) and a new bin order. The
 number of micro-batches is computed by actually packing the epoch, so ``len()`` is exact, never an
 estimate; it is cached, so asking for it costs nothing extra when iterating afterwards.
 
@@ -61,6 +62,7 @@ import torch
 
 from hellbender.config.schema import DOCUMENT_ISOLATING_BACKENDS
 from hellbender.data.tokenize import IGNORE_INDEX
+from hellbender.errors import OptionError
 
 __all__ = [
     "BatchSampler",
@@ -327,7 +329,7 @@ class Collator:
             if total > self.sequence_len:
                 raise ValueError(f"row {r} has {total} tokens, more than sequence_len={self.sequence_len}")
             if len(row) > 1 and self.attn_implementation not in DOCUMENT_ISOLATING_BACKENDS:
-                raise ValueError(
+                raise OptionError(
                     f"attn_implementation {self.attn_implementation!r} cannot keep packed documents "
                     "apart; use sdpa, eager, flex_attention, flash_attention_2/3 or xformers, or "
                     "disable sample_packing"
@@ -339,7 +341,9 @@ class Collator:
         width = self.sequence_len if self.pad_to_sequence_len else max(row_lengths)
         n_rows = len(rows)
         if self.fill_rows_to is not None and n_rows > self.fill_rows_to:
-            raise ValueError(f"the micro-batch has {n_rows} rows, more than micro_batch_size={self.fill_rows_to}")
+            raise ValueError(
+                f"the micro-batch has {n_rows} rows, more than micro_batch_size={self.fill_rows_to}"
+            )
         total_rows = max(n_rows, self.fill_rows_to or 0)
         input_ids = np.full((total_rows, width), self.pad_token_id, dtype=np.int64)
         labels = np.full((total_rows, width), IGNORE_INDEX, dtype=np.int64)

@@ -128,7 +128,11 @@ def _entry(ds: DatasetConfig, cfg: ResolvedConfig, tokenizer: Any, split: str) -
 
 
 def _ingredient(e: _Entry) -> dict[str, Any]:
-    return {"config": e.config.model_dump(mode="json"), "source": e.source.fingerprint(), "format": e.fmt.identity()}
+    return {
+        "config": e.config.model_dump(mode="json"),
+        "source": e.source.fingerprint(),
+        "format": e.fmt.identity(),
+    }
 
 
 # ------------------------------------------------------------------ building
@@ -169,7 +173,8 @@ def _build(
             _process(e, i, cfg, tokenizer, limits, num_proc, scratch, rejects) for i, e in enumerate(train)
         ]
         eval_parts = [
-            _process(e, i, cfg, tokenizer, limits, num_proc, scratch, rejects) for i, e in enumerate(evaluation)
+            _process(e, i, cfg, tokenizer, limits, num_proc, scratch, rejects)
+            for i, e in enumerate(evaluation)
         ]
     finally:
         rejects.close()
@@ -179,7 +184,9 @@ def _build(
         train_parts = [_dedup(part, e.stats, seen) for part, e in zip(train_parts, train, strict=True)]
         # Evaluation rows that also occur in training would measure memorization, not learning.
         eval_seen = set(seen)
-        eval_parts = [_dedup(part, e.stats, eval_seen) for part, e in zip(eval_parts, evaluation, strict=True)]
+        eval_parts = [
+            _dedup(part, e.stats, eval_seen) for part, e in zip(eval_parts, evaluation, strict=True)
+        ]
     for part, e in zip(train_parts + eval_parts, train + evaluation, strict=True):
         e.stats.kept = len(part.dataset)
         e.stats.tokens = int(np.sum(part.lengths))
@@ -205,14 +212,26 @@ def _build(
         n_eval = _eval_count(cfg.val_set_size, len(train_ds))
         # The order is already random when shuffling; otherwise draw the evaluation rows at random
         # too, so they do not all come from the last dataset.
-        pick = order if cfg.shuffle_merged_datasets else np.random.default_rng(cfg.seed).permutation(len(train_ds))
+        pick = (
+            order
+            if cfg.shuffle_merged_datasets
+            else np.random.default_rng(cfg.seed).permutation(len(train_ds))
+        )
         eval_idx = np.sort(pick[:n_eval])
-        eval_ds, eval_lengths, eval_trained = train_ds.select(eval_idx), train_lengths[eval_idx], train_trained[eval_idx]
+        eval_ds, eval_lengths, eval_trained = (
+            train_ds.select(eval_idx),
+            train_lengths[eval_idx],
+            train_trained[eval_idx],
+        )
         order = order[np.isin(order, eval_idx, invert=True)]
         report.eval_from = f"val_set_size={cfg.val_set_size:g}"
     elif eval_ds is not None:
         report.eval_from = "test_datasets"
-    train_ds, train_lengths, train_trained = train_ds.select(order), train_lengths[order], train_trained[order]
+    train_ds, train_lengths, train_trained = (
+        train_ds.select(order),
+        train_lengths[order],
+        train_trained[order],
+    )
 
     train_ds.save_to_disk(str(tmp / "train"))
     if eval_ds is not None:
@@ -320,11 +339,11 @@ def _process(
     )
     table = mapped.data.table
     status = table.column("_status").to_pylist()
-    for row, st in enumerate(status):
+    for i, st in enumerate(status):
         if st.startswith("bad:"):
-            idx = table.column("_idx")[row].as_py()
+            idx = table.column("_idx")[i].as_py()
             where = Location(**json.loads(wheres[idx]))
-            bad(where, BadRow(st[4:], table.column("_problem")[row].as_py()), value=normalized[idx])
+            bad(where, BadRow(st[4:], table.column("_problem")[i].as_py()), value=normalized[idx])
     counts = Counter(s for s in status if s and not s.startswith("bad:"))
     for reason, n in counts.items():
         e.stats.add_dropped(reason, n)
@@ -398,4 +417,6 @@ def _dedup(part: _Part, stats: DatasetStats, seen: set[bytes]) -> _Part:
         return part
     stats.add_dropped("duplicate", dropped)
     idx = np.asarray(keep, dtype=np.int64)
-    return _Part(part.dataset.select(idx), part.lengths[idx], part.trained[idx], [part.hashes[i] for i in keep])
+    return _Part(
+        part.dataset.select(idx), part.lengths[idx], part.trained[idx], [part.hashes[i] for i in keep]
+    )

@@ -10,11 +10,14 @@ import json
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from hellbender.data.errors import BAD_ROW_REASONS, DROP_REASONS
+
+if TYPE_CHECKING:
+    from rich.text import Text
 
 
 @dataclass
@@ -135,7 +138,9 @@ class PrepReport:
             if d.extra_chunks:
                 parts.append(f"long texts split into {d.extra_chunks:,} extra chunks")
             if d.no_eot:
-                parts.append(f"WARNING: no end-of-turn token found to train in {d.no_eot:,} of {d.kept:,} samples")
+                parts.append(
+                    f"WARNING: no end-of-turn token found to train in {d.no_eot:,} of {d.kept:,} samples"
+                )
             if parts:
                 lines.append(f"{_short(d.name)} ({d.split}): " + "; ".join(parts))
         return lines
@@ -244,7 +249,8 @@ def histogram_figure(lengths: np.ndarray, sequence_len: int) -> Any:
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     if len(lengths):
-        ax.hist(lengths, bins=histogram_bins(lengths, sequence_len), color="#4C72B0")
+        # a list: matplotlib's stubs type bin edges as a Sequence, which an ndarray is not
+        ax.hist(lengths, bins=histogram_bins(lengths, sequence_len).tolist(), color="#4C72B0")
     ax.axvline(sequence_len, color="#C44E52", linestyle="--", label=f"sequence_len = {sequence_len}")
     ax.set_xlabel("sample length (tokens)")
     ax.set_ylabel("samples")
@@ -260,7 +266,7 @@ def save_histogram(lengths: np.ndarray, sequence_len: int, path: Path) -> Path:
     return path
 
 
-def format_example(input_ids: list[int], labels: list[int], tokenizer: Any, *, color: bool) -> Any:
+def format_example(input_ids: list[int], labels: list[int], tokenizer: Any, *, color: bool) -> Text | str:
     """One sample with its trained tokens highlighted.
 
     With ``color``: a rich ``Text`` (trained runs green on a terminal). Without: a string with each
@@ -276,11 +282,13 @@ def format_example(input_ids: list[int], labels: list[int], tokenizer: Any, *, c
             runs[-1][1].append(tok)
         else:
             runs.append((trained, [tok]))
-    out = Text() if color else []
-    for trained, ids in runs:
-        piece = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-        if color:
-            out.append(piece, style="bold green" if trained else "dim")
-        else:
-            out.append(f"[{piece}]" if trained else piece)
-    return out if color else "".join(out)
+    pieces: list[tuple[bool, str]] = [
+        (trained, tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False))
+        for trained, ids in runs
+    ]
+    if not color:
+        return "".join(f"[{piece}]" if trained else piece for trained, piece in pieces)
+    text = Text()
+    for trained, piece in pieces:
+        text.append(piece, style="bold green" if trained else "dim")
+    return text

@@ -166,7 +166,9 @@ def resolve_source(ds: DatasetConfig) -> Source:
         found = sorted(
             p
             for p in path.rglob("*")
-            if p.is_file() and p.suffix.lower() in FILE_TYPES and not any(part.startswith(".") for part in p.parts)
+            if p.is_file()
+            and p.suffix.lower() in FILE_TYPES
+            and not any(part.startswith(".") for part in p.parts)
         )
         if not found:
             raise DataError(
@@ -178,12 +180,15 @@ def resolve_source(ds: DatasetConfig) -> Source:
         ftype = ds.ds_type or LOADER_NAMES[ds.path]
         return Source(ds, "files", files=[(p, ftype) for p in _expand(Path("."), data_files, ds)])
     if _looks_local(ds.path):
-        raise DataError(f"dataset {ds.path!r}: file or folder not found (relative paths are read from {Path.cwd()}).")
+        raise DataError(
+            f"dataset {ds.path!r}: file or folder not found (relative paths are read from {Path.cwd()})."
+        )
     if hub_offline():
         raise DataError(
             f"dataset {ds.path!r} is not a local file or folder, and the Hugging Face hub is offline "
-            "(HF_HUB_OFFLINE, TRANSFORMERS_OFFLINE or HF_DATASETS_OFFLINE): it must be local. Download it where the network is "
-            "allowed (e.g. `datasets.load_dataset(...).save_to_disk(folder)`) and set `path:` to that folder."
+            "(HF_HUB_OFFLINE, TRANSFORMERS_OFFLINE or HF_DATASETS_OFFLINE): it must be local. "
+            "Download it where the network is allowed (e.g. "
+            "`datasets.load_dataset(...).save_to_disk(folder)`) and set `path:` to that folder."
         )
     return Source(ds, "hub")
 
@@ -194,7 +199,9 @@ def _expand(root: Path, patterns: list[str], ds: DatasetConfig) -> list[Path]:
         direct = root / pattern
         matches = [direct] if direct.is_file() else sorted(p for p in root.glob(pattern) if p.is_file())
         if not matches:
-            raise DataError(f"dataset {ds.path!r}: data_files entry {pattern!r} matches no file under {root}.")
+            raise DataError(
+                f"dataset {ds.path!r}: data_files entry {pattern!r} matches no file under {root}."
+            )
         files.extend(matches)
     return files
 
@@ -208,7 +215,8 @@ def _load_hub(ds: DatasetConfig) -> Any:
         )
     except Exception as exc:
         raise DataError(
-            f"dataset {ds.path!r}: loading it from the Hugging Face hub failed ({type(exc).__name__}: {exc}). "
+            f"dataset {ds.path!r}: loading it from the Hugging Face hub failed "
+            f"({type(exc).__name__}: {exc}). "
             "If it is meant to be local, check the path; if it is on the hub, check the name, `name:`, "
             "`split:` and the network."
         ) from exc
@@ -261,7 +269,9 @@ def _jsonl_rows(path: Path, ds: DatasetConfig) -> Iterator[Record]:
                 yield Record(where, value=json.loads(line))
             except json.JSONDecodeError as exc:
                 yield Record(
-                    where, error=BadRow("invalid_json", f"invalid JSON: {exc.msg} at column {exc.colno}"), raw=line
+                    where,
+                    error=BadRow("invalid_json", f"invalid JSON: {exc.msg} at column {exc.colno}"),
+                    raw=line,
                 )
 
 
@@ -294,7 +304,9 @@ def _json_rows(path: Path, ds: DatasetConfig) -> Iterator[Record]:
         try:
             whole = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise _unreadable_json(path, ds, exc.lineno, f"invalid JSON: {exc.msg} at column {exc.colno}") from exc
+            raise _unreadable_json(
+                path, ds, exc.lineno, f"invalid JSON: {exc.msg} at column {exc.colno}"
+            ) from exc
         if not isinstance(whole, dict) or ds.field not in whole:
             raise DataError(f"dataset {ds.path!r}: {path} has no top-level key {ds.field!r} (`field:`).")
         rows = whole[ds.field]
@@ -305,7 +317,9 @@ def _json_rows(path: Path, ds: DatasetConfig) -> Iterator[Record]:
         return
     if not stripped.startswith("["):
         line = text.count("\n", 0, len(text) - len(stripped)) + 1
-        raise _unreadable_json(path, ds, line, "invalid JSON: expected an array of rows, an object or JSON Lines")
+        raise _unreadable_json(
+            path, ds, line, "invalid JSON: expected an array of rows, an object or JSON Lines"
+        )
     # Walk the array element by element so every row knows the line it starts on. Once one
     # element does not parse, where the next one starts is a guess: the reader stops with a
     # DataError rather than drop the rest of the file as if it were one bad row.
@@ -332,7 +346,9 @@ def _json_rows(path: Path, ds: DatasetConfig) -> Iterator[Record]:
         try:
             value, pos = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as exc:
-            raise _unreadable_json(path, ds, exc.lineno, f"invalid JSON: {exc.msg} at column {exc.colno}") from exc
+            raise _unreadable_json(
+                path, ds, exc.lineno, f"invalid JSON: {exc.msg} at column {exc.colno}"
+            ) from exc
         yield Record(Location(str(path), line=line), value=value)
         expect_value = False
 
@@ -369,7 +385,9 @@ def _csv_rows(path: Path, ds: DatasetConfig) -> Iterator[Record]:
             return
         problem = _not_utf8(",".join(header))
         if problem is not None:  # without column names no row of the file can be read
-            raise DataError(f"dataset {ds.path!r}: {path}, line 1 (the header): {problem}. Save the file as UTF-8.")
+            raise DataError(
+                f"dataset {ds.path!r}: {path}, line 1 (the header): {problem}. Save the file as UTF-8."
+            )
         start = reader.line_num + 1
         for values in reader:
             where = Location(str(path), line=start)
@@ -380,13 +398,16 @@ def _csv_rows(path: Path, ds: DatasetConfig) -> Iterator[Record]:
             if bad is not None:
                 i, problem = bad
                 column = f"column {header[i]!r}" if i < len(header) else f"value {i + 1}"
-                yield Record(where, error=BadRow("not_utf8", f"{column}: {problem}"), raw=_shown(",".join(values)))
+                yield Record(
+                    where, error=BadRow("not_utf8", f"{column}: {problem}"), raw=_shown(",".join(values))
+                )
                 continue
             if len(values) != len(header):
                 yield Record(
                     where,
                     error=BadRow(
-                        "invalid_csv", f"row has {len(values)} values but the header has {len(header)} columns"
+                        "invalid_csv",
+                        f"row has {len(values)} values but the header has {len(header)} columns",
                     ),
                     raw=",".join(values),
                 )
@@ -403,7 +424,9 @@ def _txt_rows(path: Path, ds: DatasetConfig) -> Iterator[Record]:
                 continue
             problem = _not_utf8(line)
             if problem is not None:
-                yield Record(Location(str(path), line=number), error=BadRow("not_utf8", problem), raw=_shown(line))
+                yield Record(
+                    Location(str(path), line=number), error=BadRow("not_utf8", problem), raw=_shown(line)
+                )
                 continue
             yield Record(Location(str(path), line=number), value={ds.text_column: line})
 

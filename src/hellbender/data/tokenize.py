@@ -155,7 +155,9 @@ def encode_checked(
                     ids = np.append(ids, eos)
                     mask = np.append(mask, True)
             out[i] = (ids, np.where(mask, ids, IGNORE_INDEX), bool(r.eot) and found_eot == 0)
-    return out  # type: ignore[return-value]
+    done = [row for row in out if row is not None]
+    assert len(done) == len(out)  # every row has one add_special_tokens value
+    return done
 
 
 def _checked(ids: np.ndarray, labels: np.ndarray, limits: Limits, *, truncated: bool, chunk: int) -> Sample:
@@ -185,7 +187,16 @@ def apply_limits(ids: np.ndarray, labels: np.ndarray, limits: Limits, *, chunk: 
 
 
 OUTPUT_COLUMNS = (
-    "input_ids", "labels", "length", "_status", "_problem", "_idx", "_truncated", "_chunk", "_trained", "_no_eot"
+    "input_ids",
+    "labels",
+    "length",
+    "_status",
+    "_problem",
+    "_idx",
+    "_truncated",
+    "_chunk",
+    "_trained",
+    "_no_eot",
 )
 
 

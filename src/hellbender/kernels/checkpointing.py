@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
+from hellbender.errors import OptionError
 from hellbender.kernels.model_parts import unwrap
 from hellbender.kernels.patching import Patches
 
@@ -66,7 +67,8 @@ def selective_policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> Checkpoint
 
 def selective_context_fn() -> tuple[Any, Any]:
     """``context_fn`` for ``torch.utils.checkpoint.checkpoint`` implementing :func:`selective_policy`."""
-    return create_selective_checkpoint_contexts(selective_policy)
+    contexts: tuple[Any, Any] = create_selective_checkpoint_contexts(selective_policy)
+    return contexts
 
 
 def checkpoint_kwargs(mode: bool | str, user_kwargs: dict[str, Any] | None) -> dict[str, Any]:
@@ -74,12 +76,14 @@ def checkpoint_kwargs(mode: bool | str, user_kwargs: dict[str, Any] | None) -> d
     kwargs: dict[str, Any] = {"use_reentrant": False, **(user_kwargs or {})}
     if mode == "selective":
         if kwargs["use_reentrant"]:
-            raise ValueError(
+            raise OptionError(
                 "gradient_checkpointing: selective needs non-reentrant checkpointing; remove "
                 "use_reentrant: true from gradient_checkpointing_kwargs"
             )
         if "context_fn" in kwargs:
-            raise ValueError("gradient_checkpointing: selective sets context_fn itself; remove it from the kwargs")
+            raise OptionError(
+                "gradient_checkpointing: selective sets context_fn itself; remove it from the kwargs"
+            )
         kwargs["context_fn"] = selective_context_fn
     return kwargs
 
@@ -95,9 +99,11 @@ def enable_checkpointing(model: nn.Module, mode: bool | str, user_kwargs: dict[s
     would leave instance attributes behind).
     """
     kwargs = checkpoint_kwargs(mode, user_kwargs)
-    base = unwrap(model)
+    base: Any = unwrap(model)  # a transformers model: its checkpointing switches are found by name
     if not getattr(base, "supports_gradient_checkpointing", False):
-        raise ValueError(f"{type(base).__name__} does not support gradient checkpointing")
+        raise OptionError(
+            f"gradient_checkpointing: {type(base).__name__} does not support gradient checkpointing"
+        )
     had_input_grad_hook = bool(getattr(base, "_require_grads_hooks", None))
     for module in base.modules():
         if hasattr(module, "gradient_checkpointing"):
@@ -106,7 +112,10 @@ def enable_checkpointing(model: nn.Module, mode: bool | str, user_kwargs: dict[s
                 patches.set_attr(module, name, getattr(module, name, None))
     for name in ("_require_grads_hooks", "_require_grads_hook"):
         if name not in vars(base):
-            patches.on_undo(lambda n=name: vars(base).pop(n, None))
+            def forget(n: str = name) -> None:
+                vars(base).pop(n, None)
+
+            patches.on_undo(forget)
     if not had_input_grad_hook and hasattr(base, "disable_input_require_grads"):
         # transformers hooks the input embeddings to require grad (needed only by the reentrant
         # variant); undo removes that hook again unless someone had installed it before.
@@ -117,10 +126,8 @@ def enable_checkpointing(model: nn.Module, mode: bool | str, user_kwargs: dict[s
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if getattr(base, "config", None) is not None and getattr(base.config, "use_cache", None):
         patches.set_attr(base.config, "use_cache", False)
-    patches.note(
-        f"gradient_checkpointing: {'selective (matmul + attention outputs kept)' if mode == 'selective' else 'full'}"
-        f", use_reentrant={kwargs['use_reentrant']}"
-    )
+    kind = "selective (matmul + attention outputs kept)" if mode == "selective" else "full"
+    patches.note(f"gradient_checkpointing: {kind}, use_reentrant={kwargs['use_reentrant']}")
 
 
 def checkpoint_selective(fn: Any, *args: Any) -> Any:

@@ -22,6 +22,7 @@ removed), so with ``pad_to_sequence_len`` every step runs the same chunk shapes.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -70,11 +71,22 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     Saved for backward: the inputs (already alive anyway: hidden states are the decoder's output,
     the weight is a parameter) and one fp32 log-sum-exp per token. Nothing of size vocab.
+
+    ``ctx`` is ``Any`` as in torch's own signature: at run time it is the autograd node, whose
+    ``saved_tensors`` / ``needs_input_grad`` and the attributes set here no static class declares.
     """
 
+    if TYPE_CHECKING:  # torch's ``Function.apply`` is unannotated; what it takes and gives here
+
+        @classmethod
+        def apply(
+            cls, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+            targets: torch.Tensor, num_chunks: int, softcap: float | None, /,
+        ) -> torch.Tensor: ...
+
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx,
+    def forward(
+        ctx: Any,
         hidden: torch.Tensor,
         weight: torch.Tensor,
         bias: torch.Tensor | None,
@@ -104,9 +116,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         return total
 
     @staticmethod
-    def backward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx, grad_total: torch.Tensor
-    ) -> tuple[torch.Tensor | None, ...]:
+    def backward(ctx: Any, grad_total: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         hidden, weight, bias, targets, lse = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         cd: torch.dtype = ctx.compute_dtype

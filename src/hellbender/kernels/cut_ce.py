@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from hellbender.errors import OptionError, UnavailableError
 from hellbender.kernels.chunked_ce import compute_dtype_for
 from hellbender.kernels.model_parts import Head
 
@@ -23,19 +24,19 @@ def cut_cross_entropy_sum(hidden: torch.Tensor, head: Head, labels: torch.Tensor
     try:
         from cut_cross_entropy import linear_cross_entropy
     except ImportError as exc:
-        raise RuntimeError(
+        raise UnavailableError(
             "cut_cross_entropy: true needs the cut-cross-entropy package (and Triton): "
             "pip install 'hellbender[gpu]' — or use chunked_cross_entropy: true, which needs nothing."
         ) from exc
     if head.bias is not None:
-        raise ValueError("cut_cross_entropy does not support a biased lm_head; use chunked_cross_entropy.")
+        raise OptionError("cut_cross_entropy does not support a biased lm_head; use chunked_cross_entropy.")
     # CCE wants both operands in one dtype; under autocast that is the autocast dtype, as the
     # plain head's matmul would be.
     cd = compute_dtype_for(hidden)
     e = hidden.to(cd).contiguous()
     c = head.weight.to(cd)
     impl = "cce" if e.is_cuda else "torch_compile"
-    loss = linear_cross_entropy(
+    loss: torch.Tensor = linear_cross_entropy(  # cut-cross-entropy ships no type hints
         e, c, labels.to(e.device), shift=True, reduction="sum", softcap=head.softcap, impl=impl
     )
     return loss.float()

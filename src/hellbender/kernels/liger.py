@@ -32,12 +32,14 @@ import inspect
 import os
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from hellbender.kernels.chunked_ce import IGNORE_INDEX, compute_dtype_for, shifted_targets
+from hellbender.data.tokenize import IGNORE_INDEX
+from hellbender.errors import OptionError, UnavailableError
+from hellbender.kernels.chunked_ce import compute_dtype_for, shifted_targets
 from hellbender.kernels.model_parts import Head, decoder_layers, model_device, unwrap
 from hellbender.kernels.patching import Patches
 
@@ -56,10 +58,47 @@ def triton_interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def require_liger(what: str, device: torch.device) -> Any:
+class LigerFunctional(Protocol):
+    """The part of ``liger_kernel.transformers.functional`` used here, called as it is called here.
+
+    liger-kernel ships no type hints; this states what its functions take and return.
+    """
+
+    def liger_rms_norm(self, x: torch.Tensor, w: torch.Tensor, eps: float, offset: float,
+                       casting_mode: str, in_place: bool, /) -> torch.Tensor: ...
+
+    def liger_swiglu(self, a: torch.Tensor, b: torch.Tensor, /) -> torch.Tensor: ...
+
+    def liger_geglu(self, a: torch.Tensor, b: torch.Tensor, /) -> torch.Tensor: ...
+
+    def liger_rope(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        position_ids: torch.Tensor | None,
+        unsqueeze_dim: int,
+        /,
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def liger_layer_norm(
+        self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float, /
+    ) -> torch.Tensor: ...
+
+    def liger_cross_entropy(self, logits: torch.Tensor, target: torch.Tensor, /, *, ignore_index: int,
+                            reduction: str) -> torch.Tensor: ...
+
+    def liger_fused_linear_cross_entropy(
+        self, hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, /, *,
+        bias: torch.Tensor | None, ignore_index: int, reduction: str, softcap: float | None,
+    ) -> torch.Tensor: ...
+
+
+def require_liger(what: str, device: torch.device) -> LigerFunctional:
     """Import ``liger_kernel``'s functional API, or explain why it cannot run here."""
     if device.type != "cuda" and not triton_interpreter_on():
-        raise RuntimeError(
+        raise UnavailableError(
             f"{what}: Liger kernels are Triton GPU kernels and the model is on {device.type}. "
             "Remove the liger_* keys on this machine (chunked_cross_entropy gives the same loss-memory "
             "saving on CPU), or set TRITON_INTERPRET=1 to run them (very slowly) in Triton's interpreter."
@@ -67,8 +106,9 @@ def require_liger(what: str, device: torch.device) -> Any:
     try:
         from liger_kernel.transformers import functional
     except ImportError as exc:
-        raise RuntimeError(f"{what} needs liger-kernel: pip install 'hellbender[gpu]'") from exc
-    return functional
+        raise UnavailableError(f"{what} needs liger-kernel: pip install 'hellbender[gpu]'") from exc
+    api: LigerFunctional = functional
+    return api
 
 
 # ---------------------------------------------------------------- RMSNorm
@@ -84,7 +124,7 @@ def _rms_norm_variant(module: nn.Module) -> tuple[float, str, float]:
     weight = getattr(module, "weight", None)
     eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
     if not isinstance(weight, torch.Tensor) or weight.ndim != 1 or eps is None:
-        raise ValueError(f"liger_rms_norm: {type(module).__name__} has no 1-D weight / eps; cannot patch it")
+        raise OptionError(f"liger_rms_norm: {type(module).__name__} has no 1-D weight / eps; cannot patch it")
     with torch.no_grad():
         gen = torch.Generator(device="cpu").manual_seed(0)
         probe = torch.randn(3, weight.shape[0], generator=gen).to(weight.device)
@@ -95,7 +135,7 @@ def _rms_norm_variant(module: nn.Module) -> tuple[float, str, float]:
             ref = normed * (offset + weight.float())
             if torch.allclose(got, ref, rtol=tol, atol=tol):
                 return offset, casting, float(eps)
-    raise ValueError(
+    raise OptionError(
         f"liger_rms_norm: {type(module).__name__} computes neither x̂·w nor x̂·(1+w); it is not patched "
         "(turn liger_rms_norm off for this model)."
     )
@@ -112,9 +152,11 @@ def patch_rms_norm(model: nn.Module, patches: Patches) -> int:
 
         def forward(x: torch.Tensor, _m: nn.Module = module, _o: float = offset, _c: str = casting,
                     _e: float = eps) -> torch.Tensor:
+            weight = _m.weight
+            assert isinstance(weight, torch.Tensor)  # checked by _rms_norm_variant
             # in_place=False: Liger's in-place backward overwrites dY, which is unsafe whenever the
             # same gradient also flows into a residual branch.
-            return fn(x, _m.weight, _e, _o, _c, False)
+            return fn(x, weight, _e, _o, _c, False)
 
         patches.set_attr(module, "forward", forward)
         count += 1
@@ -125,7 +167,9 @@ def patch_rms_norm(model: nn.Module, patches: Patches) -> int:
 # ---------------------------------------------------------------- gated MLP activation
 
 
-def _glu_kernel(model: nn.Module, functional: Any) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def _glu_kernel(
+    model: nn.Module, functional: LigerFunctional
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     config = getattr(unwrap(model), "config", None)
     text = config.get_text_config() if config is not None and hasattr(config, "get_text_config") else config
     act = getattr(text, "hidden_act", None) or getattr(text, "hidden_activation", None)
@@ -133,7 +177,7 @@ def _glu_kernel(model: nn.Module, functional: Any) -> Callable[[torch.Tensor, to
         return functional.liger_swiglu
     if act in ("gelu_pytorch_tanh", "gelu_new", "gelu_fast"):
         return functional.liger_geglu
-    raise ValueError(f"liger_glu_activation: activation {act!r} has no Liger kernel (silu or gelu-tanh)")
+    raise OptionError(f"liger_glu_activation: activation {act!r} has no Liger kernel (silu or gelu-tanh)")
 
 
 def patch_glu(model: nn.Module, patches: Patches) -> int:
@@ -146,13 +190,17 @@ def patch_glu(model: nn.Module, patches: Patches) -> int:
         if mlp is None or not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
             continue
 
-        def forward(x: torch.Tensor, _m: nn.Module = mlp) -> torch.Tensor:
-            return _m.down_proj(kernel(_m.gate_proj(x), _m.up_proj(x)))
+        # Any: the MLP's projections are whatever modules the model (or an adapter) put there.
+        def forward(x: torch.Tensor, _m: Any = mlp) -> torch.Tensor:
+            out: torch.Tensor = _m.down_proj(kernel(_m.gate_proj(x), _m.up_proj(x)))
+            return out
 
         patches.set_attr(mlp, "forward", forward)
         count += 1
     if count == 0:
-        raise ValueError("liger_glu_activation: no gated MLP (gate_proj/up_proj/down_proj) found in the model")
+        raise OptionError(
+            "liger_glu_activation: no gated MLP (gate_proj/up_proj/down_proj) found in the model"
+        )
     patches.note(f"liger_glu_activation: {count} MLPs")
     return count
 
@@ -169,13 +217,17 @@ def patch_rope(model: nn.Module, patches: Patches) -> int:
         if attn is None:
             continue
         if "apply_rotary_pos_emb" not in type(attn).forward.__code__.co_names:
-            raise ValueError(f"liger_rope: {type(attn).__name__} does not call apply_rotary_pos_emb; cannot patch")
+            raise OptionError(
+                f"liger_rope: {type(attn).__name__} does not call apply_rotary_pos_emb; cannot patch"
+            )
         modules[type(attn).__module__] = sys.modules[type(attn).__module__]
     for mod in modules.values():
         original = mod.apply_rotary_pos_emb
         params = list(inspect.signature(original).parameters)
         if params[:4] != ["q", "k", "cos", "sin"]:
-            raise ValueError(f"liger_rope: {mod.__name__}.apply_rotary_pos_emb{params} is not the standard RoPE")
+            raise OptionError(
+                f"liger_rope: {mod.__name__}.apply_rotary_pos_emb{params} is not the standard RoPE"
+            )
 
         def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                  position_ids: torch.Tensor | None = None, unsqueeze_dim: int = 1,
@@ -184,7 +236,7 @@ def patch_rope(model: nn.Module, patches: Patches) -> int:
 
         patches.set_attr(mod, "apply_rotary_pos_emb", rope)
     if not modules:
-        raise ValueError("liger_rope: no attention module (self_attn) found in the model")
+        raise OptionError("liger_rope: no attention module (self_attn) found in the model")
     patches.note(f"liger_rope: {', '.join(sorted(modules))}.apply_rotary_pos_emb")
     return len(modules)
 
@@ -208,7 +260,9 @@ def patch_layer_norm(model: nn.Module, patches: Patches) -> int:
         patches.set_attr(module, "forward", forward)
         count += 1
     # Llama-family models have no LayerNorm: say so instead of silently doing nothing.
-    patches.note(f"liger_layer_norm: {count} LayerNorm modules" + (" (the model has none)" if count == 0 else ""))
+    patches.note(
+        f"liger_layer_norm: {count} LayerNorm modules" + (" (the model has none)" if count == 0 else "")
+    )
     return count
 
 
@@ -229,7 +283,9 @@ def liger_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch
     ).float()
 
 
-def liger_fused_linear_cross_entropy_sum(hidden: torch.Tensor, head: Head, labels: torch.Tensor) -> torch.Tensor:
+def liger_fused_linear_cross_entropy_sum(
+    hidden: torch.Tensor, head: Head, labels: torch.Tensor
+) -> torch.Tensor:
     """Summed causal-LM loss of ``hidden`` (B, T, H) through ``head`` with Liger's fused head + loss."""
     functional = require_liger("liger_fused_linear_cross_entropy", hidden.device)
     targets = shifted_targets(labels.to(hidden.device)).reshape(-1)
@@ -246,3 +302,12 @@ def liger_fused_linear_cross_entropy_sum(hidden: torch.Tensor, head: Head, label
         softcap=head.softcap,
     ).float()
 
+
+
+# config key → its patch, in the order apply_optimizations applies them
+PATCHES: dict[str, Callable[[nn.Module, Patches], int]] = {
+    "liger_rms_norm": patch_rms_norm,
+    "liger_glu_activation": patch_glu,
+    "liger_rope": patch_rope,
+    "liger_layer_norm": patch_layer_norm,
+}

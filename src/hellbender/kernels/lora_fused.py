@@ -29,14 +29,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hellbender.errors import OptionError
 from hellbender.kernels.model_parts import decoder_layers
 from hellbender.kernels.patching import Patches
+
+if TYPE_CHECKING:
+    from peft.tuners.lora.layer import LoraLayer
 
 
 @dataclass(frozen=True)
@@ -44,7 +48,7 @@ class Proj:
     """One projection: its frozen base layer and, if adapted, the peft LoRA layer around it."""
 
     base: nn.Module
-    lora: nn.Module | None = None
+    lora: LoraLayer | None = None
     adapter: str | None = None
 
     @property
@@ -55,7 +59,21 @@ class Proj:
     def lora_weights(self) -> list[torch.Tensor]:
         if self.lora is None:
             return []
-        return [self.lora.lora_A[self.adapter].weight, self.lora.lora_B[self.adapter].weight]
+        assert self.adapter is not None
+        return [_weight(self.lora.lora_A[self.adapter]), _weight(self.lora.lora_B[self.adapter])]
+
+
+def _weight(module: nn.Module) -> torch.Tensor:
+    """``module.weight`` as the tensor it is (``nn.Module`` attribute access is typed ``Tensor | Module``)."""
+    w = module.weight
+    assert isinstance(w, torch.Tensor)
+    return w
+
+
+def _bias(module: nn.Module) -> torch.Tensor | None:
+    b = getattr(module, "bias", None)
+    assert b is None or isinstance(b, torch.Tensor)
+    return b
 
 
 def _base_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
@@ -68,12 +86,11 @@ def _base_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     if type(w).__name__ in ("Params4bit", "Int8Params") or hasattr(base, "W_q"):
         from peft.utils.integrations import dequantize_module_weight
 
-        w = dequantize_module_weight(base)
-        return w.to(dtype)
-    return w
+        return dequantize_module_weight(base).to(dtype)
+    return _weight(base)
 
 
-def _is_lora_linear(module: nn.Module) -> bool:
+def _is_lora_linear(module: nn.Module) -> TypeGuard[LoraLayer]:
     try:
         from peft.tuners.lora.layer import LoraLayer
     except ImportError:  # pragma: no cover - peft is a core dependency
@@ -86,26 +103,28 @@ def make_proj(module: nn.Module, what: str) -> Proj:
     if not _is_lora_linear(module):
         if isinstance(module, nn.Linear):
             if module.weight.requires_grad:
-                raise ValueError(f"{what}: {type(module).__name__} has a trainable base weight; the fused "
-                                 "LoRA kernels are for adapters over a frozen base")
+                raise OptionError(f"{what}: {type(module).__name__} has a trainable base weight; the fused "
+                                  "LoRA kernels are for adapters over a frozen base")
             _refuse_trainable_bias(module, what)
             return Proj(base=module)
-        raise ValueError(f"{what}: cannot fuse a {type(module).__name__}")
+        raise OptionError(f"{what}: cannot fuse a {type(module).__name__}")
     adapters = [a for a in module.active_adapters if a in module.lora_A]
     if len(adapters) != 1:
-        raise ValueError(f"{what}: needs exactly one active LoRA adapter, found {adapters}")
+        raise OptionError(f"{what}: needs exactly one active LoRA adapter, found {adapters}")
     adapter = adapters[0]
     if adapter in getattr(module, "lora_variant", {}):
-        raise ValueError(f"{what}: DoRA / LoRA variants are not fused; set peft_use_dora: false or turn the kernel off")
+        raise OptionError(
+            f"{what}: DoRA / LoRA variants are not fused; set peft_use_dora: false or turn the kernel off"
+        )
     if not isinstance(module.lora_dropout[adapter], nn.Identity):
-        raise ValueError(f"{what}: needs lora_dropout: 0 (the fused kernels do not replay dropout)")
+        raise OptionError(f"{what}: needs lora_dropout: 0 (the fused kernels do not replay dropout)")
     if module.lora_B[adapter].bias is not None:
-        raise ValueError(f"{what}: lora_bias is not supported by the fused kernels")
+        raise OptionError(f"{what}: lora_bias is not supported by the fused kernels")
     if getattr(module, "fan_in_fan_out", False):
-        raise ValueError(f"{what}: fan_in_fan_out layers are not supported by the fused kernels")
+        raise OptionError(f"{what}: fan_in_fan_out layers are not supported by the fused kernels")
     base = module.get_base_layer()
     if getattr(base, "weight", None) is None or base.weight.requires_grad:
-        raise ValueError(f"{what}: the base weight must exist and be frozen")
+        raise OptionError(f"{what}: the base weight must exist and be frozen")
     _refuse_trainable_bias(base, what)
     return Proj(base=base, lora=module, adapter=adapter)
 
@@ -115,8 +134,10 @@ def _refuse_trainable_bias(base: nn.Module, what: str) -> None:
     # silently get none.
     bias = getattr(base, "bias", None)
     if bias is not None and bias.requires_grad:
-        raise ValueError(f"{what}: the base layer's bias is trainable (peft bias='all' / 'lora_only'?); the "
-                         "fused LoRA kernels do not compute bias gradients. Freeze it or turn the kernel off")
+        raise OptionError(
+            f"{what}: the base layer's bias is trainable (peft bias='all' / 'lora_only'?); the "
+            "fused LoRA kernels do not compute bias gradients. Freeze it or turn the kernel off"
+        )
 
 
 def _usable_now(projs: tuple[Proj, ...]) -> bool:
@@ -136,7 +157,7 @@ def _autocast_state(device_type: str) -> tuple[bool, torch.dtype]:
 
 def _proj_forward(x: torch.Tensor, p: Proj, ab: list[torch.Tensor]) -> torch.Tensor:
     """``base(x) + B(A(x))·s`` in peft's order of dtype casts."""
-    y = F.linear(x, _base_weight(p.base, x.dtype), p.base.bias)
+    y = F.linear(x, _base_weight(p.base, x.dtype), _bias(p.base))
     if p.lora is None:
         return y
     a, b = ab
@@ -177,11 +198,23 @@ def _split_ab(projs: tuple[Proj, ...], ab: tuple[torch.Tensor, ...]) -> list[lis
 
 
 class LoRAProjections(torch.autograd.Function):
-    """Several LoRA projections of one input (q, k, v — or o alone); saves only the input."""
+    """Several LoRA projections of one input (q, k, v — or o alone); saves only the input.
+
+    ``ctx`` is ``Any`` as in torch's own signature (here and in :class:`LoRAGatedMLP`): at run time
+    it is the autograd node, whose ``saved_tensors`` / ``needs_input_grad`` and the attributes set
+    here no static class declares.
+    """
+
+    if TYPE_CHECKING:  # torch's ``Function.apply`` is unannotated; what it takes and gives here
+
+        @classmethod
+        def apply(
+            cls, x: torch.Tensor, projs: tuple[Proj, ...], *ab: torch.Tensor
+        ) -> tuple[torch.Tensor, ...]: ...
 
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, projs: tuple[Proj, ...], *ab: torch.Tensor
+    def forward(
+        ctx: Any, x: torch.Tensor, projs: tuple[Proj, ...], *ab: torch.Tensor
     ) -> tuple[torch.Tensor, ...]:
         ctx.projs = projs
         ctx.autocast = _autocast_state(x.device.type)
@@ -189,9 +222,7 @@ class LoRAProjections(torch.autograd.Function):
         return tuple(_proj_forward(x, p, w) for p, w in zip(projs, _split_ab(projs, ab), strict=True))
 
     @staticmethod
-    def backward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx, *grads: torch.Tensor | None
-    ) -> tuple[torch.Tensor | None, ...]:
+    def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         x, *ab = ctx.saved_tensors
         projs: tuple[Proj, ...] = ctx.projs
         need_x = ctx.needs_input_grad[0]
@@ -221,9 +252,17 @@ def _silu_grad(e: torch.Tensor) -> torch.Tensor:
 class LoRAGatedMLP(torch.autograd.Function):
     """``down(act(gate(x)) * up(x))`` with LoRA on any of the three; saves x, gate(x), up(x)."""
 
+    if TYPE_CHECKING:  # torch's ``Function.apply`` is unannotated; what it takes and gives here
+
+        @classmethod
+        def apply(
+            cls, x: torch.Tensor, projs: tuple[Proj, ...], act: Callable[[torch.Tensor], torch.Tensor],
+            is_silu: bool, *ab: torch.Tensor,
+        ) -> torch.Tensor: ...
+
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx,
+    def forward(
+        ctx: Any,
         x: torch.Tensor,
         projs: tuple[Proj, Proj, Proj],
         act: Callable[[torch.Tensor], torch.Tensor],
@@ -240,9 +279,7 @@ class LoRAGatedMLP(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx, grad_out: torch.Tensor
-    ) -> tuple[torch.Tensor | None, ...]:
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, gate, up, *ab = ctx.saved_tensors
         projs: tuple[Proj, Proj, Proj] = ctx.projs
         wg, wu, wd = _split_ab(projs, tuple(ab))
@@ -346,7 +383,8 @@ def patch_lora_qkv(model: nn.Module, patches: Patches) -> int:
             proj_module = getattr(attn, name)
             own = proj_module.forward
 
-            def proj_forward(x: torch.Tensor, *args: Any, _name: str = name, _own: Any = own,
+            def proj_forward(x: torch.Tensor, *args: Any, _name: str = name,
+                             _own: Callable[..., torch.Tensor] = own,
                              _pending: _PendingQKV = pending, **kwargs: Any) -> torch.Tensor:
                 if _pending.x is x and _name in _pending.out and not args and not kwargs:
                     return _pending.out.pop(_name)
@@ -397,3 +435,11 @@ def patch_lora_o(model: nn.Module, patches: Patches) -> int:
         count += 1
     patches.note(f"lora_o_kernel: {count} output projections")
     return count
+
+
+# config key → its patch, in the order apply_optimizations applies them
+PATCHES: dict[str, Callable[[nn.Module, Patches], int]] = {
+    "lora_mlp_kernel": patch_lora_mlp,
+    "lora_qkv_kernel": patch_lora_qkv,
+    "lora_o_kernel": patch_lora_o,
+}

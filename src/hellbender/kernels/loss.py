@@ -1,8 +1,9 @@
 """The training loss with whichever head + loss implementation the config picked.
 
 :func:`build_loss` returns what the training loop calls instead of ``model(...).logits`` followed
-by ``causal_lm_loss_sum``; it is built once, at setup. Every variant returns the same quantity — the fp32 **sum** of next-token
-cross-entropy over trained tokens (labels != -100 after the shift) — computed one of these ways:
+by ``causal_lm_loss_sum``; it is built once, at setup. Every variant returns the same quantity —
+the fp32 **sum** of next-token cross-entropy over trained tokens (labels != -100 after the
+shift) — computed one of these ways:
 
 ========================================  ====================================================
 config                                    how
@@ -57,7 +58,8 @@ def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
 def hidden_states(model: nn.Module, model_inputs: Mapping[str, Any]) -> torch.Tensor:
     """The decoder's final (normed) hidden states (B, T, H) — everything but the head."""
     out = decoder(model)(**model_inputs)
-    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    hidden: torch.Tensor = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    return hidden
 
 
 def build_loss(method: LossMethod, *, num_chunks: int = 8) -> LossFn:
@@ -73,7 +75,9 @@ def build_loss(method: LossMethod, *, num_chunks: int = 8) -> LossFn:
 
     def inputs_of(model_inputs: Mapping[str, Any]) -> dict[str, Any]:
         if "labels" in model_inputs:
-            raise ValueError("pass labels separately, not in model_inputs (the model would compute its own loss)")
+            raise ValueError(
+                "pass labels separately, not in model_inputs (the model would compute its own loss)"
+            )
         return {"use_cache": False, **model_inputs}
 
     if method == "plain":

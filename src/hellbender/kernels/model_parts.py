@@ -10,16 +10,21 @@ attribute names of one architecture, so Llama, Qwen, Mistral, SmolLM and friends
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
+from hellbender.errors import OptionError
+
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The transformers ``PreTrainedModel`` inside a peft wrapper (LoRA layers stay injected)."""
-    if hasattr(model, "get_base_model"):
-        return model.get_base_model()
-    return model
+    get_base_model = getattr(model, "get_base_model", None)
+    if get_base_model is None:
+        return model
+    base: nn.Module = get_base_model()
+    return base
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -30,9 +35,11 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     """
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    layers = [m for m in unwrap(model).modules() if isinstance(m, GradientCheckpointingLayer)]
+    layers: list[nn.Module] = [
+        m for m in unwrap(model).modules() if isinstance(m, GradientCheckpointingLayer)
+    ]
     if not layers:
-        raise ValueError(
+        raise OptionError(
             f"{type(unwrap(model)).__name__} has no transformers decoder layers "
             "(GradientCheckpointingLayer); the memory optimizations need a transformers causal LM."
         )
@@ -45,7 +52,7 @@ def decoder(model: nn.Module) -> nn.Module:
     prefix = getattr(inner, "base_model_prefix", "model")
     base = getattr(inner, prefix, None)
     if not isinstance(base, nn.Module) or base is inner:
-        raise ValueError(
+        raise OptionError(
             f"cannot find the decoder of {type(inner).__name__} (no `{prefix}` submodule); "
             "the chunked / fused losses need a *ForCausalLM model."
         )
@@ -69,7 +76,9 @@ def output_head(model: nn.Module) -> Head:
     LoRA, or a model that rescales its logits, does not and is refused instead of trained wrong.
     """
     inner = unwrap(model)
-    head = inner.get_output_embeddings()
+    get_output_embeddings = getattr(inner, "get_output_embeddings", None)
+    # Any: a Linear, peft's modules_to_save wrapper, a LoRA layer... told apart below.
+    head: Any = get_output_embeddings() if get_output_embeddings is not None else None
     config = getattr(inner, "config", None)
     # peft's modules_to_save wrapper trains a copy of the head: use the copy that is active.
     if hasattr(head, "modules_to_save") and hasattr(head, "active_adapters"):
@@ -78,16 +87,18 @@ def output_head(model: nn.Module) -> Head:
         else:
             head = head.modules_to_save[head.active_adapters[0]]
     if not isinstance(head, nn.Linear) or hasattr(head, "base_layer"):
-        raise ValueError(
+        raise OptionError(
             f"the output head is a {type(head).__name__}, not a plain Linear (LoRA on lm_head?); "
             "chunked/cut/fused cross-entropy compute the head themselves and need a plain Linear. "
             "Remove lm_head from lora_target_modules (use lora_modules_to_save) or turn the loss "
             "replacement off."
         )
-    text_config = config.get_text_config() if config is not None and hasattr(config, "get_text_config") else config
+    text_config = (
+        config.get_text_config() if config is not None and hasattr(config, "get_text_config") else config
+    )
     for attr in ("logit_scale", "logits_scaling", "output_multiplier_scale"):
         if getattr(text_config, attr, None) not in (None, 1, 1.0):
-            raise ValueError(
+            raise OptionError(
                 f"{type(inner).__name__} rescales its logits ({attr}); the chunked/cut/fused losses "
                 "do not reproduce that. Turn the loss replacement off for this model."
             )

@@ -51,7 +51,9 @@ def apply_optimizations(model: nn.Module, cfg: ResolvedConfig) -> nn.Module:
     stays patched.
     """
     if model in _APPLIED:
-        raise RuntimeError("optimizations are already applied to this model; call undo_optimizations(model) first")
+        raise RuntimeError(
+            "optimizations are already applied to this model; call undo_optimizations(model) first"
+        )
     patches = Patches()
     try:
         _apply(model, cfg, patches)
@@ -76,24 +78,15 @@ def _apply(model: nn.Module, cfg: ResolvedConfig, patches: Patches) -> None:
     elif lora_kernels:
         from hellbender.kernels import lora_fused
 
-        if cfg.lora_mlp_kernel:
-            lora_fused.patch_lora_mlp(model, patches)
-        if cfg.lora_qkv_kernel:
-            lora_fused.patch_lora_qkv(model, patches)
-        if cfg.lora_o_kernel:
-            lora_fused.patch_lora_o(model, patches)
+        for key in lora_kernels:
+            lora_fused.PATCHES[key](model, patches)
 
     if liger_on:
         from hellbender.kernels import liger
 
-        if cfg.liger_rms_norm:
-            liger.patch_rms_norm(model, patches)
-        if cfg.liger_glu_activation:
-            liger.patch_glu(model, patches)
-        if cfg.liger_rope:
-            liger.patch_rope(model, patches)
-        if cfg.liger_layer_norm:
-            liger.patch_layer_norm(model, patches)
+        for key, patch in liger.PATCHES.items():
+            if getattr(cfg, key):
+                patch(model, patches)
 
     if cfg.tiled_mlp:
         from hellbender.kernels.tiled_mlp import patch_tiled_mlp
@@ -111,7 +104,9 @@ def _apply(model: nn.Module, cfg: ResolvedConfig, patches: Patches) -> None:
             "memory); activation_offloading: disk moves them out of RAM"
         )
     elif cfg.activation_offloading:
-        patches.note(f"activation_offloading: {cfg.activation_offloading} (the loop's activation_offloading context)")
+        patches.note(
+            f"activation_offloading: {cfg.activation_offloading} (the loop's activation_offloading context)"
+        )
 
     if cfg.loss_method in ("chunked", "cut", "liger_fused_linear"):
         output_head(model)  # refuses heads a fused loss cannot reproduce, before the first step

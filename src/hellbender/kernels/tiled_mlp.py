@@ -24,11 +24,13 @@ constant token count (``pad_to_sequence_len``).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from hellbender.errors import OptionError
 from hellbender.kernels.chunked_ce import chunk_bounds
 from hellbender.kernels.model_parts import decoder_layers
 from hellbender.kernels.patching import Patches
@@ -40,11 +42,23 @@ def auto_num_shards(num_tokens: int, hidden_size: int) -> int:
 
 
 class TiledMLPFunction(torch.autograd.Function):
-    """``fn`` applied to token shards of ``x``; recomputed per shard in backward."""
+    """``fn`` applied to token shards of ``x``; recomputed per shard in backward.
+
+    ``ctx`` is ``Any`` as in torch's own signature: at run time it is the autograd node, whose
+    ``saved_tensors`` / ``needs_input_grad`` and the attributes set here no static class declares.
+    """
+
+    if TYPE_CHECKING:  # torch's ``Function.apply`` is unannotated; what it takes and gives here
+
+        @classmethod
+        def apply(
+            cls, fn: Callable[[torch.Tensor], torch.Tensor], num_shards: int, x: torch.Tensor,
+            *params: torch.Tensor,
+        ) -> torch.Tensor: ...
 
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx,
+    def forward(
+        ctx: Any,
         fn: Callable[[torch.Tensor], torch.Tensor],
         num_shards: int,
         x: torch.Tensor,
@@ -64,9 +78,7 @@ class TiledMLPFunction(torch.autograd.Function):
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
-    def backward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx, grad_out: torch.Tensor
-    ) -> tuple[torch.Tensor | None, ...]:
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, *params = ctx.saved_tensors
         need_x = ctx.needs_input_grad[2]
         need_p = list(ctx.needs_input_grad[3:])
@@ -91,7 +103,10 @@ class TiledMLPFunction(torch.autograd.Function):
                     inputs = ([x_c] if need_x else []) + wanted
                     if not inputs:
                         break
-                    grads = torch.autograd.grad(y_c, inputs, grad_flat[s:e], allow_unused=True)
+                    # allow_unused: an input the MLP does not reach gets None (torch's stubs say Tensor).
+                    grads: Sequence[torch.Tensor | None] = torch.autograd.grad(
+                        y_c, inputs, grad_flat[s:e], allow_unused=True
+                    )
                     if need_x:
                         assert grad_x is not None
                         grad_x[s:e] = grads[0] if grads[0] is not None else 0
@@ -99,9 +114,9 @@ class TiledMLPFunction(torch.autograd.Function):
                     it = iter(grads)
                     for i, need in enumerate(need_p):
                         if need:
-                            g = next(it)
-                            if g is not None:
-                                grad_p[i] += g.float()  # type: ignore[operator]
+                            g, acc = next(it), grad_p[i]
+                            if g is not None and acc is not None:  # acc: allocated where needed
+                                acc += g.float()
                     del y_c, grads
         out_p = [g.to(p.dtype) if g is not None else None for g, p in zip(grad_p, params, strict=True)]
         return (None, None, grad_x.view_as(x) if grad_x is not None else None, *out_p)
@@ -129,6 +144,6 @@ def patch_tiled_mlp(model: nn.Module, num_shards: int | None, patches: Patches) 
         patches.set_attr(mlp, "forward", tiled(mlp.forward, mlp, num_shards))
         count += 1
     if count == 0:
-        raise ValueError("tiled_mlp: no decoder layer has an `mlp` submodule")
+        raise OptionError("tiled_mlp: no decoder layer has an `mlp` submodule")
     patches.note(f"tiled_mlp: {count} MLPs, {num_shards or 'auto'} shards")
     return count

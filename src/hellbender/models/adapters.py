@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from hellbender.errors import MissingFileError, ModelLoadError, OptionError
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
@@ -31,9 +33,18 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+def _transformers_model(model: nn.Module) -> Any:
+    """The transformers model inside a peft wrapper, or ``model`` itself.
+
+    ``Any``: what is used of it (quantization flags, checkpointing switches) is looked up by name.
+    """
+    get_base_model = getattr(model, "get_base_model", None)
+    return get_base_model() if get_base_model is not None else model
+
+
 def is_quantized(model: nn.Module) -> bool:
     """True for a bitsandbytes 4-bit or 8-bit base (also when wrapped in a peft model)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _transformers_model(model)
     return bool(getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False))
 
 
@@ -74,7 +85,8 @@ def linear_module_names(model: nn.Module) -> list[str]:
     A leaf name shared with the head (only ``lm_head`` in practice) is dropped, because peft
     matches target names by suffix and would adapt the head too.
     """
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    get_output_embeddings = getattr(model, "get_output_embeddings", None)
+    head = get_output_embeddings() if get_output_embeddings is not None else None
     head_leaf: str | None = None
     names: set[str] = set()
     for name, module in model.named_modules():
@@ -85,7 +97,7 @@ def linear_module_names(model: nn.Module) -> list[str]:
             head_leaf = leaf
             continue
         names.add(leaf)
-    names.discard(head_leaf)  # type: ignore[arg-type]
+    names.discard(head_leaf)
     return sorted(names)
 
 
@@ -97,7 +109,7 @@ def lora_config_from(model: nn.Module, cfg: ResolvedConfig) -> Any:
     explicit = cfg.lora_target_modules
     if cfg.lora_target_linear:
         if isinstance(explicit, str):
-            raise ValueError(
+            raise OptionError(
                 "lora_target_linear cannot be combined with a regex lora_target_modules; "
                 "use a list of module names, or only one of the two"
             )
@@ -128,12 +140,12 @@ def apply_adapter(model: PreTrainedModel, cfg: ResolvedConfig) -> nn.Module:
     """Wrap ``model`` in the peft adapter the config asks for; return it unchanged for full fine-tuning."""
     if cfg.adapter is None:
         if cfg.lora_model_dir:
-            raise ValueError("lora_model_dir is set but adapter is not; set adapter: lora (or qlora)")
+            raise OptionError("lora_model_dir is set but adapter is not; set adapter: lora (or qlora)")
         return model
     if cfg.adapter not in ("lora", "qlora"):
-        raise ValueError(f"adapter: {cfg.adapter!r} is not supported (lora, qlora)")
+        raise OptionError(f"adapter: {cfg.adapter!r} is not supported (lora, qlora)")
     if cfg.adapter == "qlora" and not getattr(model, "is_loaded_in_4bit", False):
-        raise ValueError("adapter: qlora needs a 4-bit base model (load_in_4bit: true)")
+        raise OptionError("adapter: qlora needs a 4-bit base model (load_in_4bit: true)")
 
     from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 
@@ -145,8 +157,14 @@ def apply_adapter(model: PreTrainedModel, cfg: ResolvedConfig) -> nn.Module:
     if cfg.lora_model_dir:
         adapter_dir = Path(cfg.lora_model_dir).expanduser()
         if not (adapter_dir / "adapter_config.json").is_file():
-            raise FileNotFoundError(f"lora_model_dir: no adapter_config.json in {adapter_dir}")
-        peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
+            raise MissingFileError(f"lora_model_dir: no adapter_config.json in {adapter_dir}")
+        try:
+            peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
+        except (OSError, ValueError, RuntimeError) as exc:  # RuntimeError: shapes of another base model
+            raise ModelLoadError(
+                f"lora_model_dir: cannot load the adapter in {adapter_dir} onto {cfg.base_model!r} "
+                f"({' '.join(str(exc).split())[:300]}); was it trained on this base model?"
+            ) from exc
         logger.info("continuing the adapter in %s", adapter_dir)
     else:
         peft_model = get_peft_model(model, lora_config_from(model, cfg))
@@ -169,12 +187,13 @@ def merge_adapter(model: nn.Module, *, allow_quantized: bool = False) -> nn.Modu
         logger.info("merge_adapter: the model has no adapter; nothing to merge")
         return model
     if is_quantized(model) and not allow_quantized:
-        raise ValueError(
+        raise ModelLoadError(
             "merge_adapter: the base model is quantized; merging would round the LoRA update into "
             "4/8-bit weights. Reload the base with load_in_4bit/load_in_8bit off, set lora_model_dir "
             "to the trained adapter, and merge that model."
         )
-    return model.merge_and_unload()
+    merged: nn.Module = model.merge_and_unload()
+    return merged
 
 
 def enable_gradient_checkpointing(model: nn.Module, kwargs: dict[str, Any] | None = None) -> None:
@@ -188,7 +207,7 @@ def enable_gradient_checkpointing(model: nn.Module, kwargs: dict[str, Any] | Non
     incompatible with recomputation.
     """
     options = {"use_reentrant": False, **(kwargs or {})}
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _transformers_model(model)
     if hasattr(base, "activation_checkpointing_enable"):
         base.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
     else:  # transformers < 5.x spelling

@@ -15,7 +15,8 @@ arguments of a Hugging Face causal-LM forward that enforce this exactly, per bac
     ``scaled_dot_product_attention``.
 ``flex_attention``
     A document-causal ``BlockMask`` (``torch.nn.attention.flex_attention.create_block_mask``),
-    also returned untouched by transformers. FlexAttention has no backward on CPU (torch 2.13):
+    also returned untouched by transformers; on CPU its KV tiling sidesteps a torch kernel bug
+    (:func:`_cpu_flex_kv_block_size`). FlexAttention has no backward on CPU (torch 2.13):
     forward works, training does not (:func:`check_backend_trainable`).
 ``flash_attention_2`` / ``flash_attention_3``
     The varlen path of ``transformers.modeling_flash_attention_utils._flash_attention_forward``:
@@ -47,6 +48,7 @@ from typing import Any
 import torch
 
 from hellbender.config.schema import DOCUMENT_ISOLATING_BACKENDS, GPU_ONLY_BACKENDS
+from hellbender.errors import HellbenderError
 
 __all__ = [
     "DOCUMENT_ISOLATING_BACKENDS",
@@ -70,7 +72,7 @@ __all__ = [
 XFORMERS_BIAS_KWARG = "block_diagonal_bias"
 
 
-class AttentionBackendError(ValueError):
+class AttentionBackendError(HellbenderError, ValueError):
     """The chosen attention backend cannot do what was asked on this device / install."""
 
 
@@ -127,7 +129,7 @@ def check_backend_trainable(attn_implementation: str, device: torch.device | str
 
 
 def _document_ids(batch: Mapping[str, Any]) -> torch.Tensor:
-    doc = batch["document_ids"]
+    doc: torch.Tensor = batch["document_ids"]
     if doc.dim() != 2:
         raise ValueError(f"document_ids must be (rows, width), got shape {tuple(doc.shape)}")
     return doc
@@ -148,11 +150,42 @@ def _eager_mask(document_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.where(allowed, zero, torch.finfo(dtype).min)
 
 
+# torch's default BlockMask block size (``flex_attention._DEFAULT_SPARSE_BLOCK_SIZE``).
+_FLEX_BLOCK_SIZE = 128
+
+
+def _cpu_flex_kv_block_size(length: int) -> int:
+    """KV block size of a CPU ``BlockMask`` over ``length`` keys: no KV tile may be 8 (mod 16) wide.
+
+    Works around a torch bug (2.13 included) in inductor's CPU FlexAttention template. The CPU
+    kernel splits the keys into tiles of the mask's KV block size (``min(block, length)`` wide, plus
+    a shorter tail) and computes ``q @ k.T`` per tile with a micro-GEMM that walks the N (= key)
+    axis in chunks of 16. For the last chunk of a tile that is exactly 8 wide, the transposed-B
+    tail kernel (``CppMicroGemmFP32Vec``, ``..._ntail_transpose_b_kernel``) takes a path that reads
+    and writes ``BLOCK_N = 16`` columns instead of 8 (no ``col < N`` guard): it reads 8 key rows
+    past the tile and stores 8 floats past the score row. For the last query row of a full tile
+    that store lands on the per-row running maxima of the online softmax, so the first 8 query
+    rows of the tile get garbage: wrong values or NaN, depending on what the memory held.
+    The path is taken only when ``Vectorized<float>`` has 8 lanes (AVX2; with AVX-512 it has 16
+    and a 8-wide tail never qualifies) and the head dim is 8 or 16 (``K % 8 == 0 and K < 24``),
+    so real models are not hit, hellbender's tiny test models are. Avoiding 8 (mod 16) wide
+    tiles avoids that path for every head dim; the mask is the same, only its tiling changes.
+    """
+    for block in range(_FLEX_BLOCK_SIZE, 0, -1):  # the largest block that qualifies (128 usually)
+        full = min(block, length)
+        tail = length % block if length > block else 0
+        if full % 16 != 8 and tail % 16 != 8:
+            return block
+    return 1  # not reached: block 1 gives tiles of width 1
+
+
 def flex_document_block_mask(document_ids: torch.Tensor) -> Any:
     """A FlexAttention ``BlockMask`` equal to :func:`document_causal_mask`.
 
     Built with ``_compile=False``: the mask function only indexes a (B, L) tensor, and on CPU
-    compiling it would cost far more than it saves.
+    compiling it would cost far more than it saves. On CPU the KV block size comes from
+    :func:`_cpu_flex_kv_block_size` (torch's compiled CPU kernel returns garbage otherwise for
+    some lengths, e.g. 24 or 40, with head dim 8 or 16); elsewhere it is torch's default.
     """
     from torch.nn.attention.flex_attention import create_block_mask
 
@@ -162,7 +195,12 @@ def flex_document_block_mask(document_ids: torch.Tensor) -> Any:
         return (doc[b, q] == doc[b, kv]) & (kv <= q)
 
     rows, length = doc.shape
-    return create_block_mask(document_causal, rows, None, length, length, device=doc.device)
+    block_size: int | tuple[int, int] = _FLEX_BLOCK_SIZE
+    if doc.device.type == "cpu":
+        block_size = (_FLEX_BLOCK_SIZE, _cpu_flex_kv_block_size(length))
+    return create_block_mask(
+        document_causal, rows, None, length, length, device=doc.device, BLOCK_SIZE=block_size
+    )
 
 
 def flash_varlen_kwargs(batch: Mapping[str, Any]) -> dict[str, Any]:
@@ -215,7 +253,9 @@ def xformers_attn_bias(batch: Mapping[str, Any]) -> Any:
     return BlockDiagonalCausalMask.from_seqlens(seqlens)
 
 
-BlockDiagonalKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Any, float, float | None], torch.Tensor]
+BlockDiagonalKernel = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, Any, float, float | None], torch.Tensor
+]
 
 
 def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -271,7 +311,8 @@ def _xformers_kernel(
 ) -> torch.Tensor:
     import xformers.ops as xops
 
-    return xops.memory_efficient_attention(q, k, v, attn_bias=bias, p=dropout, scale=scale)
+    out: torch.Tensor = xops.memory_efficient_attention(q, k, v, attn_bias=bias, p=dropout, scale=scale)
+    return out
 
 
 def register_xformers_attention() -> str:
@@ -280,7 +321,9 @@ def register_xformers_attention() -> str:
     Call once before ``model.set_attn_implementation("xformers")`` (models/load.py does).
     """
     if importlib.util.find_spec("xformers") is None:
-        raise AttentionBackendError("attn_implementation 'xformers' needs the xformers package (pip install xformers).")
+        raise AttentionBackendError(
+            "attn_implementation 'xformers' needs the xformers package (pip install xformers)."
+        )
     return register_block_diagonal_attention("xformers", _xformers_kernel)
 
 
@@ -314,7 +357,9 @@ def model_inputs(
         inputs.update(flash_varlen_kwargs(batch))
     elif attn_implementation == "xformers":
         if device.type != "cuda":
-            raise AttentionBackendError(f"xformers runs only on CUDA tensors (batch is on {device}); use sdpa.")
+            raise AttentionBackendError(
+                f"xformers runs only on CUDA tensors (batch is on {device}); use sdpa."
+            )
         inputs[XFORMERS_BIAS_KWARG] = xformers_attn_bias(batch)
     else:
         # Unknown backend: safe only when every row is a single document (no packing), in which

@@ -42,6 +42,7 @@ from typing import Any
 import torch
 
 from hellbender.config.schema import HellbenderConfig
+from hellbender.errors import MissingFileError, ModelLoadError, UnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +86,9 @@ def read_gguf_token_metadata(gguf_path: str | Path) -> GGUFTokenMetadata:
 
     tokens_field = fields.get("tokenizer.ggml.tokens")
     if tokens_field is None:
-        raise ValueError(f"{gguf_path}: the GGUF file has no tokenizer (tokenizer.ggml.tokens is missing)")
+        raise ModelLoadError(
+            f"{gguf_path}: the GGUF file has no tokenizer (tokenizer.ggml.tokens is missing)"
+        )
     vocab_size = len(tokens_field.data)
     ids: dict[str, int] = {}
     strings: dict[str, str] = {}
@@ -95,7 +98,7 @@ def read_gguf_token_metadata(gguf_path: str | Path) -> GGUFTokenMetadata:
             continue
         token_id = int(value)
         if not 0 <= token_id < vocab_size:
-            raise ValueError(f"{gguf_path}: tokenizer.ggml.{key} = {token_id} is outside the vocabulary")
+            raise ModelLoadError(f"{gguf_path}: tokenizer.ggml.{key} = {token_id} is outside the vocabulary")
         ids[name] = token_id
         strings[name] = tokens_field.contents(token_id)
     return GGUFTokenMetadata(
@@ -125,9 +128,10 @@ def apply_gguf_special_tokens(tokenizer: Any, model: Any, meta: GGUFTokenMetadat
     for name, token_id in meta.token_ids.items():
         text = meta.token_strings[name]
         if tokenizer.convert_tokens_to_ids(text) != token_id:
-            raise ValueError(
+            raise ModelLoadError(
                 f"GGUF says {name}_token is {text!r} (id {token_id}) but the converted tokenizer maps "
-                f"{text!r} to id {tokenizer.convert_tokens_to_ids(text)}; the vocabulary was not converted faithfully"
+                f"{text!r} to id {tokenizer.convert_tokens_to_ids(text)}; "
+                "the vocabulary was not converted faithfully"
             )
         old = getattr(tokenizer, f"{name}_token")
         if old != text:
@@ -219,8 +223,16 @@ def _convert(gguf_path: Path, out_dir: Path, fix_special_tokens: bool) -> dict[s
 
     started = time.perf_counter()
     folder, name = str(gguf_path.parent), gguf_path.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    except ImportError as exc:
+        raise UnavailableError(
+            f"{gguf_path}: reading a GGUF file needs the gguf package ({exc}): pip install 'hellbender[gguf]'"
+        ) from exc
+    except (OSError, ValueError) as exc:
+        # A damaged file, or an architecture / quantization transformers cannot read from GGUF.
+        raise ModelLoadError(f"{gguf_path}: transformers cannot load this GGUF file: {exc}") from exc
     report = SpecialTokenReport()
     meta = read_gguf_token_metadata(gguf_path)
     if fix_special_tokens:
@@ -276,7 +288,7 @@ def ensure_hf_folder(
     """
     src = Path(gguf_path).expanduser().resolve()
     if not src.is_file():
-        raise FileNotFoundError(f"GGUF file not found: {src}")
+        raise MissingFileError(f"GGUF file not found: {src}")
     root = Path(cache_dir if cache_dir is not None else DEFAULT_CACHE_DIR).expanduser().resolve()
     sha = gguf_content_hash(src, root)
     target = root / "gguf" / cached_folder_name(sha, fix_special_tokens)

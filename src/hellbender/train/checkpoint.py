@@ -34,13 +34,18 @@ import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from hellbender.errors import HellbenderError, MissingFileError
 
-class CheckpointError(ValueError):
+if TYPE_CHECKING:
+    from torch.nn.modules.module import _IncompatibleKeys
+
+
+class CheckpointError(HellbenderError, ValueError):
     """An output_dir or checkpoint that cannot be used as asked (a user-facing error)."""
 
 
@@ -94,11 +99,13 @@ def save_model_weights(model: torch.nn.Module, path: Path) -> None:
     # transformers draws a "Writing model shards" bar per save, which garbles our progress output.
     bars_were_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
+    # A peft model or a transformers PreTrainedModel: nn.Module declares neither's save_pretrained.
+    saveable: Any = model
     try:
         if is_peft_model(model):
-            model.save_pretrained(str(path), safe_serialization=True)  # type: ignore[operator]
+            saveable.save_pretrained(str(path), safe_serialization=True)
         else:
-            model.save_pretrained(str(path))  # type: ignore[operator]  # transformers 5: always safetensors
+            saveable.save_pretrained(str(path))  # transformers 5: always safetensors
     finally:
         if bars_were_on:
             hf_logging.enable_progress_bar()
@@ -118,14 +125,15 @@ def load_model_weights(model: torch.nn.Module, path: Path) -> None:
 
         file = path / "adapter_model.safetensors"
         if not file.exists():
-            raise FileNotFoundError(f"{path} holds no adapter_model.safetensors (was it a full fine-tune?)")
-        result = set_peft_model_state_dict(model, load_file(str(file)))
+            raise MissingFileError(f"{path} holds no adapter_model.safetensors (was it a full fine-tune?)")
+        # peft annotates the result as `namedtuple` (not a type); it is load_state_dict's result.
+        result: _IncompatibleKeys = set_peft_model_state_dict(model, load_file(str(file)))
         if result.unexpected_keys:
-            raise ValueError(f"{file}: keys the model does not have: {result.unexpected_keys[:5]}")
+            raise CheckpointError(f"{file}: keys the model does not have: {result.unexpected_keys[:5]}")
         return
     files = sorted(path.glob("*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"{path} holds no *.safetensors model weights")
+        raise MissingFileError(f"{path} holds no *.safetensors model weights")
     state: dict[str, torch.Tensor] = {}
     for file in files:
         state.update(load_file(str(file)))
@@ -133,7 +141,7 @@ def load_model_weights(model: torch.nn.Module, path: Path) -> None:
     loaded = {id(p) for n, p in model.named_parameters() if n not in set(result.missing_keys)}
     missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in loaded]
     if missing or result.unexpected_keys:
-        raise ValueError(
+        raise CheckpointError(
             f"{path}: weights do not match the model (missing {missing[:5]}, "
             f"unexpected {result.unexpected_keys[:5]})"
         )
@@ -144,7 +152,7 @@ def load_model_weights(model: torch.nn.Module, path: Path) -> None:
 
 def capture_rng_state() -> dict[str, Any]:
     """Every generator a training step may draw from, as tensors and plain values."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()  # type: ignore[misc]
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
     state: dict[str, Any] = {
         "python": random.getstate(),
         "numpy": {
@@ -165,7 +173,13 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     npst = state["numpy"]
     np.random.set_state(
-        (npst["kind"], npst["keys"].numpy().astype(np.uint32), npst["pos"], npst["has_gauss"], npst["cached_gaussian"])
+        (
+            npst["kind"],
+            npst["keys"].numpy().astype(np.uint32),
+            npst["pos"],
+            npst["has_gauss"],
+            npst["cached_gaussian"],
+        )
     )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
@@ -328,7 +342,7 @@ def remove_incomplete(output_dir: Path) -> list[Path]:
 
 def read_state(path: Path) -> TrainState:
     if not is_complete(path):
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{path} is not a complete hellbender checkpoint (a folder checkpoint-<step> with {STATE_FILE})"
         )
     return TrainState.from_json(json.loads((path / STATE_FILE).read_text(encoding="utf-8")))
@@ -349,7 +363,7 @@ def load_checkpoint(
     """
     state = read_state(path)
     if not state.has_optimizer:
-        raise ValueError(
+        raise CheckpointError(
             f"{path} was written with save_only_model: true (no optimizer state), so the run cannot "
             "be resumed exactly. Start a new run from its weights instead (lora_model_dir or base_model)."
         )

@@ -2,7 +2,7 @@
 
 Why not Hugging Face ``Trainer``: this loop must later run DDP/FSDP2 through ``torch.distributed``
 on CPU ranks so that "N ranks ≡ 1 rank" is testable, and it must normalize the loss over every
-trained token of an optimizer step (see :mod:`hellbender.train.loss`), which ``Trainer`` does not
+trained token of an optimizer step (see "Token-exact loss" below), which ``Trainer`` does not
 do for packed, accumulated batches. The shape follows torchtune's single-device recipe: builders
 produce the pieces (sampler, collator, optimizer, scheduler, logger), and the loop only wires them.
 
@@ -66,7 +66,9 @@ from typing import Any
 import torch
 
 from hellbender.config.schema import ResolvedConfig
+from hellbender.data.errors import EmptyTrainingSetError
 from hellbender.data.packing import BatchSampler, Collator
+from hellbender.errors import HellbenderError, OptionError
 from hellbender.kernels import LossFn, activation_offloading, build_loss
 from hellbender.models.attention import model_inputs
 from hellbender.train import checkpoint as ckpt
@@ -76,7 +78,7 @@ from hellbender.train.optim import build_optimizer, build_scheduler
 Autocast = Callable[[], AbstractContextManager[Any]]
 
 
-class TrainingStopped(RuntimeError):
+class TrainingStopped(HellbenderError, RuntimeError):
     """The run was stopped on purpose (NaN/inf loss, loss watchdog); the last checkpoint is intact."""
 
 
@@ -142,10 +144,11 @@ class Samples:
             return [[self.data[i] for i in row] for row in micro_batch]
         flat = [i for row in micro_batch for i in row]
         cols = self.data[flat]
-        samples = [
+        samples: list[Mapping[str, Any]] = [
             {"input_ids": a, "labels": b} for a, b in zip(cols["input_ids"], cols["labels"], strict=True)
         ]
-        out, pos = [], 0
+        out: list[list[Mapping[str, Any]]] = []
+        pos = 0
         for row in micro_batch:
             out.append(samples[pos : pos + len(row)])
             pos += len(row)
@@ -217,7 +220,7 @@ def plan_steps(sampler: BatchSampler, cfg: ResolvedConfig) -> StepPlan:
         sampler.set_epoch(len(steps_per_epoch))
         length = math.ceil(len(sampler) / accumulation)
         if length == 0:
-            raise ValueError("the training set is empty: no micro-batch to train on")
+            raise EmptyTrainingSetError("the training set is empty: no micro-batch to train on")
         steps = length
         fraction = epoch_limit - len(steps_per_epoch)
         if fraction < 1:
@@ -382,30 +385,80 @@ class _LogWindow:
         self.seconds += seconds
 
 
-@dataclass
 class _Run:
-    """Everything a training run decides before its first step (built by :func:`_set_up`)."""
+    """One training run: its pieces, and everything decided before its first step.
 
-    cfg: ResolvedConfig
-    model: torch.nn.Module
-    device: torch.device
-    samples: Samples
-    eval_samples: Samples | None
-    sampler: BatchSampler
-    collate: Collator
-    plan: StepPlan
-    eval_at: frozenset[int]  # global steps that evaluate
-    save_at: frozenset[int]  # global steps that checkpoint (save_strategy: best decides at eval)
-    forward: Forward
-    params: list[torch.nn.Parameter]  # the trainable ones
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    scaler: torch.amp.GradScaler | None
-    state: ckpt.TrainState
-    log: RunLogger
-    out: Path
-    pad_token_id: int
-    world: World
+    Built once by :func:`train`: the sampler and the exact step plan, the steps that evaluate and
+    save, the loss function and autocast context (:class:`Forward`), the optimizer, scheduler and
+    loss scaler, the restored state of a resumed run, and the logger.
+    """
+
+    def __init__(
+        self,
+        cfg: ResolvedConfig,
+        model: torch.nn.Module,
+        train_data: Any,
+        eval_data: Any | None,
+        *,
+        pad_token_id: int,
+        out: Path,
+        resume_from: Path | None,
+        world: World,
+    ) -> None:
+        self.cfg, self.model, self.out, self.pad_token_id, self.world = cfg, model, out, pad_token_id, world
+        self.device = next(model.parameters()).device
+        self.samples = Samples(train_data)
+        self.eval_samples = Samples(eval_data) if eval_data is not None and len(eval_data) else None
+        if cfg.save_strategy == "best" and self.eval_samples is None:
+            raise OptionError("save_strategy: best needs an evaluation set (val_set_size or test_datasets)")
+        self.sampler, self.collate = batching(self.samples, cfg, pad_token_id)
+        self.plan = plan_steps(self.sampler, cfg)
+        self.eval_at: frozenset[int] = frozenset()  # global steps that evaluate
+        if self.eval_samples is not None and cfg.eval_strategy != "no":  # and always after the last step
+            self.eval_at = frozenset({self.plan.total}) | scheduled_steps(
+                self.plan,
+                strategy=cfg.eval_strategy,
+                every=cfg.eval_steps,
+                per_epoch=cfg.evals_per_epoch,
+                default_epoch_end=False,
+            )
+        self.save_at: frozenset[int] = frozenset()  # global steps that checkpoint (best: decided at eval)
+        if cfg.save_strategy != "best":
+            self.save_at = scheduled_steps(
+                self.plan,
+                strategy=cfg.save_strategy,
+                every=cfg.save_steps,
+                per_epoch=cfg.saves_per_epoch,
+                default_epoch_end=True,
+            )
+        self.forward = Forward.build(cfg, model)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(cfg, model)
+        self.scheduler = build_scheduler(cfg, self.optimizer, self.plan.total)
+        # fp16 needs loss scaling (its range underflows small gradients); bf16 and fp32 do not.
+        self.scaler = torch.amp.GradScaler(self.device.type) if cfg.compute_dtype == "float16" else None
+        self.state = ckpt.TrainState(
+            total_steps=self.plan.total,
+            plan={
+                "steps_per_epoch": self.plan.steps_per_epoch,
+                "accumulation": cfg.gradient_accumulation_steps,
+            },
+        )
+        if resume_from is not None:
+            _check_same_plan(resume_from, self.plan)
+            self.state = ckpt.load_checkpoint(
+                resume_from, model, self.optimizer, self.scheduler, scaler=self.scaler
+            )
+        self.log = RunLogger(
+            cfg,
+            out,
+            total_steps=self.plan.total,
+            initial_step=self.state.global_step,
+            enabled=world.is_main,
+            history=_metrics_history(resume_from),
+        )
+        if self.state.global_step == 0:  # a resumed run's file already holds its plan record
+            _log_plan(self.log, self.sampler, self.plan, cfg)
 
     def save(self) -> Path | None:
         """Checkpoint the run at its current step (the main rank writes)."""
@@ -424,7 +477,7 @@ class _Run:
         )
 
     def evaluate(self, step: int) -> dict[str, float]:
-        """Evaluate, log the result, and track the best eval loss."""
+        """Evaluate and log the result."""
         metrics = evaluate(
             self.model, self.eval_samples, self.cfg, self.pad_token_id, world=self.world, forward=self.forward
         )
@@ -453,15 +506,16 @@ def train(
     are applied by the caller (:func:`hellbender.kernels.apply_optimizations`); final outputs are
     written by :func:`hellbender.commands.train.run_train`.
     """
-    run = _set_up(
+    out = Path(output_dir or cfg.output_dir)
+    run = _Run(
         cfg,
         model,
         train_data,
         eval_data,
-        pad_token_id,
-        Path(output_dir or cfg.output_dir),
-        resume_from,
-        world,
+        pad_token_id=pad_token_id,
+        out=out,
+        resume_from=resume_from,
+        world=world,
     )
     result = TrainResult(run.state.global_step, run.plan.total, resumed_from=resume_from)
     accumulation = cfg.gradient_accumulation_steps
@@ -474,7 +528,7 @@ def train(
             loss, trained, tokens = _accumulate_gradients(model, batches, run.forward, cfg, run.scaler, world)
             step = run.state.global_step + 1
             _stop_if_diverged(cfg, loss, step, run.log)  # before the update: the weights stay good
-            lr = run.scheduler.get_last_lr()[0]
+            lr = float(run.scheduler.get_last_lr()[0])  # typed float | Tensor; our schedules give floats
             grad_norm = _optimizer_step(run, step, loss)
             run.scheduler.step()
 
@@ -497,87 +551,6 @@ def train(
     finally:
         run.log.close()
     return result
-
-
-def _set_up(
-    cfg: ResolvedConfig,
-    model: torch.nn.Module,
-    train_data: Any,
-    eval_data: Any | None,
-    pad_token_id: int,
-    out: Path,
-    resume_from: Path | None,
-    world: World,
-) -> _Run:
-    """Build the run's pieces and decide, before the first step, everything that can be decided."""
-    samples = Samples(train_data)
-    eval_samples = Samples(eval_data) if eval_data is not None and len(eval_data) else None
-    if cfg.save_strategy == "best" and eval_samples is None:
-        raise ValueError("save_strategy: best needs an evaluation set (val_set_size or test_datasets)")
-    sampler, collate = batching(samples, cfg, pad_token_id)
-    plan = plan_steps(sampler, cfg)
-    eval_at: frozenset[int] = frozenset()
-    if eval_samples is not None and cfg.eval_strategy != "no":  # and always after the last step
-        eval_at = frozenset({plan.total}) | scheduled_steps(
-            plan,
-            strategy=cfg.eval_strategy,
-            every=cfg.eval_steps,
-            per_epoch=cfg.evals_per_epoch,
-            default_epoch_end=False,
-        )
-    save_at: frozenset[int] = frozenset()
-    if cfg.save_strategy != "best":
-        save_at = scheduled_steps(
-            plan,
-            strategy=cfg.save_strategy,
-            every=cfg.save_steps,
-            per_epoch=cfg.saves_per_epoch,
-            default_epoch_end=True,
-        )
-    device = next(model.parameters()).device
-    optimizer = build_optimizer(cfg, model)
-    scheduler = build_scheduler(cfg, optimizer, plan.total)
-    # fp16 needs loss scaling (its range underflows small gradients); bf16 and fp32 do not.
-    scaler = torch.amp.GradScaler(device.type) if cfg.compute_dtype == "float16" else None
-    state = ckpt.TrainState(
-        total_steps=plan.total,
-        plan={"steps_per_epoch": plan.steps_per_epoch, "accumulation": cfg.gradient_accumulation_steps},
-    )
-    if resume_from is not None:
-        _check_same_plan(resume_from, plan)
-        state = ckpt.load_checkpoint(resume_from, model, optimizer, scheduler, scaler=scaler)
-    log = RunLogger(
-        cfg,
-        out,
-        total_steps=plan.total,
-        initial_step=state.global_step,
-        enabled=world.is_main,
-        history=_metrics_history(resume_from),
-    )
-    if state.global_step == 0:  # a resumed run's file already holds its plan record
-        _log_plan(log, sampler, plan, cfg)
-    return _Run(
-        cfg=cfg,
-        model=model,
-        device=device,
-        samples=samples,
-        eval_samples=eval_samples,
-        sampler=sampler,
-        collate=collate,
-        plan=plan,
-        eval_at=eval_at,
-        save_at=save_at,
-        forward=Forward.build(cfg, model),
-        params=[p for p in model.parameters() if p.requires_grad],
-        optimizer=optimizer,
-        scheduler=scheduler,
-        scaler=scaler,
-        state=state,
-        log=log,
-        out=out,
-        pad_token_id=pad_token_id,
-        world=world,
-    )
 
 
 def _accumulate_gradients(
@@ -651,7 +624,7 @@ def _log_plan(log: RunLogger, sampler: BatchSampler, plan: StepPlan, cfg: Resolv
 def _check_same_plan(resume_from: Path, plan: StepPlan) -> None:
     previous = ckpt.read_state(resume_from)
     if previous.plan.get("steps_per_epoch") != plan.steps_per_epoch:
-        raise ValueError(
+        raise ckpt.CheckpointError(
             f"{resume_from} belongs to a run planned as {previous.plan.get('steps_per_epoch')} steps per "
             f"epoch, but this config plans {plan.steps_per_epoch}: data, batch size, sequence_len or the run "
             "length changed, so the run cannot continue exactly. Start a new output_dir instead."

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from hellbender.config.schema import ResolvedConfig
+from hellbender.errors import UnavailableError
 from hellbender.files import write_atomically
 
 METRICS_FILE = "metrics.jsonl"
@@ -78,7 +79,9 @@ class JsonlSink:
             for line in source.read_text(encoding="utf-8").splitlines()
             if line.strip() and json.loads(line).get("step", 0) <= step
         ]
-        write_atomically(path, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8"))
+        write_atomically(
+            path, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        )
 
     def log(self, step: int, metrics: Mapping[str, float]) -> None:
         record = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
@@ -127,7 +130,7 @@ class WandbSink:
             entity=cfg.wandb_entity,
             name=cfg.wandb_name,
             id=cfg.wandb_run_id,
-            mode=cfg.wandb_mode,  # type: ignore[arg-type]
+            mode=cfg.wandb_mode,
             resume="allow" if cfg.wandb_run_id else None,
             # Beside metrics.jsonl: the loop may write to another folder than cfg.output_dir.
             dir=str(output_dir),
@@ -164,7 +167,7 @@ class MlflowSink:
 
 def _require(module: str, key: str, extra: str = "logging") -> None:
     if find_spec(module) is None:
-        raise RuntimeError(
+        raise UnavailableError(
             f"`{key}` is set, so metrics go to {module}, but {module} is not installed: "
             f"pip install {module} (or pip install 'hellbender[{extra}]'), or remove `{key}`."
         )
@@ -282,7 +285,9 @@ class RunLogger:
         if enabled:
             path = output_dir / METRICS_FILE
             path.parent.mkdir(parents=True, exist_ok=True)
-            JsonlSink.restore(history if history is not None and history.is_file() else path, path, initial_step)
+            JsonlSink.restore(
+                history if history is not None and history.is_file() else path, path, initial_step
+            )
             self.sinks = build_sinks(cfg, output_dir)
         self.progress = Progress(total_steps, initial_step, enabled=enabled)
 

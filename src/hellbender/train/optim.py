@@ -19,6 +19,7 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from hellbender.config.schema import ResolvedConfig
+from hellbender.errors import OptionError, UnavailableError
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -48,7 +49,7 @@ def build_optimizer(cfg: ResolvedConfig, model: torch.nn.Module) -> torch.optim.
     """The optimizer named by ``cfg.optimizer`` over the model's trainable parameters."""
     groups = param_groups(model, cfg.weight_decay)
     if not groups:
-        raise ValueError("the model has no trainable parameters (is every parameter frozen?)")
+        raise OptionError("the model has no trainable parameters (is every parameter frozen?)")
     betas = (cfg.adam_beta1, cfg.adam_beta2)
     lr = cfg.learning_rate
     if cfg.optimizer == "adamw_torch":
@@ -61,7 +62,7 @@ def build_optimizer(cfg: ResolvedConfig, model: torch.nn.Module) -> torch.optim.
         try:
             import bitsandbytes as bnb
         except ImportError as exc:  # the config rule HB144 reports this earlier; kept for API users
-            raise RuntimeError(
+            raise UnavailableError(
                 "optimizer: adamw_8bit needs bitsandbytes, which is not installed: "
                 "pip install 'hellbender[quant]'"
             ) from exc

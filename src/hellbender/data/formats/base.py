@@ -104,9 +104,10 @@ def get_str(row: Mapping[str, Any], key: str, *, required: bool, what: str = "fi
     return value
 
 
-def get_nonempty_list(row: Any, key: str, *, items: str) -> list[Any]:
-    """``row[key]`` as a non-empty list of ``items`` (e.g. "messages"). Missing, not a list or
-    empty: :class:`BadRow` with the reason ``missing_field``, ``wrong_type`` or ``empty_<items>``."""
+def get_object_list(row: Any, key: str, *, items: str, item: str) -> list[Mapping[str, Any]]:
+    """``row[key]`` as a non-empty list of objects, the ``items`` (e.g. "messages"), each an
+    ``item`` ("message"). Missing, not a list, empty, or an entry that is not an object:
+    :class:`BadRow` with the reason ``missing_field``, ``wrong_type`` or ``empty_<items>``."""
     row = as_object(row)
     if key not in row or row[key] is None:
         raise BadRow("missing_field", f"field {key!r} is missing")
@@ -115,4 +116,7 @@ def get_nonempty_list(row: Any, key: str, *, items: str) -> list[Any]:
         raise BadRow("wrong_type", f"field {key!r} must be a list of {items}, got {type_name(value)}")
     if not value:
         raise BadRow(f"empty_{items}", f"field {key!r} is an empty list")
+    for i, entry in enumerate(value):
+        if not isinstance(entry, Mapping):
+            raise BadRow("wrong_type", f"{item} {i} is {type_name(entry)}, expected an object")
     return value

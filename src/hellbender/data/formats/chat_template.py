@@ -28,11 +28,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from hellbender.config.schema import DatasetConfig
 from hellbender.data.errors import BadRow, DataError
-from hellbender.data.formats.base import PromptFormat, Rendered, get_nonempty_list, type_name
+from hellbender.data.formats.base import PromptFormat, Rendered, get_object_list, type_name
+
+if TYPE_CHECKING:
+    from jinja2 import Template
 
 # Templates shipped by name. Written for hellbender; each puts a special end-of-turn token right
 # after every content, which is what exact end-of-turn masking relies on.
@@ -151,18 +154,24 @@ def render_template(template: str, messages: Sequence[Mapping[str, Any]], kwargs
         )
     from transformers.utils.chat_template_utils import render_jinja_template
 
-    rendered, _ = render_jinja_template(
-        conversations=[list(messages)], chat_template=template, add_generation_prompt=False, **kwargs
+    # transformers annotates the result as str; it is (the rendered conversations, generation indices).
+    rendered, _ = cast(
+        "tuple[list[str], Any]",
+        render_jinja_template(
+            conversations=[[dict(m) for m in messages]], chat_template=template, add_generation_prompt=False,
+            **kwargs,
+        ),
     )
     return rendered[0]
 
 
-def _compiled(template: str) -> Any:
+def _compiled(template: str) -> Template | None:
     try:
         from transformers.utils.chat_template_utils import _compile_jinja_template
     except ImportError:  # a transformers without it: use the public renderer
         return None
-    return _compile_jinja_template(template)
+    compiled: Template = _compile_jinja_template(template)  # unannotated in transformers
+    return compiled
 
 
 def _candidates(content: str) -> list[str]:
@@ -262,7 +271,9 @@ class ChatTemplateFormat(PromptFormat):
         default_system_message: str | None,
         train_on_inputs: bool,
     ) -> None:
-        self.template, self.template_label = resolve_chat_template(ds.chat_template or chat_template, tokenizer)
+        self.template, self.template_label = resolve_chat_template(
+            ds.chat_template or chat_template, tokenizer
+        )
         # What apply_chat_template passes to the template besides the messages.
         self.template_kwargs = {k: str(v) for k, v in tokenizer.special_tokens_map.items() if v is not None}
         self.field_messages = ds.field_messages
@@ -283,30 +294,30 @@ class ChatTemplateFormat(PromptFormat):
         return Features({"messages": List(message)})
 
     def normalize(self, row: Any) -> dict[str, Any]:
-        raw = get_nonempty_list(row, self.field_messages, items="messages")
+        raw = get_object_list(row, self.field_messages, items="messages", item="message")
         messages = []
         for i, msg in enumerate(raw):
-            if not isinstance(msg, Mapping):
-                raise BadRow("wrong_type", f"message {i} is {type_name(msg)}, expected an object")
             for field in (self.role_key, self.content_key):
                 if field not in msg or msg[field] is None:
                     raise BadRow("missing_field", f"message {i}: field {field!r} is missing")
                 if not isinstance(msg[field], str):
                     raise BadRow(
-                        "wrong_type", f"message {i}: field {field!r} must be a string, got {type_name(msg[field])}"
+                        "wrong_type",
+                        f"message {i}: field {field!r} must be a string, got {type_name(msg[field])}",
                     )
             role = self.role_map.get(msg[self.role_key])
             if role is None:
                 raise BadRow(
                     "unknown_role",
-                    f"message {i}: unknown role {msg[self.role_key]!r} (known: {', '.join(sorted(self.role_map))}; "
-                    "map more names with `roles:`)",
+                    f"message {i}: unknown role {msg[self.role_key]!r} "
+                    f"(known: {', '.join(sorted(self.role_map))}; map more names with `roles:`)",
                 )
             training = msg.get(self.training_key)
             if training is not None and not isinstance(training, bool):
                 raise BadRow(
                     "wrong_type",
-                    f"message {i}: field {self.training_key!r} must be true or false, got {type_name(training)}",
+                    f"message {i}: field {self.training_key!r} must be true or false, "
+                    f"got {type_name(training)}",
                 )
             messages.append({"role": role, "content": msg[self.content_key], "training": training})
         if self.default_system_message is not None and messages[0]["role"] != "system":

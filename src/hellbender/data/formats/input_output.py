@@ -14,7 +14,7 @@ from hellbender.data.errors import BadRow
 from hellbender.data.formats.base import (
     PromptFormat,
     Rendered,
-    get_nonempty_list,
+    get_object_list,
     get_str,
     type_name,
 )
@@ -33,17 +33,16 @@ class InputOutputFormat(PromptFormat):
         return Features({"segments": List({"text": Value("string"), "label": Value("bool")})})
 
     def normalize(self, row: Any) -> dict[str, Any]:
-        segments = get_nonempty_list(row, self.field_segments, items="segments")
+        segments = get_object_list(row, self.field_segments, items="segments", item="segment")
         out = []
         for i, seg in enumerate(segments):
-            if not isinstance(seg, Mapping):
-                raise BadRow("wrong_type", f"segment {i} is {type_name(seg)}, expected an object")
             text = get_str(seg, "text", required=True, what=f"segment {i}: field")
             if "label" not in seg or seg["label"] is None:
                 raise BadRow("missing_field", f"segment {i}: field 'label' is missing")
             if not isinstance(seg["label"], bool):
                 raise BadRow(
-                    "wrong_type", f"segment {i}: field 'label' must be true or false, got {type_name(seg['label'])}"
+                    "wrong_type",
+                    f"segment {i}: field 'label' must be true or false, got {type_name(seg['label'])}",
                 )
             out.append({"text": text, "label": seg["label"]})
         return {"segments": out}

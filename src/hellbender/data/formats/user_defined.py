@@ -24,7 +24,10 @@ def check_format_string(fmt: str, key: str) -> None:
     try:
         fields = [name for _, name, _, _ in string.Formatter().parse(fmt) if name is not None]
     except ValueError as exc:  # e.g. a lone "{"
-        raise DataError(f"user-defined format: `{key}` is not a valid format string ({exc}); write {{{{ for a literal brace.") from exc
+        raise DataError(
+            f"user-defined format: `{key}` is not a valid format string ({exc}); "
+            "write {{ for a literal brace."
+        ) from exc
     for name in fields:
         if name not in PLACEHOLDERS:
             raise DataError(
