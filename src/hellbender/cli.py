@@ -159,7 +159,8 @@ def _reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _load(config: str, overrides: tuple[str, ...]) -> ResolvedConfig:
-    """Load a config for a command that runs; print findings; exit 1 on errors."""
+    """Load a config for a command that runs; print findings (exit 1 on errors); route hellbender's
+    log lines to stderr at the config's verbosity."""
     from hellbender.config.findings import ConfigError
     from hellbender.config.load import load_config
 
@@ -173,6 +174,7 @@ def _load(config: str, overrides: tuple[str, ...]) -> ResolvedConfig:
     for finding in findings:
         if finding.severity != "info" or finding.code == "HB190":
             click.echo(finding.render(), err=True)
+    _log_to_stderr(cfg.debug)
     return cfg
 
 
@@ -321,7 +323,6 @@ def train(config: str, overrides: tuple[str, ...]) -> None:
     from hellbender.commands.train import run_train
 
     cfg = _load(config, overrides)
-    _log_to_stderr(cfg.debug)
     result = run_train(cfg)
     last = result.losses.get(result.global_step)
     summary = f"trained {result.global_step}/{result.total_steps} steps"
@@ -341,7 +342,6 @@ def evaluate(config: str, overrides: tuple[str, ...]) -> None:
     from hellbender.commands.evaluate import run_evaluate
 
     cfg = _load(config, overrides)
-    _log_to_stderr(cfg.debug)
     metrics = run_evaluate(cfg)
     click.echo(json.dumps(metrics, indent=2))
 
@@ -362,7 +362,6 @@ def merge_lora(config: str, overrides: tuple[str, ...], out_dir: str | None) -> 
     from hellbender.commands.merge_lora import run_merge_lora
 
     cfg = _load(config, overrides)
-    _log_to_stderr(cfg.debug)
     path = run_merge_lora(cfg, out_dir)
     click.echo(f"merged model written to {path}")
 
@@ -383,7 +382,6 @@ def inference(
     from hellbender.commands.inference import run_inference
 
     cfg = _load(config, overrides)
-    _log_to_stderr(cfg.debug)
     run_inference(cfg, prompt, max_new_tokens=max_new_tokens, temperature=temperature)
 
 
