@@ -20,7 +20,7 @@ from hellbender.models.adapters import (
     merge_adapter,
     trainable_parameter_names,
 )
-from hellbender.models.load import load_model, load_tokenizer
+from hellbender.models.load import PickledWeightsError, load_model, load_tokenizer
 from hellbender.testing.configs import resolved_config
 from hellbender.testing.tiny import build_tiny_model, save_tiny_model_folder
 
@@ -172,6 +172,41 @@ def test_lora_model_dir_continues_the_adapter(tmp_path: Path) -> None:
 def test_lora_model_dir_without_adapter_is_an_error() -> None:
     with pytest.raises(ValueError, match="adapter"):
         apply_adapter(build_tiny_model(seed=SEED), make_cfg(adapter=None, lora_model_dir="/nowhere"))
+
+
+def test_pickled_adapter_is_refused_unless_opted_in(tmp_path: Path) -> None:
+    """allow_pickle_weights guards lora_model_dir as it guards base_model: an adapter folder with
+    only adapter_model.bin (a torch pickle) is refused, in the same words, before anything loads."""
+    folder = save_tiny_model_folder(tmp_path / "base", seed=SEED)
+    cfg = make_cfg(base_model=str(folder), lora_target_linear=True)
+    tokenizer = load_tokenizer(cfg)
+    first = load_model(cfg, tokenizer)
+    randomize_lora_b(first)
+    first.save_pretrained(tmp_path / "adapter", safe_serialization=False)
+    assert (tmp_path / "adapter" / "adapter_model.bin").is_file()
+    assert not list((tmp_path / "adapter").glob("*.safetensors"))
+    first.eval()
+    with torch.no_grad():
+        expected = first(INPUT).logits
+
+    pickled = make_cfg(base_model=str(folder), lora_model_dir=str(tmp_path / "adapter"))
+    with pytest.raises(PickledWeightsError) as refused:
+        load_model(pickled, tokenizer)
+    message = str(refused.value)
+    assert message.startswith("lora_model_dir: ") and str(tmp_path / "adapter") in message
+    assert "adapter_model.bin" in message and "allow_pickle_weights: true" in message
+
+    base_folder = save_tiny_model_folder(tmp_path / "pickled-base", seed=SEED, pickled=True)
+    with pytest.raises(PickledWeightsError) as base_refused:
+        load_model(make_cfg(base_model=str(base_folder)), tokenizer)
+    same_words = "holds only pickled weights"
+    assert same_words in message and same_words in str(base_refused.value)
+    assert message.split(")", 1)[1] == str(base_refused.value).split(")", 1)[1]
+
+    allowed = load_model(pickled.model_copy(update={"allow_pickle_weights": True}), tokenizer)
+    allowed.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(allowed(INPUT).logits, expected)
 
 
 def test_merge_adapter_matches_unmerged_logits() -> None:

@@ -14,6 +14,8 @@ from hellbender.errors import HellbenderError
 # Stable reason codes: the report, the rejects file and the tests all use these strings.
 BAD_ROW_REASONS: dict[str, str] = {
     "invalid_json": "invalid JSON",
+    "too_deep": "JSON nested too deep",
+    "number_too_large": "integer too long",
     "not_utf8": "not UTF-8",
     "invalid_csv": "malformed CSV row",
     "missing_field": "missing field",

@@ -204,6 +204,12 @@ def _build(
     if len(train_ds) == 0:
         report.cache_dir = "(not written)"
         raise DataError("no training sample is left after preparation.\n" + report.render())
+    if eval_ds is not None and len(eval_ds) == 0:
+        report.cache_dir = "(not written)"
+        raise DataError(
+            "no evaluation sample is left after preparing `test_datasets` (every row was bad or "
+            "dropped; see below).\n" + report.render()
+        )
 
     order = np.arange(len(train_ds))
     if cfg.shuffle_merged_datasets:
@@ -302,6 +308,13 @@ def _process(
         rejects.write(record)
 
     records = list(e.source.records())
+    if not records and e.stats.split == "eval":
+        # An evaluation on nothing measures nothing (and an empty eval split cannot even be saved
+        # and loaded back); a training dataset may be empty as long as another one is not.
+        raise DataError(
+            f"test dataset {e.config.path!r} has no rows: remove it from `test_datasets`, or point it "
+            "at the evaluation data."
+        )
     if e.config.shards and e.config.shards > 1:
         records = records[: math.ceil(len(records) / e.config.shards)]
     for rec in records:

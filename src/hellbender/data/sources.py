@@ -4,7 +4,10 @@ Every row carries its :class:`Location` — file and line for text formats (JSON
 arrays, CSV, txt), file and row number for tables (parquet, arrow, saved datasets, hub) — so a
 bad row can be named exactly. That is why JSON Lines, JSON, CSV and text files are read here line
 by line rather than through ``datasets.load_dataset``, which forgets line numbers and fails a
-whole file on one bad line.
+whole file on one bad line. A row whose JSON parses but cannot be used (a lone surrogate escape,
+nesting too deep for Python's json, an integer too long for Python) is a bad row of its own too.
+What cannot be read at all (a FIFO or device instead of a file, a damaged ``save_to_disk``
+folder) is a :class:`DataError` naming it.
 
 ``split`` selects a split of a ``save_to_disk`` DatasetDict or of a hub dataset; a local data file
 is one split by itself, so ``split`` does not apply to it. ``name`` and ``revision`` apply to hub
@@ -21,6 +24,7 @@ import csv
 import hashlib
 import json
 import re
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -176,6 +180,8 @@ def resolve_source(ds: DatasetConfig) -> Source:
                 "and is not a save_to_disk folder."
             )
         return Source(ds, "files", files=[(p, _file_type(p, ds)) for p in found])
+    if path.exists():  # neither a file nor a folder; never opened (opening a FIFO waits for a writer)
+        raise _not_regular(path, ds)
     if ds.path in LOADER_NAMES and data_files:
         ftype = ds.ds_type or LOADER_NAMES[ds.path]
         return Source(ds, "files", files=[(p, ftype) for p in _expand(Path("."), data_files, ds)])
@@ -197,6 +203,8 @@ def _expand(root: Path, patterns: list[str], ds: DatasetConfig) -> list[Path]:
     files: list[Path] = []
     for pattern in patterns:
         direct = root / pattern
+        if direct.exists() and not direct.is_file() and not direct.is_dir():
+            raise _not_regular(direct, ds)
         matches = [direct] if direct.is_file() else sorted(p for p in root.glob(pattern) if p.is_file())
         if not matches:
             raise DataError(
@@ -204,6 +212,22 @@ def _expand(root: Path, patterns: list[str], ds: DatasetConfig) -> list[Path]:
             )
         files.extend(matches)
     return files
+
+
+def _not_regular(path: Path, ds: DatasetConfig) -> DataError:
+    """``path`` exists but is no file to read rows from: a FIFO, a device (``/dev/null``), a socket."""
+    mode = path.stat().st_mode
+    kinds = (
+        (stat.S_ISFIFO, "a named pipe (FIFO)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    )
+    kind = next((name for test, name in kinds if test(mode)), "neither a file nor a folder")
+    return DataError(
+        f"dataset {ds.path!r}: {path} is not a regular file ({kind}). A dataset is read twice (once to "
+        "fingerprint it for the cache, once for its rows), so it must be a file or a folder of files."
+    )
 
 
 def _load_hub(ds: DatasetConfig) -> Any:
@@ -251,7 +275,156 @@ def _shown(text: str) -> str:
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
+# What Python's json accepts as text but cannot turn into a usable row is a bad row of its own:
+# * a lone UTF-16 surrogate escape ("\ud83d" without its pair): a str no UTF-8 encoder takes, so
+#   it would crash tokenizing or saving far from its line;
+# * nesting deeper than json's recursion allows (RecursionError);
+# * an integer with more digits than Python converts (sys.get_int_max_str_digits(), ValueError).
+_SURROGATE = re.compile("[\ud800-\udfff]")
+# A lone surrogate in a decoded value can only come from such an escape (raw surrogate bytes are
+# not UTF-8 and are caught before parsing), so values are searched only when the text has one.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+class _TooLong:
+    """Stands in a decoded value for an integer with more digits than Python converts."""
+
+    def __init__(self, digits: int) -> None:
+        self.digits = digits
+
+    def __repr__(self) -> str:
+        return f"<integer of {self.digits} digits>"
+
+
+def _unusable(value: Any) -> BadRow | None:
+    """Why a decoded JSON value cannot be a row (a lone surrogate, an integer too long), or None.
+    Walked with a stack: a value json could decode may still be too deep for recursion here."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, _TooLong):
+            return BadRow(
+                "number_too_large",
+                f"an integer with {item.digits} digits, more than Python converts "
+                "(sys.get_int_max_str_digits())",
+            )
+        strings: Any = ()
+        if isinstance(item, str):
+            strings = (item,)
+        elif isinstance(item, dict):
+            strings = item.keys()
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        for text in strings:
+            found = _SURROGATE.search(text)
+            if found is not None:
+                return BadRow(
+                    "not_utf8",
+                    f"not UTF-8: a lone surrogate \\u{ord(found.group()):04x} (half of a UTF-16 pair, "
+                    f"written as a JSON escape) in {'a key' if text is not item else 'a string'}",
+                )
+    return None
+
+
+def _too_deep() -> BadRow:
+    return BadRow("too_deep", "JSON nested too deep for Python's json parser")
+
+
+class _JSONValues:
+    """JSON decoding that reports what Python cannot make a usable row of (see above) as a
+    :class:`BadRow` of that row alone. Malformed JSON still raises ``json.JSONDecodeError``."""
+
+    def __init__(self) -> None:
+        self._suspect = False  # an integer too long was met in the value being decoded
+        self._decoder = json.JSONDecoder(parse_int=self._parse_int)
+
+    def _parse_int(self, digits: str) -> int | _TooLong:
+        try:
+            return int(digits)
+        except ValueError:  # more digits than sys.get_int_max_str_digits() allows
+            self._suspect = True
+            return _TooLong(len(digits.lstrip("-")))
+
+    def whole(self, text: str) -> tuple[Any, BadRow | None]:
+        """``text`` as one JSON value (a JSON Lines line, a whole document) and its problem."""
+        self._suspect = False
+        try:
+            value = self._decoder.decode(text)
+        except RecursionError:
+            return None, _too_deep()
+        return value, self.check(value, text, 0, len(text))
+
+    def at(self, text: str, pos: int) -> tuple[Any, int | None, BadRow | None]:
+        """The JSON value starting at ``pos``, where it ends, and its problem. The end of a value
+        too deep to decode is found without decoding it; None if it is malformed as well."""
+        self._suspect = False
+        try:
+            value, end = self._decoder.raw_decode(text, pos)
+        except RecursionError:
+            return None, _end_of_json_value(text, pos), _too_deep()
+        return value, end, self.check(value, text, pos, end)
+
+    def check(self, value: Any, text: str, pos: int, end: int) -> BadRow | None:
+        """The problem of ``value``, decoded from ``text[pos:end]`` by the last call (walked only
+        when that text can hold one)."""
+        if self._suspect or (
+            text.find("\\u", pos, end) != -1 and _SURROGATE_ESCAPE.search(text, pos, end) is not None
+        ):
+            return _unusable(value)
+        return None
+
+
+_JSON_TOKEN = re.compile(
+    r'[ \t\n\r]*(?:(?P<scalar>"(?:[^"\\\x00-\x1f]+|\\(?:["\\/bfnrt]|u[0-9a-fA-F]{4}))*"'
+    r"|-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?|true|false|null|NaN|-?Infinity)"
+    r"|(?P<open>[\[{])|(?P<close>[\]}])|(?P<sep>[:,]))"
+)
+
+
+def _end_of_json_value(text: str, pos: int) -> int | None:
+    """Where the JSON value starting at ``pos`` ends if it is well-formed, else None.
+
+    Iterative, so it checks values nested deeper than ``json`` (which recurses) can decode: a
+    JSON array then skips such an element as one bad row, and knows exactly where the next starts.
+    """
+    closers: list[str] = []  # the closing bracket of each open container, innermost last
+    # What comes next: "value", "key", "colon", "comma"; "first_value" / "first_key" just after
+    # "[" / "{" (where the closing bracket may come instead).
+    expect = "value"
+    while True:
+        m = _JSON_TOKEN.match(text, pos)
+        if m is None:
+            return None
+        pos, kind = m.end(), m.lastgroup
+        token = m.group(kind or 0)  # without the whitespace before it
+        if kind == "close":
+            if not closers or token != closers.pop() or expect not in ("comma", "first_value", "first_key"):
+                return None
+        elif expect in ("value", "first_value"):
+            if kind == "open":
+                closers.append("]" if token == "[" else "}")
+                expect = "first_value" if token == "[" else "first_key"
+                continue
+            if kind != "scalar":
+                return None
+        elif expect in ("key", "first_key"):
+            if kind != "scalar" or not token.startswith('"'):
+                return None
+            expect = "colon"
+            continue
+        elif token != (":" if expect == "colon" else ","):
+            return None
+        else:
+            expect = "value" if expect == "colon" or closers[-1] == "]" else "key"
+            continue
+        if not closers:  # a whole value is complete
+            return pos
+        expect = "comma"
+
+
 def _jsonl_rows(path: Path, ds: DatasetConfig) -> Iterator[Record]:
+    values = _JSONValues()
     with path.open("rb") as f:
         for number, raw in enumerate(f, start=1):
             where = Location(str(path), line=number)
@@ -266,13 +439,18 @@ def _jsonl_rows(path: Path, ds: DatasetConfig) -> Iterator[Record]:
             if not line.strip():
                 continue  # blank lines separate nothing and hold no row
             try:
-                yield Record(where, value=json.loads(line))
+                value, unusable = values.whole(line)
             except json.JSONDecodeError as exc:
                 yield Record(
                     where,
                     error=BadRow("invalid_json", f"invalid JSON: {exc.msg} at column {exc.colno}"),
                     raw=line,
                 )
+                continue
+            if unusable is None:
+                yield Record(where, value=value)
+            else:
+                yield Record(where, error=unusable, raw=line)
 
 
 def _line_of(text: str, pos: int, start_pos: int, start_line: int) -> int:
@@ -283,37 +461,54 @@ def _json_rows(path: Path, ds: DatasetConfig) -> Iterator[Record]:
     """A JSON array (rows get their line), an object with ``field``, or JSON Lines in a .json file."""
     text = path.read_bytes().decode("utf-8-sig", "surrogateescape")
     stripped = text.lstrip()
-    decoder = json.JSONDecoder()
+    values = _JSONValues()
     if stripped.startswith("{") and ds.field is None:
         # One object is one row; objects one after another are JSON Lines under a .json name
         # (datasets reads both so). A first object that does not parse is read as JSON Lines
         # too, so the bad line gets reported.
         start = len(text) - len(stripped)
         try:
-            value, end = decoder.raw_decode(text, start)
-            if not text[end:].strip():
-                _require_utf8(text, path, ds)
-                yield Record(Location(str(path), line=text.count("\n", 0, start) + 1), value=value)
-                return
+            value, end, unusable = values.at(text, start)
         except json.JSONDecodeError:
-            pass
+            end = None
+        if end is not None and not text[end:].strip():
+            _require_utf8(text, path, ds)
+            where = Location(str(path), line=text.count("\n", 0, start) + 1)
+            if unusable is None:
+                yield Record(where, value=value)
+            else:
+                yield Record(where, error=unusable, raw=text[start:end])
+            return
         yield from _jsonl_rows(path, ds)
         return
     _require_utf8(text, path, ds)
     if ds.field is not None:
         try:
-            whole = json.loads(text)
+            whole, unusable = values.whole(text)
         except json.JSONDecodeError as exc:
             raise _unreadable_json(
                 path, ds, exc.lineno, f"invalid JSON: {exc.msg} at column {exc.colno}"
             ) from exc
+        if unusable is not None and unusable.reason == "too_deep":
+            raise DataError(
+                f"dataset {ds.path!r}: {path}: {unusable.problem}, somewhere in the document; with "
+                "`field:` the whole file is one JSON document, so none of its rows can be read.\n"
+                "    fix: correct the file, or convert it to JSON Lines (one row per line), where a bad line "
+                "is skipped alone."
+            )
         if not isinstance(whole, dict) or ds.field not in whole:
             raise DataError(f"dataset {ds.path!r}: {path} has no top-level key {ds.field!r} (`field:`).")
         rows = whole[ds.field]
         if not isinstance(rows, list):
             raise DataError(f"dataset {ds.path!r}: {path}: key {ds.field!r} does not hold a list of rows.")
+        suspect = unusable is not None  # some row has a problem: find which
         for i, value in enumerate(rows, start=1):
-            yield Record(Location(str(path), row=i), value=value)
+            where = Location(str(path), row=i)
+            problem = _unusable(value) if suspect else None
+            if problem is None:
+                yield Record(where, value=value)
+            else:  # the row's text is not at hand: its JSON, escaped (so it fits the rejects file)
+                yield Record(where, error=problem, raw=json.dumps(value, default=repr))
         return
     if not stripped.startswith("["):
         line = text.count("\n", 0, len(text) - len(stripped)) + 1
@@ -344,12 +539,19 @@ def _json_rows(path: Path, ds: DatasetConfig) -> Iterator[Record]:
         line = _line_of(text, pos, line_pos, line)
         line_pos = pos
         try:
-            value, pos = decoder.raw_decode(text, pos)
+            value, end, unusable = values.at(text, pos)
         except json.JSONDecodeError as exc:
             raise _unreadable_json(
                 path, ds, exc.lineno, f"invalid JSON: {exc.msg} at column {exc.colno}"
             ) from exc
-        yield Record(Location(str(path), line=line), value=value)
+        if end is None:  # too deep to decode, and malformed too: where it ends is a guess
+            raise _unreadable_json(path, ds, line, "invalid JSON: a row nested too deep, and malformed")
+        where = Location(str(path), line=line)
+        if unusable is None:
+            yield Record(where, value=value)
+        else:  # skipped alone: the next row starts right after it
+            yield Record(where, error=unusable, raw=text[pos:end])
+        pos = end
         expect_value = False
 
 
@@ -377,6 +579,12 @@ def _require_utf8(text: str, path: Path, ds: DatasetConfig) -> None:
 
 
 def _csv_rows(path: Path, ds: DatasetConfig) -> Iterator[Record]:
+    # The csv module refuses a field over 128 KB by default; a long document in one cell is
+    # ordinary data. No field is longer than its file (a character takes at least one byte), so
+    # the limit is raised to the file's size: process-wide, so only ever raised, never lowered.
+    size = min(path.stat().st_size, 2**31 - 1)  # a C long on every platform
+    if csv.field_size_limit() < size:
+        csv.field_size_limit(size)
     with path.open(newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
         reader = csv.reader(f)
         try:
@@ -479,9 +687,20 @@ def _arrow_rows(path: Path, ds: DatasetConfig) -> Iterator[Record]:
 
 def _saved_rows(source: Source) -> Iterator[Record]:
     import datasets
+    import pyarrow as pa
 
     assert source.folder is not None
-    loaded = datasets.load_from_disk(str(source.folder))
+    try:
+        loaded = datasets.load_from_disk(str(source.folder))
+    except (OSError, ValueError, KeyError, TypeError, pa.ArrowException) as exc:
+        # A damaged folder: metadata that is not JSON or misses keys, a missing, truncated or
+        # foreign .arrow file (FileNotFoundError, JSONDecodeError, ArrowInvalid, ...).
+        raise DataError(
+            f"dataset {source.config.path!r}: {source.folder} looks like a save_to_disk folder "
+            f"({', '.join(m for m in _SAVED_MARKERS if (source.folder / m).exists())}) but cannot be "
+            f"loaded: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}. Save the dataset again "
+            "with `save_to_disk`, or point `path:` at its data files."
+        ) from exc
     if isinstance(loaded, datasets.DatasetDict):
         split = source.config.split
         if split not in loaded:

@@ -7,7 +7,8 @@ The functions here read a normalized :class:`~hellbender.config.schema.ResolvedC
 Decisions worth knowing:
 
 * **Safetensors only** unless ``allow_pickle_weights: true``: unpickling a ``.bin`` checkpoint can
-  run arbitrary code, so a folder with only pickled weights is refused with the key to flip.
+  run arbitrary code, so a folder with only pickled weights is refused with the key to flip — the
+  base model's and the adapter's of ``lora_model_dir`` alike.
 * **GGUF** files are converted once into a cached safetensors folder (:mod:`.gguf`), because a
   GGUF-loaded model can neither be saved nor trained as loaded.
 * **Offline** (``HF_HUB_OFFLINE=1``): a hub id is accepted only if it is already in the local
@@ -22,12 +23,15 @@ Decisions worth knowing:
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import math
 import os
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -61,6 +65,18 @@ NEW_PAD_TOKEN = "<|pad|>"
 ADDED_TOKENS_ATTR = "hellbender_added_tokens"
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+# Third-party notices that read like errors in an ordinary run, about what hellbender has already
+# dealt with. Both are emitted while a model loads, so :func:`load_model` hides them meanwhile.
+# Logger name → how the message starts. bitsandbytes logs this while it is imported on a CPU with
+# AVX512-BF16: an optional package for a CPU inference kernel is missing, and hellbender keeps
+# 4-bit weights out of the layout that kernel serves anyway (adapters.keep_bnb_cpu_weights_differentiable).
+QUIET_LOG_NOTICES = {
+    "bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward from kernels-community",
+}
+# (message, category, module) of a warning: transformers 5 deprecates is_gradient_checkpointing,
+# which peft reads when it wraps a model (peft's call, not hellbender's).
+QUIET_WARNING = (r"`is_gradient_checkpointing` is deprecated", FutureWarning, r"transformers\.modeling_utils")
 
 
 class ModelNotLocalError(MissingFileError):
@@ -333,8 +349,9 @@ def apply_config_overrides(config: PretrainedConfig, overrides: dict[str, Any] |
     return changed
 
 
-def _check_weights_format(path: str, allow_pickle: bool) -> None:
-    """Refuse a local folder that holds only pickled weights unless the user opted in."""
+def _check_weights_format(path: str, allow_pickle: bool, key: str) -> None:
+    """Refuse a local folder (``key``: the base model, or the adapter of ``lora_model_dir``) that
+    holds only pickled weights unless the user opted in."""
     folder = Path(path)
     if allow_pickle or not folder.is_dir():
         return
@@ -344,8 +361,8 @@ def _check_weights_format(path: str, allow_pickle: bool) -> None:
     pickled = sorted(f for f in files if f.endswith(_PICKLE_SUFFIXES) and f != "training_args.bin")
     if pickled:
         raise PickledWeightsError(
-            f"{path} holds only pickled weights ({', '.join(pickled)}). Loading them unpickles data, "
-            "which can run arbitrary code. Convert them to safetensors, or set "
+            f"{key}: {path} holds only pickled weights ({', '.join(pickled)}). Loading them unpickles "
+            "data, which can run arbitrary code. Convert them to safetensors, or set "
             "`allow_pickle_weights: true` if you trust the source."
         )
 
@@ -437,6 +454,37 @@ def _leaf_module_name(model: torch.nn.Module, module: torch.nn.Module) -> str:
     raise ValueError("module not found in model")
 
 
+class _DropNotice(logging.Filter):
+    """Drops the log records whose message (the format string) starts with ``start``."""
+
+    def __init__(self, start: str) -> None:
+        super().__init__()
+        self.start = start
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.start)
+
+
+@contextlib.contextmanager
+def third_party_notices_hidden() -> Iterator[None]:
+    """Hide :data:`QUIET_LOG_NOTICES` and :data:`QUIET_WARNING` inside the block, nothing else;
+    afterwards the loggers and the warning filters are as they were."""
+    filters = [(logging.getLogger(name), _DropNotice(start)) for name, start in QUIET_LOG_NOTICES.items()]
+    for target, drop in filters:
+        target.addFilter(drop)
+    message, category, module = QUIET_WARNING
+    warnings.filterwarnings("ignore", message=message, category=category, module=module)
+    entry = warnings.filters[0]  # inserted first: found and removed exactly, other filters untouched
+    try:
+        yield
+    finally:
+        for target, drop in filters:
+            target.removeFilter(drop)
+        installed = cast("list[Any]", warnings.filters)
+        if entry in installed:
+            installed.remove(entry)
+
+
 def load_model(cfg: ResolvedConfig, tokenizer: PreTrainedTokenizerBase) -> torch.nn.Module:
     """Load the causal LM described by ``cfg``, sized for ``tokenizer``, with its adapter applied
     (a peft wrapper around the transformers model, or the model itself for full fine-tuning).
@@ -445,7 +493,15 @@ def load_model(cfg: ResolvedConfig, tokenizer: PreTrainedTokenizerBase) -> torch
     ``compute_dtype`` with ``attn_implementation`` (bitsandbytes 4/8-bit when asked) → grow the
     embeddings if the tokenizer has more tokens than rows → copy pad/eos/bos ids to the config
     and generation config → :func:`hellbender.models.adapters.apply_adapter`.
+
+    Third-party notices about what hellbender has dealt with are hidden meanwhile
+    (:func:`third_party_notices_hidden`), unless ``debug: true``.
     """
+    with contextlib.nullcontext() if cfg.debug else third_party_notices_hidden():
+        return _load_model(cfg, tokenizer)
+
+
+def _load_model(cfg: ResolvedConfig, tokenizer: PreTrainedTokenizerBase) -> torch.nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from hellbender.models.adapters import apply_adapter
@@ -481,7 +537,13 @@ def load_model(cfg: ResolvedConfig, tokenizer: PreTrainedTokenizerBase) -> torch
         logger.info("model config overrides applied: %s", changed)
 
     quant = _quantization_config(cfg, dtype)
-    _check_weights_format(path, cfg.allow_pickle_weights)
+    _check_weights_format(path, cfg.allow_pickle_weights, "base_model")
+    if cfg.lora_model_dir:
+        # peft reads adapter_model.bin with torch.load when there is no safetensors file: the
+        # same rule as for the base model, checked before any weight is read.
+        _check_weights_format(
+            str(Path(cfg.lora_model_dir).expanduser()), cfg.allow_pickle_weights, "lora_model_dir"
+        )
     kwargs: dict[str, Any] = {
         "config": config,
         "dtype": dtype,
