@@ -353,3 +353,69 @@ def test_fix_on_examples_changes_only_the_fixed_lines(tmp_path: Path, example: P
     fixed_keys = ("batch_size", "gradient_accumulation_steps", "attn_implementation", "flash_attention",
                   "flex_attention", "sdp_attention", "xformers_attention", "eager_attention")
     assert all(line.split(":", 1)[0].strip() in fixed_keys for line in changed), changed
+
+
+# ------------------------------------------------------------------ inputs that used to crash
+
+
+def test_a_surrogate_key_is_a_finding_not_a_crash(tmp_path: Path) -> None:
+    from limits_fixtures import SURROGATE_KEY, SURROGATE_VALUE
+
+    for text in (SURROGATE_KEY, SURROGATE_VALUE):
+        result = CliRunner().invoke(main, ["validate", str(write_config(tmp_path, text))], env=ISOLATED_ENV)
+        assert result.exit_code == 1, result.output
+        assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+        assert "ERROR HB0" in result.output and "Traceback" not in result.output
+
+
+def test_a_surrogate_in_an_override_or_the_path_is_a_finding(tmp_path: Path) -> None:
+    """Command-line bytes that are not UTF-8 reach Python as lone surrogates."""
+    path = write_config(tmp_path, GOOD)
+    for args in (
+        ["validate", str(path), "\udcff=1"],
+        ["validate", str(path), "chat_template=\udcff"],
+        ["validate", str(tmp_path / "missing-\udcff.yaml")],
+    ):
+        result = CliRunner().invoke(main, args, env=ISOLATED_ENV)
+        assert result.exit_code in (0, 1), repr(result.exception)
+        assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+        assert "\\udcff" in result.output
+
+
+@pytest.mark.parametrize("command", ["validate", "preprocess", "train", "evaluate"])
+def test_a_directory_as_the_config_is_hb000_exit_1(tmp_path: Path, command: str) -> None:
+    result = invoke(command, str(tmp_path))
+    assert result.exit_code == 1 and "ERROR HB000" in result.output and str(tmp_path) in result.output
+
+
+def test_dev_zero_is_a_finding_quickly_not_a_memory_error(tmp_path: Path) -> None:
+    from limits_fixtures import run_bounded
+
+    run = run_bounded(["validate", "/dev/zero"], tmp_path)
+    assert run.code == 1 and "ERROR HB000" in run.text and "Traceback" not in run.text
+    assert run.cpu_seconds < 5 and run.seconds < 30 and run.peak_bytes < 400 << 20
+
+
+def test_fix_on_a_pipe_is_a_finding(tmp_path: Path) -> None:
+    from limits_fixtures import run_bounded
+
+    fixable = (GOOD + "batch_size: 8\n").encode()
+    run = run_bounded(["validate", "/dev/stdin", "--fix"], tmp_path, stdin=fixable)
+    assert run.code == 1 and "ERROR HB000" in run.text and "regular file" in run.text, run.text
+    assert "Traceback" not in run.text and "HB007" not in run.text
+    # without --fix a pipe is read like any file
+    run = run_bounded(["validate", "/dev/stdin"], tmp_path, stdin=GOOD.encode())
+    assert run.code == 0, run.text
+
+
+@pytest.mark.parametrize(
+    "line",
+    ["seed: 1" + "0" * 5000, "seed: 2001-13-45", "seed: !!binary 'not base64!'"],
+    ids=["huge-int", "bad-date", "bad-binary"],
+)
+def test_scalars_python_cannot_build_are_yaml_findings(tmp_path: Path, line: str) -> None:
+    """A 5001-digit int (Python's str→int limit) or an impossible date used to crash (exit 2)."""
+    path = write_config(tmp_path, GOOD + line + "\n")
+    result = CliRunner().invoke(main, ["validate", str(path)], env=ISOLATED_ENV)
+    assert result.exit_code == 1, result.output
+    assert "ERROR HB001" in result.output and "line 7" in result.output

@@ -40,7 +40,7 @@ def test_every_option_is_listed_once_with_type_default_and_description() -> None
         row = next(line for line in top.splitlines() if line.startswith(f"| `{name}` |"))
         assert info.description and info.description.replace("|", "\\|") in row
     assert "| `base_model` | str | **required** |" in top
-    assert "| `lora_r` | int (≥ 1) | `8` |" in top
+    assert "| `lora_r` | int (≥ 1, ≤ 65536) | `8` |" in top
 
 
 def test_every_rule_has_a_docstring_and_appears() -> None:

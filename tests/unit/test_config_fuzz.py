@@ -10,16 +10,29 @@ identity must hold; and ``--fix`` must never change what a config means.
 from __future__ import annotations
 
 import copy
+import itertools
 import re
 import shutil
+import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import pytest
 import yaml
 from click.testing import CliRunner
+from config_fixtures import GOOD_CONFIG
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from limits_fixtures import (
+    EXTREME_NUMBERS,
+    SURROGATE_KEY,
+    alias_bomb,
+    huge_file,
+    junk_keys,
+    map_bomb,
+    run_bounded,
+)
 
 from hellbender.cli import main
 from hellbender.config.findings import ConfigError, Finding
@@ -413,3 +426,84 @@ def test_fix_never_changes_what_a_config_means(
         assert getattr(after, key) == getattr(before, key), key
     assert not {"HB120", "HB102"} & {f.code for f in later}
     assert path.read_text().startswith("# user comment\n")
+
+
+# ------------------------------------------------------------------ hostile inputs: bounded work
+# Alias bombs, a 5 MB file, surrogates, extreme numbers: each is answered with findings, in
+# bounded time and memory. The files go through the real command in a memory-limited child (so a
+# regression fails the test instead of exhausting the machine); the random variations run here.
+
+HOSTILE: dict[str, Callable[[], str]] = {
+    "alias-bomb": lambda: alias_bomb(levels=9),
+    "alias-bomb-as-datasets": lambda: alias_bomb(levels=9, key="datasets"),
+    "map-bomb": lambda: map_bomb(levels=6),
+    "5-MB-file": lambda: huge_file(5 << 20),
+    "junk-keys": lambda: junk_keys(70_000),
+    "surrogate-key": lambda: SURROGATE_KEY,
+    "extreme-numbers": lambda: GOOD_CONFIG
+    + "".join(f"{key}: {value}\n" for key, value in zip(NUMERIC_KEYS, itertools.cycle(EXTREME_NUMBERS))),
+}
+NUMERIC_KEYS = sorted(
+    name
+    for name, field in HellbenderConfig.model_fields.items()
+    if {int, float} & {field.annotation, *get_args(field.annotation)}
+)
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_hostile_files_get_findings_in_bounded_time_and_memory(tmp_path: Path, name: str) -> None:
+    path = tmp_path / "hostile.yaml"
+    path.write_text(HOSTILE[name](), encoding="utf-8")
+    run = run_bounded(["validate", str(path), "--resolved"], tmp_path)
+    assert run.code == 1, run.text[-3000:]
+    assert "Traceback" not in run.text and "ERROR HB" in run.text
+    assert run.cpu_seconds < 5 and run.seconds < 30, f"{run.cpu_seconds:.1f} s CPU, {run.seconds:.1f} s"
+    assert run.peak_bytes < 300 << 20, f"{run.peak_bytes >> 20} MiB"
+    assert run.stdout_bytes < 50_000
+
+
+HOSTILE_LINES = [
+    '"\\ud800": 1\n',
+    'chat_template: "\\udfff"\n',
+    '"\\ud83d\\ude00x": [1]\n',
+    "datasets: [{path: '\\udcff'}]\n",
+    "overrides_of_model_config: {max_position_embeddings: .inf, rope_scaling: .nan}\n",
+    "overrides_of_model_config: &o {x: *o}\n",
+    "tokens: &t [*t]\n",
+]
+
+
+@settings(FUZZ, max_examples=120)
+@given(
+    values=st.dictionaries(
+        st.sampled_from(NUMERIC_KEYS),
+        st.one_of(
+            st.sampled_from(EXTREME_NUMBERS),
+            st.floats().map(repr).map(lambda r: {"inf": ".inf", "-inf": "-.inf", "nan": ".nan"}.get(r, r)),
+            st.integers(min_value=-(2**80), max_value=2**80).map(str),
+        ),
+        min_size=1,
+        max_size=4,
+    ),
+    extra=st.lists(st.sampled_from(HOSTILE_LINES), max_size=2, unique=True),
+    bomb=st.one_of(
+        st.none(),
+        st.builds(
+            lambda levels, width, key: alias_bomb(levels, width, key).removeprefix(GOOD_CONFIG),
+            st.integers(1, 12),
+            st.integers(1, 12),
+            st.sampled_from(["lora_r", "overrides_of_model_config", "tokens", "special_tokens", "junk"]),
+        ),
+    ),
+)
+def test_extreme_numbers_surrogates_and_bombs_give_findings_never_tracebacks(
+    workdir: Path, values: dict[str, str], extra: list[str], bomb: str | None
+) -> None:
+    lines = "".join(f"{key}: {value}\n" for key, value in values.items())
+    text = GOOD_CONFIG + lines + "".join(line for line in extra if line.split(":")[0] not in values)
+    text += bomb or ""  # a key given twice is a finding too
+    path = workdir / "extreme.yaml"
+    path.write_text(text, encoding="utf-8")
+    start = time.process_time()
+    check_outcome(path, [], Hardware(description="CPU"), 1)
+    assert time.process_time() - start < 5

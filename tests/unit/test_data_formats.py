@@ -208,10 +208,18 @@ def test_user_defined_format(smol: Any) -> None:
 
 
 def test_user_defined_format_strings_checked_up_front() -> None:
+    # The config schema refuses these already (tests/unit/test_config_limits.py); the prompt
+    # format checks again for a spec built without validation.
     with pytest.raises(DataError, match=r"\{question\}"):
-        UserDefinedPromptFormat(UserDefinedFormat(format="{question}"), train_on_inputs=False)
+        spec = UserDefinedFormat.model_construct(
+            **{**UserDefinedFormat().model_dump(), "format": "{question}"}
+        )
+        UserDefinedPromptFormat(spec, train_on_inputs=False)
     with pytest.raises(DataError, match="not a valid format string"):
-        UserDefinedPromptFormat(UserDefinedFormat(no_input_format="{instruction"), train_on_inputs=False)
+        spec = UserDefinedFormat.model_construct(
+            **{**UserDefinedFormat().model_dump(), "no_input_format": "{instruction"}
+        )
+        UserDefinedPromptFormat(spec, train_on_inputs=False)
 
 
 def test_build_format_picks_each_type(smol: Any) -> None:

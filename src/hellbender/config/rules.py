@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from hellbender.config.findings import Finding
+from hellbender.config.findings import Finding, quote
 from hellbender.config.hardware import Hardware
 from hellbender.config.schema import GPU_ONLY_BACKENDS, LOSS_REPLACEMENTS, HellbenderConfig, ResolvedConfig
 from hellbender.model_files import read_model_config
@@ -522,7 +522,7 @@ def sequence_len_vs_model(cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConf
             Finding(
                 "HB150",
                 "info",
-                f"model config of {cfg.base_model!r} not readable here (hub id offline, or private): "
+                f"model config of {quote(cfg.base_model)} not readable here (hub id offline, or private): "
                 "model-dependent checks skipped.",
                 key="base_model",
             )

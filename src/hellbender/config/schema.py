@@ -6,12 +6,19 @@ never invent a fallback of their own. Values that are *derived* from other keys 
 resolved dtype, the attention backend) are computed in :mod:`hellbender.config.normalize`, never
 here, so this module stays a plain description of what a user may write.
 
+Every number has a finite range: a value the later stages cannot use (``num_epochs: .inf`` plans
+steps forever, ``lora_r: 1.0e+29`` fails inside peft, ``seed: -1`` inside numpy) is an error here,
+naming the key and its range, not a hang or a traceback after the model has loaded. The ranges are
+generous on purpose: they exclude nonsense, not unusual runs.
+
 Keep this module import-light: ``hellbender validate`` and ``hellbender --help`` must answer in
 well under a second, so nothing here may import torch or transformers.
 """
 
 from __future__ import annotations
 
+import string
+from collections.abc import Mapping
 from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -42,10 +49,25 @@ LOSS_REPLACEMENTS: dict[str, LossMethod] = {
 }
 
 
-class _Strict(BaseModel):
-    """Unknown keys are errors (reported with a "did you mean" by :mod:`hellbender.config.load`)."""
+# Upper bounds shared by several keys.
+MAX_COUNT = 1_000_000_000  # steps, rows, intervals: far beyond any run, far below a hang
+MAX_WIDTH = 65_536  # ranks, batch rows, LoRA rank and alpha, chunks, shards
+MAX_SEQUENCE_LEN = 1 << 20  # tokens per sample
+MAX_EPOCHS = 1000
+MAX_SEED = 2**32 - 1  # numpy's seeds are 32-bit
+MAX_PER_EPOCH = 10_000  # evaluations or checkpoints per epoch
+# A learning rate only has to be a float32 number (what the optimizers compute in): a huge one
+# diverges, which training detects and stops; the tests force a divergence with 1e30.
+MAX_LEARNING_RATE = 3.4e38
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=False, protected_namespaces=())
+
+class _Strict(BaseModel):
+    """Unknown keys are errors (reported with a "did you mean" by :mod:`hellbender.config.load`);
+    a float is never infinite or NaN."""
+
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=False, protected_namespaces=(), allow_inf_nan=False
+    )
 
 
 class MessagePropertyMappings(_Strict):
@@ -53,6 +75,50 @@ class MessagePropertyMappings(_Strict):
 
     role: str = Field("role", description="Field of a message that holds its role.")
     content: str = Field("content", description="Field of a message that holds its text.")
+
+
+FORMAT_FIELDS = ("instruction", "input", "system")
+
+
+def fill_format(fmt: str, fields: Mapping[str, str]) -> str:
+    """A user-defined prompt format filled with a row's fields: what the data pipeline renders
+    (:mod:`hellbender.data.formats.user_defined`), and what validation tries once."""
+    return fmt.format(**fields)
+
+
+def format_string_problem(fmt: str) -> str | None:
+    """What makes ``fmt`` unusable as a user-defined prompt format, or None.
+
+    Every replacement field must be a bare ``{instruction}``, ``{input}`` or ``{system}``: the
+    pipeline fills them with row text, so a conversion (``{input!r}``) or a format spec
+    (``{instruction:>10}``, ``{instruction:{input}}``) would either fail on some rows, in a worker,
+    or put something other than the text in the prompt; an index, an attribute or a positional
+    field (``{instruction[0]}``, ``{}``) has nothing to fill it. The format is then filled once,
+    as the pipeline fills it.
+    """
+    try:
+        fields = list(string.Formatter().parse(fmt))
+    except ValueError as exc:  # a lone "{" or "}"
+        return f"is not a valid format string ({exc}); write {{{{ or }}}} for a literal brace"
+    known = ", ".join("{" + name + "}" for name in FORMAT_FIELDS)
+    for _, name, spec, conversion in fields:
+        if name is None:
+            continue
+        shown = name if len(name) <= 40 else name[:39] + "…"
+        if name not in FORMAT_FIELDS:
+            return f"uses the placeholder {{{shown}}}; only {known} are known"
+        if conversion is not None or spec:
+            extra = (f"!{conversion}" if conversion is not None else "") + (f":{spec}" if spec else "")
+            extra = extra if len(extra) <= 40 else extra[:39] + "…"
+            return (
+                f"adds {extra!r} to {{{name}}}: conversions and format specs are not supported; "
+                f"write {{{name}}}"
+            )
+    try:
+        fill_format(fmt, dict.fromkeys(FORMAT_FIELDS, "text"))
+    except (ValueError, KeyError, IndexError, AttributeError) as exc:  # pragma: no cover - parse caught it
+        return f"cannot be filled ({exc})"
+    return None
 
 
 class UserDefinedFormat(_Strict):
@@ -70,6 +136,14 @@ class UserDefinedFormat(_Strict):
     no_input_format: str = Field(
         "{instruction}\n", description="Prompt format when the row's input is empty."
     )
+
+    @field_validator("format", "no_input_format")
+    @classmethod
+    def _fillable(cls, value: str) -> str:
+        problem = format_string_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
+        return value
 
 
 class DatasetConfig(_Strict):
@@ -126,7 +200,9 @@ class DatasetConfig(_Strict):
         "string; defaults to the top-level `chat_template`.",
     )
     train_on_inputs: bool | None = Field(None, description="Override the top-level train_on_inputs.")
-    shards: int | None = Field(None, description="Use only 1/shards of the rows (quick experiments).")
+    shards: int | None = Field(
+        None, ge=1, le=MAX_WIDTH, description="Use only 1/shards of the rows (quick experiments)."
+    )
 
 
 class SpecialTokens(_Strict):
@@ -179,8 +255,10 @@ class HellbenderConfig(_Strict):
     # ---------------------------------------------------------------- adapters
     adapter: Literal["lora", "qlora"] | None = Field(None, description="Adapter; none = full fine-tune.")
     lora_model_dir: str | None = Field(None, description="Existing adapter to continue training.")
-    lora_r: int = Field(8, ge=1, description="LoRA rank.")
-    lora_alpha: int = Field(16, ge=1, description="LoRA scaling numerator (scale = alpha / r).")
+    lora_r: int = Field(8, ge=1, le=MAX_WIDTH, description="LoRA rank.")
+    lora_alpha: int = Field(
+        16, ge=1, le=MAX_WIDTH, description="LoRA scaling numerator (scale = alpha / r)."
+    )
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
     lora_target_modules: list[str] | str | None = Field(
         None, description="Module names (or a regex) to adapt."
@@ -190,7 +268,9 @@ class HellbenderConfig(_Strict):
     lora_fan_in_fan_out: bool = Field(False, description="Weights stored as (fan_in, fan_out).")
     peft_use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
     peft_use_rslora: bool = Field(False, description="Rank-stabilized LoRA scaling (alpha / sqrt(r)).")
-    peft_layers_to_transform: list[int] | None = Field(None, description="Only adapt these layers.")
+    peft_layers_to_transform: list[int] | None = Field(
+        None, description=f"Only adapt these layers (indices 0 … {MAX_WIDTH})."
+    )
     lora_mlp_kernel: bool = Field(False, description="Fused LoRA MLP forward/backward.")
     lora_qkv_kernel: bool = Field(False, description="Fused LoRA q/k/v forward/backward.")
     lora_o_kernel: bool = Field(False, description="Fused LoRA output-projection forward/backward.")
@@ -199,7 +279,7 @@ class HellbenderConfig(_Strict):
     datasets: list[DatasetConfig] | None = Field(None, description="Training datasets.")
     test_datasets: list[DatasetConfig] | None = Field(None, description="Evaluation datasets.")
     val_set_size: float = Field(
-        0.0, ge=0.0, description="Evaluation split: a fraction (< 1) or a row count (>= 1)."
+        0.0, ge=0.0, le=MAX_COUNT, description="Evaluation split: a fraction (< 1) or a row count (>= 1)."
     )
     dataset_prepared_path: str = Field(
         "./last_run_prepared", description="Cache folder for prepared datasets."
@@ -207,11 +287,17 @@ class HellbenderConfig(_Strict):
     shuffle_merged_datasets: bool = Field(True, description="Shuffle the merged datasets with `seed`.")
     dataset_exact_deduplication: bool = Field(False, description="Drop exact duplicate rows.")
     dataset_num_proc: int | None = Field(
-        None, ge=1, description="Processes for tokenization (default: the CPU count)."
+        None, ge=1, le=4096, description="Processes for tokenization (default: the CPU count)."
     )
-    dataset_processes: int | None = Field(None, ge=1, description="Deprecated alias of dataset_num_proc.")
-    sequence_len: int = Field(2048, ge=8, description="Maximum tokens per sample (and per packed row).")
-    min_sample_len: int = Field(2, ge=1, description="Samples shorter than this are dropped.")
+    dataset_processes: int | None = Field(
+        None, ge=1, le=4096, description="Deprecated alias of dataset_num_proc."
+    )
+    sequence_len: int = Field(
+        2048, ge=8, le=MAX_SEQUENCE_LEN, description="Maximum tokens per sample (and per packed row)."
+    )
+    min_sample_len: int = Field(
+        2, ge=1, le=MAX_SEQUENCE_LEN, description="Samples shorter than this are dropped."
+    )
     excess_length_strategy: Literal["drop", "truncate"] = Field(
         "drop", description="What to do with samples longer than sequence_len."
     )
@@ -232,43 +318,46 @@ class HellbenderConfig(_Strict):
         None, description="Pad every batch to sequence_len (constant shapes; default: sample_packing)."
     )
     sample_packing_bin_size: int = Field(
-        200, ge=1, description="Accepted for compatibility; the packer is exact."
+        200, ge=1, le=MAX_COUNT, description="Accepted for compatibility; the packer is exact."
     )
     sample_packing_group_size: int = Field(
-        100000, ge=1, description="Accepted for compatibility; the packer is exact."
+        100000, ge=1, le=MAX_COUNT, description="Accepted for compatibility; the packer is exact."
     )
     group_by_length: bool = Field(False, description="Batch samples of similar length together.")
 
     # ---------------------------------------------------------------- batch and schedule
-    micro_batch_size: int = Field(1, ge=1, description="Rows per forward pass on one device.")
+    micro_batch_size: int = Field(1, ge=1, le=MAX_WIDTH, description="Rows per forward pass on one device.")
     gradient_accumulation_steps: int | None = Field(
-        None, ge=1, description="Micro-batches per optimizer step (default 1)."
+        None, ge=1, le=MAX_WIDTH, description="Micro-batches per optimizer step (default 1)."
     )
     batch_size: int | None = Field(
         None,
         ge=1,
+        le=1 << 24,
         description="Derived: micro_batch_size × gradient_accumulation_steps × data-parallel ranks. "
         "Setting it is deprecated.",
     )
     eval_batch_size: int | None = Field(
-        None, ge=1, description="Rows per eval forward (default micro_batch_size)."
+        None, ge=1, le=MAX_WIDTH, description="Rows per eval forward (default micro_batch_size)."
     )
-    num_epochs: float = Field(1.0, gt=0, description="Passes over the training data.")
-    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
-    learning_rate: float = Field(2e-5, gt=0, description="Peak learning rate.")
+    num_epochs: float = Field(1.0, gt=0, le=MAX_EPOCHS, description="Passes over the training data.")
+    max_steps: int | None = Field(
+        None, ge=1, le=MAX_COUNT, description="Stop after this many optimizer steps."
+    )
+    learning_rate: float = Field(2e-5, gt=0, le=MAX_LEARNING_RATE, description="Peak learning rate.")
     optimizer: Optimizer = Field("adamw_torch", description="Optimizer.")
     lr_scheduler: Scheduler = Field("cosine", description="Learning-rate schedule after warm-up.")
     cosine_min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Cosine floor as a fraction of the peak.")
-    warmup_steps: int | None = Field(None, ge=0, description="Linear warm-up steps.")
+    warmup_steps: int | None = Field(None, ge=0, le=MAX_COUNT, description="Linear warm-up steps.")
     warmup_ratio: float | None = Field(None, ge=0, lt=1, description="Warm-up as a fraction of all steps.")
-    weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay.")
+    weight_decay: float = Field(0.0, ge=0, le=10, description="Decoupled weight decay.")
     adam_beta1: float = Field(0.9, gt=0, lt=1, description="Adam beta1.")
     adam_beta2: float = Field(0.999, gt=0, lt=1, description="Adam beta2.")
-    adam_epsilon: float = Field(1e-8, gt=0, description="Adam epsilon.")
+    adam_epsilon: float = Field(1e-8, gt=0, le=1, description="Adam epsilon.")
     max_grad_norm: float | None = Field(
-        1.0, ge=0, description="Clip gradients to this norm (0 or null: off)."
+        1.0, ge=0, le=1e6, description="Clip gradients to this norm (0 or null: off)."
     )
-    seed: int = Field(42, description="Seed for data order, initialisation and dropout.")
+    seed: int = Field(42, ge=0, le=MAX_SEED, description="Seed for data order, initialisation and dropout.")
 
     # ---------------------------------------------------------------- precision
     bf16: bool | Literal["auto"] = Field(
@@ -304,7 +393,9 @@ class HellbenderConfig(_Strict):
     chunked_cross_entropy: bool = Field(
         False, description="Loss computed chunk by chunk without full logits."
     )
-    chunked_cross_entropy_num_chunks: int = Field(8, ge=1, description="Chunks for chunked_cross_entropy.")
+    chunked_cross_entropy_num_chunks: int = Field(
+        8, ge=1, le=MAX_WIDTH, description="Chunks for chunked_cross_entropy."
+    )
     cut_cross_entropy: bool = Field(False, description="Apple's cut-cross-entropy loss.")
     liger_rms_norm: bool = Field(False, description="Liger RMSNorm kernel (GPU).")
     liger_glu_activation: bool = Field(False, description="Liger SwiGLU kernel (GPU).")
@@ -313,34 +404,51 @@ class HellbenderConfig(_Strict):
     liger_cross_entropy: bool = Field(False, description="Liger cross-entropy kernel (GPU).")
     liger_fused_linear_cross_entropy: bool = Field(False, description="Liger fused head + loss (GPU).")
     tiled_mlp: bool = Field(False, description="Compute the MLP in sequence shards (long sequences).")
-    tiled_mlp_num_shards: int | None = Field(None, ge=1, description="Shards for tiled_mlp (default: auto).")
+    tiled_mlp_num_shards: int | None = Field(
+        None, ge=1, le=MAX_WIDTH, description="Shards for tiled_mlp (default: auto)."
+    )
 
     # ---------------------------------------------------------------- distributed
     deepspeed: str | dict[str, Any] | None = Field(None, description="DeepSpeed config (path or mapping).")
     fsdp: list[str] | None = Field(None, description="Legacy FSDP options (use fsdp_config).")
     fsdp_config: dict[str, Any] | None = Field(None, description="FSDP settings.")
-    fsdp_version: int | None = Field(None, description="FSDP version (2 recommended).")
+    fsdp_version: int | None = Field(None, ge=1, le=2, description="FSDP version (2 recommended).")
     ddp: bool | None = Field(None, description="Force DistributedDataParallel.")
-    context_parallel_size: int = Field(1, ge=1, description="Ranks that split one sequence.")
+    context_parallel_size: int = Field(1, ge=1, le=MAX_WIDTH, description="Ranks that split one sequence.")
     sequence_parallel_degree: int | None = Field(
-        None, ge=1, description="Legacy alias of context_parallel_size."
+        None, ge=1, le=MAX_WIDTH, description="Legacy alias of context_parallel_size."
     )
-    tensor_parallel_size: int = Field(1, ge=1, description="Ranks that split each layer.")
+    tensor_parallel_size: int = Field(1, ge=1, le=MAX_WIDTH, description="Ranks that split each layer.")
     dp_shard_size: int | None = Field(
-        None, ge=1, description="Data-parallel ranks that shard weights (FSDP)."
+        None, ge=1, le=MAX_WIDTH, description="Data-parallel ranks that shard weights (FSDP)."
     )
-    dp_replicate_size: int | None = Field(None, ge=1, description="Data-parallel replica groups.")
+    dp_replicate_size: int | None = Field(
+        None, ge=1, le=MAX_WIDTH, description="Data-parallel replica groups."
+    )
 
     # ---------------------------------------------------------------- evaluation, saving, logging
-    eval_steps: int | float | None = Field(None, gt=0, description="Evaluate every N steps (or fraction).")
-    evals_per_epoch: int | None = Field(None, ge=1, description="Evaluations per epoch.")
+    eval_steps: int | float | None = Field(
+        None, gt=0, le=MAX_COUNT, description="Evaluate every N steps (or fraction)."
+    )
+    evals_per_epoch: int | None = Field(None, ge=1, le=MAX_PER_EPOCH, description="Evaluations per epoch.")
     eval_strategy: Literal["no", "steps", "epoch"] | None = Field(None, description="When to evaluate.")
-    save_steps: int | float | None = Field(None, gt=0, description="Checkpoint every N steps (or fraction).")
-    saves_per_epoch: int | None = Field(None, ge=1, description="Checkpoints per epoch.")
+    save_steps: int | float | None = Field(
+        None, gt=0, le=MAX_COUNT, description="Checkpoint every N steps (or fraction)."
+    )
+    saves_per_epoch: int | None = Field(None, ge=1, le=MAX_PER_EPOCH, description="Checkpoints per epoch.")
     save_strategy: Literal["no", "steps", "epoch", "best"] | None = Field(
         None, description="When to checkpoint."
     )
-    save_total_limit: int | None = Field(None, ge=1, description="Keep at most this many checkpoints.")
+    save_total_limit: int | None = Field(
+        None, ge=1, le=MAX_COUNT, description="Keep at most this many checkpoints."
+    )
+
+    @field_validator("peft_layers_to_transform")
+    @classmethod
+    def _layer_indices(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and any(not 0 <= layer <= MAX_WIDTH for layer in value):
+            raise ValueError(f"layer indices must be from 0 to {MAX_WIDTH}")
+        return value
 
     @field_validator("eval_strategy", "save_strategy", mode="before")
     @classmethod
@@ -357,10 +465,12 @@ class HellbenderConfig(_Strict):
     auto_resume_from_checkpoints: bool = Field(
         False, description="Resume from the newest checkpoint in output_dir."
     )
-    logging_steps: int = Field(1, ge=1, description="Log every N optimizer steps.")
-    loss_watchdog_threshold: float | None = Field(None, gt=0, description="Stop when the loss exceeds this.")
+    logging_steps: int = Field(1, ge=1, le=MAX_COUNT, description="Log every N optimizer steps.")
+    loss_watchdog_threshold: float | None = Field(
+        None, gt=0, le=1e6, description="Stop when the loss exceeds this."
+    )
     early_stopping_patience: int | None = Field(
-        None, ge=1, description="Stop after N evals without improvement."
+        None, ge=1, le=MAX_COUNT, description="Stop after N evals without improvement."
     )
     use_tensorboard: bool | None = Field(None, description="Log to TensorBoard (default: when installed).")
     wandb_project: str | None = Field(None, description="Weights & Biases project (enables W&B).")

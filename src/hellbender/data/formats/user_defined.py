@@ -1,40 +1,32 @@
 """A prompt format given by format strings in the config (Axolotl's ``type: {field_instruction: ...}``).
 
 ``format`` / ``no_input_format`` are Python format strings over ``{instruction}``, ``{input}`` and
-``{system}``; the answer follows the prompt and is trained together with EOS. Placeholders are
-checked once, when the format is built, so a typo fails before any row is read.
+``{system}``; the answer follows the prompt and is trained together with EOS. The format strings
+are checked by the config schema (:func:`~hellbender.config.schema.format_string_problem`: bare
+known placeholders only, then filled once with :func:`~hellbender.config.schema.fill_format`, the
+function :meth:`UserDefinedPromptFormat.render` fills every row with), and again when the format
+is built, so a bad one fails before any row is read, never in a tokenization worker.
 """
 
 from __future__ import annotations
 
-import string
 from collections.abc import Mapping
 from typing import Any
 
-from hellbender.config.schema import UserDefinedFormat
+from hellbender.config.schema import FORMAT_FIELDS, UserDefinedFormat, fill_format, format_string_problem
 from hellbender.data.errors import DataError
 from hellbender.data.formats.alpaca import prompt_answer
 from hellbender.data.formats.base import PromptFormat, Rendered, as_object, get_str
 
-PLACEHOLDERS = ("instruction", "input", "system")
+PLACEHOLDERS = FORMAT_FIELDS
 
 
 def check_format_string(fmt: str, key: str) -> None:
-    """Raise :class:`DataError` for unknown or positional placeholders in ``fmt``."""
-    try:
-        fields = [name for _, name, _, _ in string.Formatter().parse(fmt) if name is not None]
-    except ValueError as exc:  # e.g. a lone "{"
-        raise DataError(
-            f"user-defined format: `{key}` is not a valid format string ({exc}); "
-            "write {{ for a literal brace."
-        ) from exc
-    for name in fields:
-        if name not in PLACEHOLDERS:
-            raise DataError(
-                f"user-defined format: `{key}` uses the placeholder {{{name}}}; only "
-                + ", ".join("{" + p + "}" for p in PLACEHOLDERS)
-                + " are known."
-            )
+    """Raise :class:`DataError` when ``fmt`` cannot be filled as :meth:`render` fills it: a bad
+    brace, an unknown or positional placeholder, a conversion (``!r``) or a format spec (``:>10``)."""
+    problem = format_string_problem(fmt)
+    if problem is not None:
+        raise DataError(f"user-defined format: `{key}` {problem}.")
 
 
 class UserDefinedPromptFormat(PromptFormat):
@@ -64,7 +56,7 @@ class UserDefinedPromptFormat(PromptFormat):
 
     def render(self, row: Mapping[str, Any]) -> Rendered:
         fmt = self.spec.format if row["input"] else self.spec.no_input_format
-        prompt = fmt.format(instruction=row["instruction"], input=row["input"], system=row["system"])
+        prompt = fill_format(fmt, {name: row[name] for name in FORMAT_FIELDS})
         return prompt_answer(prompt, row["output"], train_on_inputs=self.train_on_inputs)
 
     def identity(self) -> dict[str, Any]:
