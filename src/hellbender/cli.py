@@ -6,7 +6,8 @@ so ``hellbender --help`` and ``hellbender validate`` answer in a fraction of a s
 Every command reports failures the same way (:func:`_reports_errors`):
 
 * a :class:`~hellbender.errors.HellbenderError` (bad config, data, files, model choice, a missing
-  package or GPU) prints ``ERROR: <message>`` on stderr and exits 1; a
+  package or GPU, a full disk) prints ``ERROR: <message>`` on stderr and exits 1 — and so does an
+  ``OSError`` that is the machine's problem (no space, a quota, a permission, a read-only disk); a
   :class:`~hellbender.config.findings.ConfigError` prints its findings. With ``debug: true`` in the
   config the exception is raised instead, so its traceback shows;
 * any other exception is a bug, in hellbender or in a library it uses: its traceback goes to a new
@@ -33,7 +34,9 @@ if TYPE_CHECKING:
     from hellbender.config.schema import ResolvedConfig
 
 # No `exists=True`: a missing file is a config error (HB000, exit 1) like any other, not a usage error.
-CONFIG = click.argument("config", type=click.Path(dir_okay=False))
+# Any path: a folder or a missing file is HB000 from load_config (exit 1, like every config
+# mistake), not a click usage error (exit 2).
+CONFIG = click.argument("config", type=click.Path())
 OVERRIDES = click.argument("overrides", nargs=-1)
 
 EXIT_USER_ERROR = 1
@@ -92,7 +95,7 @@ def _write_crash_file(exc: BaseException, output_dir: str | None) -> Path | None
         for n in range(100):
             path = folder / (f"{stem}.log" if n == 0 else f"{stem}-{n}.log")
             try:
-                with path.open("x", encoding="utf-8") as fh:
+                with path.open("x", encoding="utf-8", errors="backslashreplace") as fh:
                     fh.write(text)
             except FileExistsError:
                 continue
@@ -123,6 +126,29 @@ def _report_bug(exc: Exception, output_dir: str | None, debug: bool) -> NoReturn
     sys.exit(EXIT_BUG)
 
 
+def _machine_problem(exc: Exception) -> str | None:
+    """The message of an OSError that is the machine's, not a bug: a full disk or quota, a
+    permission, a read-only filesystem — raised where hellbender does not wrap it (a library's
+    own write). None for any other exception (and for hellbender's own errors, already worded)."""
+    import errno
+
+    if isinstance(exc, HellbenderError) or not isinstance(exc, OSError):
+        return None
+    what = {
+        errno.ENOSPC: "disk full (no space left on device)",
+        errno.EDQUOT: "disk quota exceeded",
+        errno.EACCES: "permission denied",
+        errno.EPERM: "permission denied (operation not permitted)",
+        errno.EROFS: "read-only file system",
+    }.get(exc.errno or 0)
+    if what is None:
+        return None
+    where = " ".join(str(f) for f in (exc.filename, exc.filename2) if f) or "a file this command writes"
+    full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    fix = "free some space" if full else "check the path and its permissions"
+    return f"{what}: {where} — {fix} (or use another folder) and run again"
+
+
 def _reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     """Give ``command`` the one error path every command shares (see the module docstring)."""
 
@@ -142,13 +168,16 @@ def _reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
                 raise  # stdout closed by the reader (`| head`): click exits quietly
             meta = click.get_current_context().meta
             debug = bool(meta.get(_DEBUG))
-            if not isinstance(exc, HellbenderError):
+            machine = _machine_problem(exc)
+            if not isinstance(exc, HellbenderError) and machine is None:
                 _report_bug(exc, meta.get(_OUTPUT_DIR), debug)
             if debug:
                 raise
             from hellbender.config.findings import ConfigError
 
-            if isinstance(exc, ConfigError):
+            if machine is not None:
+                click.echo(f"ERROR: {machine}", err=True)
+            elif isinstance(exc, ConfigError):
                 for finding in exc.findings:
                     click.echo(finding.render(), err=True)
             else:
@@ -203,14 +232,16 @@ def validate(config: str, overrides: tuple[str, ...], resolved: bool, fix: bool)
     """Check CONFIG: print findings; exit 0 without errors, 1 with."""
     import yaml
 
-    from hellbender.config.findings import ConfigError, has_errors
-    from hellbender.config.load import load_config
+    from hellbender.config.findings import ConfigError, has_errors, printable
+    from hellbender.config.load import check_rewritable, load_config
 
     if fix and overrides:
         # the fix would be computed from the overridden values and written into the file
         click.echo("ERROR: --fix rewrites the file itself and cannot be combined with key=value overrides.")
         sys.exit(EXIT_USER_ERROR)
     try:
+        if fix:  # before reading: a pipe read once would look empty to the fix
+            check_rewritable(config)
         cfg, findings = load_config(config, list(overrides), strict=False)
     except ConfigError as exc:
         for finding in exc.findings:
@@ -232,7 +263,7 @@ def validate(config: str, overrides: tuple[str, ...], resolved: bool, fix: bool)
     if resolved:
         click.echo("# resolved config")
         click.echo(yaml.safe_dump(cfg.model_dump(mode="json", exclude_none=True), sort_keys=False))
-    click.echo(f"{config}: {errors} error(s), {warnings} warning(s)")
+    click.echo(f"{printable(config)}: {errors} error(s), {warnings} warning(s)")
     sys.exit(EXIT_USER_ERROR if has_errors(findings) else 0)
 
 
@@ -308,10 +339,6 @@ def _log_to_stderr(debug: bool) -> None:
         )
         logger.addHandler(handler)
     logger.setLevel(logging.DEBUG if debug else logging.INFO)
-    if not debug:
-        # bitsandbytes announces at import that an optional accelerated CPU kernel package is
-        # missing; nothing we run uses it, and in a normal run it reads like an error.
-        logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 @main.command()
@@ -330,7 +357,8 @@ def train(config: str, overrides: tuple[str, ...]) -> None:
         summary += f", final loss {last:.4f}"
     if result.evals:
         summary += f", eval loss {result.evals[max(result.evals)]['eval_loss']:.4f}"
-    click.echo(f"{summary}; outputs in {cfg.output_dir}")
+    diverged = f"; WARNING: the run diverged: {result.diverged}" if result.diverged else ""
+    click.echo(f"{summary}; outputs in {cfg.output_dir}{diverged}")
 
 
 @main.command()

@@ -18,6 +18,8 @@ every stage may import it.
 
 from __future__ import annotations
 
+import errno
+
 
 class HellbenderError(Exception):
     """A problem with the user's config, data, files, model or machine that one message explains.
@@ -42,4 +44,29 @@ class UnavailableError(HellbenderError, RuntimeError):
     """An option needs a package or hardware (a GPU) that this machine does not have."""
 
 
-__all__ = ["HellbenderError", "MissingFileError", "ModelLoadError", "OptionError", "UnavailableError"]
+class DiskFullError(HellbenderError, OSError):
+    """A write failed because the filesystem holding ``path`` is full (or the user's quota is).
+
+    Also an ``OSError`` with ``errno`` ENOSPC, so ``except OSError`` callers still see it as one.
+    Raised from the places hellbender writes (checkpoints, metrics, final outputs, the dataset
+    cache, :func:`hellbender.files.write_atomically`) with a message naming the path, the space
+    the write needed and the space left; :func:`hellbender.files.disk_full_error` builds it.
+    """
+
+    def __init__(self, message: str, path: str | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno.ENOSPC
+        self.filename = path
+
+    def __str__(self) -> str:  # OSError would print "[Errno 28] None: <path>" once errno is set
+        return str(self.args[0])
+
+
+__all__ = [
+    "DiskFullError",
+    "HellbenderError",
+    "MissingFileError",
+    "ModelLoadError",
+    "OptionError",
+    "UnavailableError",
+]

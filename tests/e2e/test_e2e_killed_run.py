@@ -30,6 +30,7 @@ from hellbender.config.load import load_config
 from hellbender.testing.tiny import save_tiny_model_folder
 from hellbender.train import checkpoint as ckpt
 from hellbender.train.metrics import read_metrics
+from hellbender.train.output_dir import LOCK_FILE, MANIFEST_FILE
 
 CHILD = textwrap.dedent(
     """
@@ -169,5 +170,6 @@ def test_a_crash_during_the_final_write_keeps_the_previous_outputs(
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tmp_path / "model")), str(out))
 
     assert run_train(cfg).resumed_from == out / "checkpoint-2"  # nothing left to train: outputs only
-    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+    kept = {LOCK_FILE, MANIFEST_FILE}  # the run's lock and its list of outputs, not leftovers
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".") and p.name not in kept]
     assert {name: (out / name).read_bytes() for name in outputs} == before  # the same weights, whole

@@ -302,3 +302,16 @@ def test_user_facing_errors_are_hellbender_errors_with_their_builtin_base(
     """The CLI reports them as user errors; ``except ValueError`` etc. in callers keeps working."""
     assert issubclass(error, HellbenderError)
     assert issubclass(error, builtin)
+
+
+def test_a_crash_file_keeps_a_message_with_lone_surrogates(tmp_path: Path) -> None:
+    # A crash whose message holds a lone surrogate (from a file name or a config key) must still
+    # leave its traceback on disk; a strict UTF-8 write would lose the report itself.
+    from hellbender.cli import _write_crash_file
+
+    try:
+        raise RuntimeError("bad key \udcff")
+    except RuntimeError as exc:
+        path = _write_crash_file(exc, str(tmp_path))
+    assert path is not None and path.parent == tmp_path.resolve()
+    assert "bad key \\udcff" in path.read_text(encoding="utf-8")

@@ -14,6 +14,7 @@ from hellbender.config.hardware import Hardware
 from hellbender.config.normalize import normalize
 from hellbender.config.schema import HellbenderConfig
 from hellbender.data.packing import BatchSampler
+from hellbender.errors import OptionError
 from hellbender.testing.tiny import build_tiny_model
 from hellbender.train import checkpoint as ckpt
 from hellbender.train.loop import TrainingStopped, plan_steps, train
@@ -362,3 +363,15 @@ def test_scheduled_steps_are_decided_from_the_plan() -> None:
     assert due(per_epoch=2) == [5, 10, 15, 20, 25]  # the cut epoch keeps its mid-point (step 5 of it)
     assert due(default_epoch_end=True) == [10, 20]
     assert due() == []
+
+
+def test_max_steps_alone_beyond_the_epoch_cap_is_refused_quickly(tmp_path: Path) -> None:
+    # 11 samples, mbs 1: 11 steps per epoch; 10^9 steps would need ~10^8 re-packed epochs.
+    samples = make_samples(11, seed=3)
+    cfg = make_cfg(tmp_path, max_steps=10**9)
+    lengths = [len(s["input_ids"]) for s in samples]
+    sampler = BatchSampler(lengths, sequence_len=64, micro_batch_size=1, sample_packing=False, seed=cfg.seed)
+    with pytest.raises(OptionError, match="max_steps 1000000000 needs more than 1000 passes"):
+        plan_steps(sampler, cfg)
+    # At the cap itself the plan still holds: 1000 epochs of 11 steps.
+    assert plan_steps(sampler, make_cfg(tmp_path, max_steps=11_000)).total == 11_000

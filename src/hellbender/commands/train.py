@@ -9,19 +9,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 from hellbender.commands.trained import pick_device
 from hellbender.config.schema import ResolvedConfig
 from hellbender.errors import OptionError
 from hellbender.files import write_atomically
 from hellbender.train import checkpoint as ckpt
+from hellbender.train import output_dir as outdir
 from hellbender.train.loop import TrainResult, World, train
 from hellbender.train.metrics import LOSS_PLOT, METRICS_FILE, plot_losses
+from hellbender.train.run_config import RESOLVED_CONFIG, check_resume_config, resolved_config_text
 
 logger = logging.getLogger(__name__)
-
-RESOLVED_CONFIG = "config.resolved.yaml"
 
 
 def seed_everything(seed: int) -> None:
@@ -53,8 +52,26 @@ def use_fp32_master_weights(model: torch.nn.Module, cfg: ResolvedConfig) -> int:
 def write_resolved_config(cfg: ResolvedConfig, output_dir: Path) -> Path:
     """``config.resolved.yaml``: every key with its value as this run used it (derived ones too)."""
     path = output_dir / RESOLVED_CONFIG
-    text = yaml.safe_dump(cfg.model_dump(mode="json", exclude_none=True), sort_keys=False)
+    text = resolved_config_text(cfg)
     return write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def report_resume_changes(cfg: ResolvedConfig, resume: Path) -> None:
+    """Refuse the settings a resume cannot honour (listing each), and say which changed ones it
+    applies or accepts. Before anything is loaded or written: a refusal costs nothing."""
+    changes = check_resume_config(cfg, resume)
+    if changes is None:
+        logger.warning(
+            "%s holds no %s (written by an earlier hellbender): changed settings cannot be listed",
+            resume, RESOLVED_CONFIG,
+        )  # fmt: skip
+        return
+    for change in changes:
+        if change.policy == "apply":
+            logger.warning("resume: %s — applied from step %d on (%s)", change,
+                           ckpt.read_state(resume).global_step + 1, change.why)  # fmt: skip
+        else:
+            logger.info("resume: %s — accepted (%s)", change, change.why)
 
 
 def run_train(cfg: ResolvedConfig, *, world: World | None = None) -> TrainResult:
@@ -64,21 +81,39 @@ def run_train(cfg: ResolvedConfig, *, world: World | None = None) -> TrainResult
     ``config.resolved.yaml``, ``metrics.jsonl`` and ``loss.png``; checkpoints in
     ``checkpoint-<step>`` folders. Raises :class:`hellbender.train.loop.TrainingStopped` on a
     NaN/inf loss or the loss watchdog (the last checkpoint is left intact).
+
+    Refused with a :class:`~hellbender.train.checkpoint.CheckpointError`, before anything is
+    written: an ``output_dir`` another run holds, one that is (or is inside) a folder the run reads
+    from, one whose files the outputs would replace without hellbender having written them, and a
+    resume with settings it cannot honour (see :mod:`hellbender.train.output_dir` and
+    :mod:`hellbender.train.run_config`).
     """
+    world = world or World()
+    out = Path(cfg.output_dir).expanduser()
+    outdir.check_not_a_source(cfg, out)  # before mkdir: not even an empty folder inside the model
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file in the way, no permission, a read-only disk
+        raise OptionError(f"output_dir: cannot create the folder {out} ({exc.strerror or exc})") from exc
+    # One run per output_dir, from before anything is read or written there until the outputs are
+    # published; the OS drops the lock when the process ends, however it ends.
+    with outdir.locked(out) if world.is_main else contextlib.nullcontext(out):
+        return _train_into(cfg, out, world)
+
+
+def _train_into(cfg: ResolvedConfig, out: Path, world: World) -> TrainResult:
+    """:func:`run_train` once ``out`` exists and this process holds it."""
     from hellbender.data.prepare import prepare_datasets
     from hellbender.kernels import apply_optimizations, describe
     from hellbender.models.attention import check_backend_trainable
     from hellbender.models.load import load_model, load_tokenizer
 
-    world = world or World()
-    out = Path(cfg.output_dir).expanduser()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:  # a file in the way, no permission, a read-only disk
-        raise OptionError(f"output_dir: cannot create the folder {out} ({exc.strerror or exc})") from exc
     resume = ckpt.resolve_resume(cfg.resume_from_checkpoint, cfg.auto_resume_from_checkpoints, out)
     ckpt.check_output_dir(out, resume)
+    if resume is not None:
+        report_resume_changes(cfg, resume)  # before config.resolved.yaml is rewritten
     if world.is_main:
+        outdir.check_before_training(cfg, out)
         for leftover in ckpt.remove_incomplete(out):
             logger.warning(
                 "removed %s, left by a run killed while writing a checkpoint or its outputs", leftover
@@ -119,11 +154,20 @@ def run_train(cfg: ResolvedConfig, *, world: World | None = None) -> TrainResult
     if world.is_main:
         # Weights and tokenizer may replace those of an earlier run: staged, then moved into place,
         # so a crash while writing never leaves a half-written output (see publish_files).
+        # Only files hellbender wrote are replaced: checked (and recorded) once the staged set is
+        # known, before the first one moves into place.
         def write_outputs(folder: Path) -> None:
             ckpt.save_model_weights(model, folder)
             tokenizer.save_pretrained(str(folder))
+            outdir.claim(out, [p.name for p in folder.iterdir()], "the trained weights and tokenizer")
 
-        ckpt.publish_files(out, write_outputs)
+        try:
+            ckpt.publish_files(out, write_outputs)
+        except outdir.ForeignFileError as exc:  # a file appeared during the run: keep the outputs
+            kept = outdir.keep_unpublished(out / ckpt.FINAL_STAGING)
+            if kept is None:
+                raise
+            raise outdir.ForeignFileError(f"{exc} This run's outputs were kept in {kept}.") from exc
         plot_losses(out / METRICS_FILE, out / LOSS_PLOT)
     return result
 

@@ -11,7 +11,9 @@ whatever the number of processes).
 **Atomicity.** A cache folder is built under a temporary name in the same parent and renamed
 into place when complete (``rename`` is atomic on one filesystem), so an interrupted preprocess
 leaves only a ``.tmp-*`` folder that no later run trusts. ``meta.json`` is written last inside
-the temporary folder; a folder without it is never used.
+the temporary folder; a folder without it is never used. The next build in the same root removes
+such leftovers of builds that are no longer running (the temporary name holds the host and the
+process id), and a full disk is one :class:`~hellbender.errors.DiskFullError`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -28,6 +31,7 @@ from typing import Any
 
 import hellbender
 from hellbender.config.schema import ResolvedConfig
+from hellbender.files import disk_full_error, is_disk_full, tree_bytes
 
 META_FILE = "meta.json"
 # Bump when the preparation logic changes in a way that changes its output within one release.
@@ -121,10 +125,25 @@ def atomic_folder(final: Path) -> Iterator[Path]:
     and deleted after the new one is in place, so ``final`` is never a half-written folder.
     """
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    _remove_leftovers(final.parent)
+    tmp = final.parent / f".tmp-{final.name}-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        yield tmp
+        try:
+            yield tmp
+        except Exception as exc:
+            if not is_disk_full(exc, tmp):
+                raise
+            written = tree_bytes(tmp)
+            shutil.rmtree(tmp, ignore_errors=True)  # give the space back before measuring what is free
+            estimate = "The estimate is what fit before the disk filled up: more is needed. "
+            estimate = estimate if written else ""
+            raise disk_full_error(
+                final,
+                "writing the prepared dataset cache",
+                written,
+                f"{estimate}Free some space, or point dataset_prepared_path at a disk with room.",
+            ) from exc
         old = None
         if final.exists():
             old = final.parent / f".old-{final.name}-{uuid.uuid4().hex[:8]}"
@@ -135,6 +154,32 @@ def atomic_folder(final: Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+# The host in a temporary folder's name: a process id means nothing to another machine sharing the root.
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:6]
+
+
+def _remove_leftovers(root: Path) -> None:
+    """Remove what killed builds left in ``root``: ``.tmp-*`` folders of this host whose process is
+    gone, and ``.old-*`` folders (a replaced cache that a kill kept from being deleted)."""
+    for path in root.iterdir():
+        parts = path.name.rsplit("-", 3)
+        if path.name.startswith(".old-"):
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.name.startswith(".tmp-") and len(parts) == 4 and parts[1] == _HOST and parts[2].isdigit():
+            if not _running(int(parts[2])):
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True  # another user's process (or a number no process has): leave it alone
+    return True
 
 
 def write_meta(folder: Path, ingredients: Mapping[str, Any]) -> None:

@@ -10,7 +10,9 @@ A checkpoint is a folder ``output_dir/checkpoint-<step>`` holding
   never unpickles arbitrary objects;
 * ``trainer_state.json`` with the step and the data position (epoch, micro-batches consumed);
 * a copy of the run's ``metrics.jsonl`` up to this step, so a run resumed into another
-  ``output_dir`` still has its whole history (metrics file and loss plot).
+  ``output_dir`` still has its whole history (metrics file and loss plot);
+* the run's ``config.resolved.yaml``, so a resume can list every setting that changed since
+  (:mod:`hellbender.train.run_config`).
 
 Atomicity: everything is written into ``.tmp-checkpoint-<step>``, every file and the folder are
 fsynced, and only then is the folder renamed to its final name (``rename`` is atomic on POSIX
@@ -22,6 +24,13 @@ deletion never leaves a half-deleted folder that looks like a checkpoint.
 The final outputs of a run (weights, tokenizer) live directly in ``output_dir`` beside other
 files, so they cannot be swapped in as one folder; :func:`publish_files` writes them into
 ``.tmp-final-output`` first and then moves each file over its old version (see there).
+
+A full disk (:func:`hellbender.files.is_disk_full`) is one
+:class:`~hellbender.errors.DiskFullError` naming the path, the space needed and the space free.
+The half-written folder is removed at once (its space is what the user needs back); older
+checkpoints are only rotated away after a new one is complete, so the newest stays; and a publish
+that does not fit says where the trained weights are — the last step's checkpoint, or, when no
+checkpoint holds them, a folder in the system's temporary folder they were written to instead.
 """
 
 from __future__ import annotations
@@ -39,7 +48,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from hellbender.errors import HellbenderError, MissingFileError
+from hellbender.errors import DiskFullError, HellbenderError, MissingFileError
+from hellbender.files import (
+    NEARLY_FULL_BYTES,
+    disk_full_error,
+    free_bytes,
+    is_disk_full,
+    is_temporary,
+    tree_bytes,
+)
 
 if TYPE_CHECKING:
     from torch.nn.modules.module import _IncompatibleKeys
@@ -57,6 +74,7 @@ OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
 RNG_FILE = "rng.pt"
 SCALER_FILE = "scaler.pt"
+CONFIG_FILE = "config.resolved.yaml"  # the run's resolved config, in output_dir and in each checkpoint
 FINAL_STAGING = f"{TMP_PREFIX}final-output"  # a .tmp- folder: removed as a leftover at the next start
 _CHECKPOINT_RE = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 
@@ -250,10 +268,12 @@ def save_checkpoint(
     save_only_model: bool = False,
     save_total_limit: int | None = None,
     metrics_file: Path | None = None,
+    resolved_config: str | None = None,
 ) -> Path:
     """Write ``checkpoint-<global_step>`` atomically, then drop the oldest beyond the limit.
 
-    ``metrics_file`` (the run's ``metrics.jsonl``, every record up to this step) is copied in.
+    ``metrics_file`` (the run's ``metrics.jsonl``, every record up to this step) is copied in;
+    ``resolved_config`` (the text of the run's ``config.resolved.yaml``) is written in.
     """
     output_dir.mkdir(parents=True, exist_ok=True)
     name = f"{CHECKPOINT_PREFIX}{state.global_step}"
@@ -261,15 +281,25 @@ def save_checkpoint(
     tmp = output_dir / f"{TMP_PREFIX}{name}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_model_weights(model, tmp)
-    if not save_only_model:
-        _write_training_state(tmp, optimizer, scheduler, scaler)
-    torch.save(capture_rng_state(), tmp / RNG_FILE)
-    if metrics_file is not None and metrics_file.is_file():
-        shutil.copyfile(metrics_file, tmp / metrics_file.name)
-    _write_json(tmp / STATE_FILE, asdict(state) | {"has_optimizer": not save_only_model})
-    _fsync_tree(tmp)
+    try:
+        tmp.mkdir()
+        save_model_weights(model, tmp)
+        if not save_only_model:
+            _write_training_state(tmp, optimizer, scheduler, scaler)
+        torch.save(capture_rng_state(), tmp / RNG_FILE)
+        if metrics_file is not None and metrics_file.is_file():
+            shutil.copyfile(metrics_file, tmp / metrics_file.name)
+        if resolved_config is not None:
+            (tmp / CONFIG_FILE).write_text(resolved_config, encoding="utf-8")
+        _write_json(tmp / STATE_FILE, asdict(state) | {"has_optimizer": not save_only_model})
+        _fsync_tree(tmp)
+    except Exception as exc:
+        if not is_disk_full(exc, tmp):
+            raise  # left as a kill leaves it: the next start removes it
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing in it is usable, and its space is needed
+        raise _checkpoint_disk_full(
+            output_dir, final, model, optimizer, save_only_model, metrics_file
+        ) from exc
     _remove_dir(final)  # only when re-saving the same step; the new copy is complete already
     os.rename(tmp, final)
     _fsync_path(output_dir)
@@ -277,6 +307,56 @@ def save_checkpoint(
         for old in list_checkpoints(output_dir)[:-save_total_limit]:
             _remove_dir(old)
     return final
+
+
+def _checkpoint_disk_full(
+    output_dir: Path,
+    final: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    save_only_model: bool,
+    metrics_file: Path | None,
+) -> DiskFullError:
+    needed = _tensor_bytes(_saved_tensors(model)) + 64 * 1024  # + RNG, scheduler, JSON
+    if not save_only_model:
+        needed += _tensor_bytes(list(optimizer.state.values()))
+    if metrics_file is not None:
+        needed += tree_bytes(metrics_file)
+    previous = find_latest_checkpoint(output_dir)
+    intact = f"{previous.name} is intact" if previous is not None else "no earlier checkpoint exists"
+    return disk_full_error(
+        final,
+        f"writing {final.name}",
+        needed,
+        f"Nothing was lost: {intact}. Free some space (or lower save_total_limit, or use an "
+        "output_dir on a disk with room) and continue with auto_resume_from_checkpoints: true.",
+    )
+
+
+def _saved_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
+    """What :func:`save_model_weights` writes: the trainable (adapter) weights, or every one."""
+    if is_peft_model(model):
+        return [p for p in model.parameters() if p.requires_grad]
+    return list(model.state_dict().values())
+
+
+def _tensor_bytes(obj: Any) -> int:
+    """Bytes of every tensor in ``obj`` (nested dicts, lists, tuples), shared storage counted once."""
+    seen: set[int] = set()
+
+    def walk(x: Any) -> int:
+        if isinstance(x, torch.Tensor):
+            if x.data_ptr() in seen:
+                return 0
+            seen.add(x.data_ptr())
+            return x.numel() * x.element_size()
+        if isinstance(x, dict):
+            return sum(walk(v) for v in x.values())
+        if isinstance(x, list | tuple):
+            return sum(walk(v) for v in x)
+        return 0
+
+    return walk(obj)
 
 
 def publish_files(output_dir: Path, write: Callable[[Path], None]) -> list[Path]:
@@ -288,13 +368,24 @@ def publish_files(output_dir: Path, write: Callable[[Path], None]) -> list[Path]
     (the staging leftover is removed by :func:`remove_incomplete` at the next start). A crash
     during the renames, which write no data, can leave some files new and some old — each one
     complete. Returns the published paths.
+
+    A full disk while writing raises a :class:`~hellbender.errors.DiskFullError` saying where the
+    trained weights are: in the newest checkpoint if it holds the last step; else ``write`` is
+    called once more into a folder in the system's temporary folder, when that disk has room.
     """
     staging = output_dir / FINAL_STAGING
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
-    write(staging)
-    _fsync_tree(staging)
+    try:
+        write(staging)
+        _fsync_tree(staging)
+    except Exception as exc:
+        if not is_disk_full(exc, staging):
+            raise  # left as a kill leaves it: the next start removes it
+        written = tree_bytes(staging)
+        shutil.rmtree(staging, ignore_errors=True)  # nothing in it is usable, and its space is needed
+        raise _unpublished(output_dir, write, written) from exc
     published = []
     for src in sorted(staging.iterdir()):
         dest = output_dir / src.name
@@ -305,6 +396,61 @@ def publish_files(output_dir: Path, write: Callable[[Path], None]) -> list[Path]
     _fsync_path(output_dir)
     staging.rmdir()
     return published
+
+
+def _unpublished(output_dir: Path, write: Callable[[Path], None], written: int) -> DiskFullError:
+    """The error of a publish the disk had no room for, once the trained weights are safe somewhere
+    (if any disk has room for them)."""
+    newest = find_latest_checkpoint(output_dir)
+    needed = written
+    if newest is not None:
+        needed = max(written, sum(tree_bytes(p) for p in newest.glob("*.safetensors")))
+        state = read_state(newest)
+        if state.global_step >= state.total_steps:
+            return disk_full_error(
+                output_dir,
+                "writing the final outputs",
+                needed,
+                f"The trained weights are safe in {newest}, the last step's checkpoint: free some "
+                "space and run again with auto_resume_from_checkpoints: true (nothing is left to "
+                "train, so it only writes the outputs), or use that folder as it is.",
+            )
+    kept = _write_elsewhere(write, written)
+    if kept is not None:
+        where = f"so they were written to {kept} instead (move them into output_dir once there is room)"
+    else:
+        where = "and no other disk had room for them: they are lost"
+    older = f" {newest.name} holds an earlier step." if newest is not None else ""
+    return disk_full_error(
+        output_dir,
+        "writing the final outputs",
+        max(needed, tree_bytes(kept)) if kept is not None else needed,
+        f"No checkpoint holds the trained weights, {where}.{older} Free some space before the next run.",
+    )
+
+
+def _write_elsewhere(write: Callable[[Path], None], written: int) -> Path | None:
+    """``write`` into a new folder of the system's temporary folder; None if that fails too.
+
+    ``write`` may also record the written names in ``output_dir``
+    (:func:`hellbender.train.output_dir.claim`), which a full disk refuses after the files are
+    written: a full disk anywhere else than in the new folder leaves them kept.
+    """
+    import tempfile
+
+    root = Path(tempfile.gettempdir())
+    free = free_bytes(root)
+    if free is None or free < 2 * written + NEARLY_FULL_BYTES:
+        return None
+    folder = Path(tempfile.mkdtemp(prefix="hellbender-unpublished-", dir=root))
+    try:
+        write(folder)
+    except Exception as exc:
+        where = exc.filename if isinstance(exc, DiskFullError) else None
+        if where is None or Path(where).is_relative_to(folder) or not any(folder.iterdir()):
+            shutil.rmtree(folder, ignore_errors=True)
+            return None
+    return folder
 
 
 def is_complete(path: Path) -> bool:
@@ -330,12 +476,16 @@ def find_latest_checkpoint(output_dir: Path) -> Path | None:
 
 
 def remove_incomplete(output_dir: Path) -> list[Path]:
-    """Delete leftovers of a killed run (``.tmp-*`` and ``.trash-*`` folders). Main rank only."""
+    """Delete leftovers of a killed run (``.tmp-*`` and ``.trash-*`` folders, and the ``.<name>.tmp``
+    files of :func:`hellbender.files.write_atomically`). Main rank only."""
     removed: list[Path] = []
     if output_dir.is_dir():
-        for p in output_dir.iterdir():
+        for p in sorted(output_dir.iterdir()):
             if p.is_dir() and (p.name.startswith(TMP_PREFIX) or p.name.startswith(TRASH_PREFIX)):
                 shutil.rmtree(p)
+                removed.append(p)
+            elif p.is_file() and is_temporary(p):
+                p.unlink()
                 removed.append(p)
     return removed
 

@@ -13,6 +13,7 @@ One optimizer step::
     for each micro-batch:  (loss_fn(micro-batch) * world_size / n_step).backward()
     stop if the loss is NaN/inf (or above loss_watchdog_threshold) — before the update
     clip the gradient norm, optimizer.step(), scheduler.step()
+    watch for a dead or exploding run (see :class:`_Watchdog`): warn once, remember why
     log; evaluate / checkpoint when the schedule says so
 
 Token-exact loss. The quantity trained on is the mean cross-entropy over **every trained token of
@@ -55,6 +56,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -65,7 +67,7 @@ from typing import Any
 
 import torch
 
-from hellbender.config.schema import ResolvedConfig
+from hellbender.config.schema import MAX_EPOCHS, ResolvedConfig
 from hellbender.data.errors import EmptyTrainingSetError
 from hellbender.data.packing import BatchSampler, Collator
 from hellbender.errors import HellbenderError, OptionError
@@ -74,8 +76,17 @@ from hellbender.models.attention import model_inputs
 from hellbender.train import checkpoint as ckpt
 from hellbender.train.metrics import METRICS_FILE, RunLogger, peak_memory_bytes
 from hellbender.train.optim import build_optimizer, build_scheduler
+from hellbender.train.run_config import check_resume_config, resolved_config_text
 
 Autocast = Callable[[], AbstractContextManager[Any]]
+
+logger = logging.getLogger(__name__)
+
+# Consecutive steps a sign of divergence must last before the watchdog reports it. Axolotl's
+# loss_watchdog_patience (default 3) is the same idea; until the schema has that key, a constant.
+WATCHDOG_PATIENCE = 3
+# A loss this many times its first value (at least EXPLOSION_FACTOR × 0.1) has exploded.
+EXPLOSION_FACTOR = 100.0
 
 
 class TrainingStopped(HellbenderError, RuntimeError):
@@ -112,6 +123,7 @@ class TrainResult:
     checkpoints: list[Path] = field(default_factory=list)
     resumed_from: Path | None = None
     trained_tokens: int = 0  # tokens that contributed to the loss, in the steps this call ran
+    diverged: str | None = None  # why the watchdog thinks the run diverged (it ran on), else None
 
 
 # ---------------------------------------------------------------- data
@@ -216,7 +228,15 @@ def plan_steps(sampler: BatchSampler, cfg: ResolvedConfig) -> StepPlan:
     epoch_limit = cfg.num_epochs if cfg.epochs_given else math.inf
     steps_per_epoch: list[int] = []
     epoch_lengths: list[int] = []
-    while len(steps_per_epoch) < epoch_limit and sum(steps_per_epoch) < limit:
+    total = 0  # running sum: max_steps may be 10^9, so no re-summing per epoch
+    while len(steps_per_epoch) < epoch_limit and total < limit:
+        if len(steps_per_epoch) >= MAX_EPOCHS:
+            # Only max_steps set, on a small training set: each epoch re-packs the data, so
+            # a plan of millions of epochs would hang before the first step. Say so instead.
+            raise OptionError(
+                f"max_steps {cfg.max_steps} needs more than {MAX_EPOCHS} passes over this training "
+                f"set ({total} steps in the first {MAX_EPOCHS}); lower max_steps or add data"
+            )
         sampler.set_epoch(len(steps_per_epoch))
         length = math.ceil(len(sampler) / accumulation)
         if length == 0:
@@ -225,8 +245,10 @@ def plan_steps(sampler: BatchSampler, cfg: ResolvedConfig) -> StepPlan:
         fraction = epoch_limit - len(steps_per_epoch)
         if fraction < 1:
             steps = max(1, math.ceil(steps * fraction))
-        steps_per_epoch.append(int(min(steps, limit - sum(steps_per_epoch))))
+        runs = int(min(steps, limit - total))
+        steps_per_epoch.append(runs)
         epoch_lengths.append(length)
+        total += runs
     return StepPlan(steps_per_epoch, epoch_lengths)
 
 
@@ -445,7 +467,7 @@ class _Run:
             },
         )
         if resume_from is not None:
-            _check_same_plan(resume_from, self.plan)
+            _check_same_plan(resume_from, self.plan, cfg)
             self.state = ckpt.load_checkpoint(
                 resume_from, model, self.optimizer, self.scheduler, scaler=self.scaler
             )
@@ -474,6 +496,7 @@ class _Run:
             save_only_model=self.cfg.save_only_model,
             save_total_limit=self.cfg.save_total_limit,
             metrics_file=self.out / METRICS_FILE,
+            resolved_config=resolved_config_text(self.cfg),
         )
 
     def evaluate(self, step: int) -> dict[str, float]:
@@ -520,6 +543,7 @@ def train(
     result = TrainResult(run.state.global_step, run.plan.total, resumed_from=resume_from)
     accumulation = cfg.gradient_accumulation_steps
     window = _LogWindow()
+    watchdog = _Watchdog(trainable=bool(run.params))
     model.train()
     try:
         for item in _remaining_steps(run.sampler, run.plan, accumulation, run.state):
@@ -531,6 +555,10 @@ def train(
             lr = float(run.scheduler.get_last_lr()[0])  # typed float | Tensor; our schedules give floats
             grad_norm = _optimizer_step(run, step, loss)
             run.scheduler.step()
+            if result.diverged is None:
+                result.diverged = watchdog.check(step, loss, grad_norm, trained)
+                if result.diverged is not None:
+                    _warn_diverged(run.log, step, result.diverged)
 
             run.state.global_step, run.state.epoch, run.state.micro_batches_done = step, item.epoch, item.done
             result.global_step, result.losses[step] = step, loss
@@ -621,7 +649,11 @@ def _log_plan(log: RunLogger, sampler: BatchSampler, plan: StepPlan, cfg: Resolv
     )
 
 
-def _check_same_plan(resume_from: Path, plan: StepPlan) -> None:
+def _check_same_plan(resume_from: Path, plan: StepPlan, cfg: ResolvedConfig) -> None:
+    """Refuse a resume that cannot continue the checkpointed run: another step plan (the data
+    itself may have changed under the same config), or settings a resume cannot honour
+    (:func:`hellbender.train.run_config.check_resume_config`; ``run_train`` checks those before
+    loading anything and reports the accepted ones, this covers every caller of :func:`train`)."""
     previous = ckpt.read_state(resume_from)
     if previous.plan.get("steps_per_epoch") != plan.steps_per_epoch:
         raise ckpt.CheckpointError(
@@ -629,6 +661,7 @@ def _check_same_plan(resume_from: Path, plan: StepPlan) -> None:
             f"epoch, but this config plans {plan.steps_per_epoch}: data, batch size, sequence_len or the run "
             "length changed, so the run cannot continue exactly. Start a new output_dir instead."
         )
+    check_resume_config(cfg, resume_from)
 
 
 def _optimizer_step(run: _Run, step: int, loss: float) -> float:
@@ -642,7 +675,12 @@ def _optimizer_step(run: _Run, step: int, loss: float) -> float:
         scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.get_total_norm([p.grad for p in run.params if p.grad is not None])
     if not torch.isfinite(grad_norm) and scaler is None:
-        _stop(run.log, step, f"the gradient norm is {float(grad_norm)} at step {step} (loss {loss:.4f})")
+        _stop(
+            run.log,
+            step,
+            f"the gradient norm is {float(grad_norm)} at step {step} (loss {loss:.4f})",
+            compute_dtype=run.cfg.compute_dtype,
+        )
     if run.cfg.max_grad_norm:
         torch.nn.utils.clip_grads_with_norm_(run.params, run.cfg.max_grad_norm, grad_norm)
     if scaler is not None:
@@ -654,12 +692,22 @@ def _optimizer_step(run: _Run, step: int, loss: float) -> float:
     return float(grad_norm)
 
 
-def _stop(log: RunLogger, step: int, reason: str) -> None:
-    message = (
-        f"training stopped: {reason}. Nothing from this step was applied and the last checkpoint is "
-        "intact. Likely causes: a learning rate too high for this model, a bad sample, or fp16 "
-        "overflow; lower learning_rate, set max_grad_norm, or resume from the last checkpoint."
+def stop_message(reason: str, *, compute_dtype: str) -> str:
+    """What a stopped run says; fp16 overflow is a likely cause only when computing in fp16."""
+    causes = (
+        "a learning rate too high for this model, a bad sample, or fp16 overflow"
+        if compute_dtype == "float16"
+        else "a learning rate too high for this model or a bad sample"
     )
+    return (
+        f"training stopped: {reason}. Nothing from this step was applied and the last checkpoint is "
+        f"intact. Likely causes: {causes}; lower learning_rate, set max_grad_norm, or resume from the "
+        "last checkpoint."
+    )
+
+
+def _stop(log: RunLogger, step: int, reason: str, *, compute_dtype: str) -> None:
+    message = stop_message(reason, compute_dtype=compute_dtype)
     log.log(step, {"stopped": 1.0})
     log.progress.message(message)
     raise TrainingStopped(message)
@@ -668,11 +716,65 @@ def _stop(log: RunLogger, step: int, reason: str) -> None:
 def _stop_if_diverged(cfg: ResolvedConfig, loss: float, step: int, log: RunLogger) -> None:
     if not math.isfinite(loss):
         log.log(step, {"loss": loss})
-        _stop(log, step, f"the loss is {loss} at step {step}")
+        _stop(log, step, f"the loss is {loss} at step {step}", compute_dtype=cfg.compute_dtype)
     threshold = cfg.loss_watchdog_threshold
     if threshold is not None and loss > threshold:
         log.log(step, {"loss": loss})
-        _stop(log, step, f"the loss {loss:.4f} at step {step} exceeds loss_watchdog_threshold {threshold}")
+        _stop(
+            log,
+            step,
+            f"the loss {loss:.4f} at step {step} exceeds loss_watchdog_threshold {threshold}",
+            compute_dtype=cfg.compute_dtype,
+        )
+
+
+class _Watchdog:
+    """Notices a run that diverged without a NaN, which the stops above never see.
+
+    * dead: the gradient norm is exactly 0 for :data:`WATCHDOG_PATIENCE` steps in a row although
+      there are trainable weights and trained tokens — what a far too high learning rate does once
+      it has saturated every activation (the loss then freezes, typically at ln(vocab));
+    * exploding: the loss stays above :data:`EXPLOSION_FACTOR` × its first value (this process's
+      first step) for :data:`WATCHDOG_PATIENCE` steps in a row.
+
+    Steps without a trained token (their gradient is 0 by construction) are skipped.
+    """
+
+    def __init__(self, *, trainable: bool, patience: int = WATCHDOG_PATIENCE) -> None:
+        self.trainable, self.patience = trainable, patience
+        self.first_loss: float | None = None
+        self.zero_steps: list[int] = []
+        self.high_steps: list[int] = []
+
+    def check(self, step: int, loss: float, grad_norm: float, trained: float) -> str | None:
+        """The reason the run diverged, once the evidence of ``patience`` steps is in; else None."""
+        if trained <= 0 or not math.isfinite(loss):
+            return None
+        if self.first_loss is None:
+            self.first_loss = loss
+        limit = EXPLOSION_FACTOR * max(self.first_loss, 0.1)
+        self.zero_steps = [*self.zero_steps, step] if self.trainable and grad_norm == 0.0 else []
+        self.high_steps = [*self.high_steps, step] if loss > limit else []
+        if len(self.zero_steps) >= self.patience:
+            return (
+                f"the gradient norm was exactly 0 for {len(self.zero_steps)} steps in a row (steps "
+                f"{self.zero_steps[0]}-{step}, loss {loss:.4f}): the model has stopped learning, "
+                "typically after a learning rate far too high; lower learning_rate"
+            )
+        if len(self.high_steps) >= self.patience:
+            return (
+                f"the loss stayed above {EXPLOSION_FACTOR:g}× its first value {self.first_loss:.4f} for "
+                f"{len(self.high_steps)} steps in a row (steps {self.high_steps[0]}-{step}, loss "
+                f"{loss:.4f} at step {step}); lower learning_rate"
+            )
+        return None
+
+
+def _warn_diverged(log: RunLogger, step: int, reason: str) -> None:
+    """Say it once (main rank): a warning on the log, a ``diverged`` record in metrics.jsonl."""
+    if log.enabled:
+        logger.warning("WARNING: the run diverged at step %d: %s", step, reason)
+        log.log(step, {"diverged": 1.0})
 
 
 def _log_train(

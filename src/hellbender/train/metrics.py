@@ -8,14 +8,23 @@ it, not from memory, so ``loss.png`` also covers a resumed run's earlier half. E
 carries a copy of it, from which a resumed run restores the records up to its step — also when it
 resumes into another ``output_dir``.
 
+A full disk never leaves a cut record behind: an append that fails is cut back to the last whole
+line and raises a :class:`~hellbender.errors.DiskFullError`. A file whose last line was cut anyway
+(by an older version, or by another tool) is read without it, with a warning naming the file, and
+repaired when a run restores it; a broken line elsewhere is a :class:`MetricsFileError` naming the
+file and the line.
+
 Only the main rank logs (the loop constructs a :class:`RunLogger` with ``enabled=False`` on the
 others), which keeps this module free of any distributed logic.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
+import os
 import resource
 import sys
 import time
@@ -25,11 +34,17 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from hellbender.config.schema import ResolvedConfig
-from hellbender.errors import UnavailableError
-from hellbender.files import write_atomically
+from hellbender.errors import HellbenderError, UnavailableError
+from hellbender.files import disk_full_error, is_disk_full, write_atomically
+
+logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 LOSS_PLOT = "loss.png"
+
+
+class MetricsFileError(HellbenderError, ValueError):
+    """A ``metrics.jsonl`` with a line that is not a record (other than a cut last line)."""
 
 
 def peak_memory_bytes() -> int:
@@ -63,7 +78,9 @@ class JsonlSink:
     def __init__(self, path: Path) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = path.open("a", encoding="utf-8")
+        # Unbuffered: a record is on disk when log() returns, and one that failed leaves nothing
+        # in a buffer for close() to write (and fail on) again.
+        self._file = path.open("ab", buffering=0)
 
     @staticmethod
     def truncate_after(path: Path, step: int) -> None:
@@ -74,19 +91,31 @@ class JsonlSink:
         """Make ``path`` hold the records of ``source`` up to ``step`` (``source`` may be ``path``)."""
         if not source.exists():
             return
-        kept = [
-            line
-            for line in source.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step
-        ]
+        kept = [line for line, record in _parse(source) if record.get("step", 0) <= step]
         write_atomically(
             path, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
         )
 
     def log(self, step: int, metrics: Mapping[str, float]) -> None:
         record = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        data = memoryview((json.dumps(record) + "\n").encode())
+        fd = self._file.fileno()
+        end = os.fstat(fd).st_size
+        try:
+            while data:
+                data = data[os.write(fd, data) :]
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, end)  # no cut record: the file ends with the last whole one
+            if is_disk_full(exc, self.path):
+                raise disk_full_error(
+                    self.path,
+                    f"appending the step-{step} record to {self.path.name}",
+                    len(data),
+                    "It holds every record before this one. Free some space and continue the run "
+                    "with auto_resume_from_checkpoints: true (from its newest checkpoint).",
+                ) from exc
+            raise
 
     def close(self) -> None:
         self._file.close()
@@ -304,7 +333,37 @@ class RunLogger:
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [record for _, record in _parse(path)]
+
+
+def _parse(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """Every record of ``path`` with its line. A cut last line — a write the disk had no room for
+    — is dropped with a warning; any other line that is not a JSON object is an error."""
+    lines = [
+        (number, line)
+        for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1)
+        if line.strip()
+    ]
+    parsed: list[tuple[str, dict[str, Any]]] = []
+    for number, line in lines:
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError(f"a JSON {type(record).__name__}, not an object")
+        except ValueError as exc:  # json.JSONDecodeError included
+            if number == lines[-1][0]:
+                logger.warning(
+                    "%s: its last line (line %d) was cut short, as a full disk or a killed write "
+                    "leaves it; dropped it: %.80s",
+                    path, number, line,
+                )  # fmt: skip
+                break
+            raise MetricsFileError(
+                f"{path}, line {number}: not a metrics record ({exc}). Fix or delete that line, or "
+                "delete the file (the run's history of metrics goes with it)."
+            ) from exc
+        parsed.append((line, record))
+    return parsed
 
 
 def plot_losses(metrics_path: Path, out_path: Path) -> Path | None:
