@@ -1,4 +1,4 @@
-"""Helpers of the chaos tests: filling a disk, and the tiny project of the killed-run test.
+"""Helpers of the chaos tests: filling a disk.
 
 :func:`fill` fills a disk the way a real disk fills: a ballast file written until the kernel
 answers ENOSPC, so every write after it fails exactly as on a full disk.
@@ -7,22 +7,8 @@ answers ENOSPC, so every write after it fails exactly as on a full disk.
 from __future__ import annotations
 
 import errno
-import functools
-import importlib.util
 import os
 from pathlib import Path
-from types import ModuleType
-
-
-@functools.cache
-def killed_run_helpers() -> ModuleType:
-    """``tests/e2e/test_e2e_killed_run.py`` (its project writers), imported under its own name."""
-    path = Path(__file__).parents[1] / "e2e" / "test_e2e_killed_run.py"
-    spec = importlib.util.spec_from_file_location("_chaos_killed_run_helpers", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def fill(disk: Path, leave: int = 0) -> Path:

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from chaos_helpers import fill, killed_run_helpers
+from chaos_helpers import fill
 from click.testing import CliRunner, Result
 from peft import PeftModel
 from safetensors.torch import load_file
@@ -28,6 +28,7 @@ from transformers import AutoModelForCausalLM
 from hellbender.cli import BUG_NOTICE, CRASH_FILE_PREFIX, main
 from hellbender.commands.train import run_train
 from hellbender.config.load import load_config
+from hellbender.testing.projects import write_killed_run_project
 from hellbender.train import checkpoint as ckpt
 from hellbender.train import metrics
 from hellbender.train.metrics import read_metrics
@@ -40,16 +41,13 @@ STEPS = 6
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny model and data of the killed-run test, and their prepared dataset cache."""
-    root = tmp_path_factory.mktemp("project")
-    killed_run_helpers().write_model_and_data(root)
-    return root
+    """The folder of the killed-run project's tiny model and data (written by :func:`write_config`)
+    and of their prepared dataset cache."""
+    return tmp_path_factory.mktemp("project")
 
 
 def write_config(project: Path, out: Path, **extra: Any) -> Path:
-    config = yaml.safe_load(
-        killed_run_helpers().write_project(project, out, max_steps=STEPS, save_steps=2).read_text()
-    )
+    config = yaml.safe_load(write_killed_run_project(project, out, max_steps=STEPS, save_steps=2).read_text())
     config.update(extra)
     path = out.parent / f"{out.name}.yaml"
     path.write_text(yaml.safe_dump(config))

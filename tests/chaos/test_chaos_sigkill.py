@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import random
 import signal
-import subprocess
 import sys
 import textwrap
 import time
@@ -23,11 +22,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from chaos_helpers import killed_run_helpers
 from safetensors.torch import load_file
 
 from hellbender.commands.train import run_train
 from hellbender.config.load import load_config
+from hellbender.testing.projects import kill_and_reap, start_logged, wait_for_file, write_killed_run_project
 from hellbender.train import checkpoint as ckpt
 from hellbender.train.metrics import read_metrics
 
@@ -73,40 +72,28 @@ def loss_records(out: Path) -> list[tuple[int, float]]:
 
 
 def test_random_sigkills_then_resume_equal_the_uninterrupted_run(tmp_path: Path) -> None:
-    helpers = killed_run_helpers()
-    helpers.write_model_and_data(tmp_path)
     settings = {"max_steps": STEPS, "save_steps": 3, "save_total_limit": 2, "logging_steps": 1}
 
     straight_cfg, _ = load_config(
-        str(helpers.write_project(tmp_path, tmp_path / "straight", **settings)), world_size=1
+        str(write_killed_run_project(tmp_path, tmp_path / "straight", **settings)), world_size=1
     )
     straight = run_train(straight_cfg)  # also builds the dataset cache every child reuses
 
     out = tmp_path / "killed"
-    config = helpers.write_project(tmp_path, out, auto_resume_from_checkpoints=True, **settings)
+    config = write_killed_run_project(tmp_path, out, auto_resume_from_checkpoints=True, **settings)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WORLD_SIZE": "1"}
     rng = random.Random(SEED)
     progress = []
     for kill in range(KILLS):
         marker = tmp_path / f"started-{kill}"
         log = tmp_path / f"child-{kill}.log"
-        with log.open("wb") as sink:  # a file, not a pipe: a full pipe would block the child
-            child = subprocess.Popen(
-                [sys.executable, "-c", CHILD, str(config), str(marker)],
-                env=env, stdout=sink, stderr=subprocess.STDOUT,
-            )  # fmt: skip
+        child = start_logged([sys.executable, "-c", CHILD, str(config), str(marker)], log, env)
         try:
-            deadline = time.monotonic() + 240
-            while not marker.exists():
-                assert child.poll() is None, log.read_text()[-3000:]
-                assert time.monotonic() < deadline, "the child never started training"
-                time.sleep(0.02)
+            wait_for_file(child, marker, log, "the start of training")
             time.sleep(rng.uniform(0.0, MAX_DELAY))
             assert child.poll() is None, log.read_text()[-3000:]
         finally:
-            if child.poll() is None:
-                child.send_signal(signal.SIGKILL)
-            child.wait(timeout=60)
+            kill_and_reap(child, signal.SIGKILL)
         assert child.returncode == -signal.SIGKILL, log.read_text()[-3000:]
         latest = ckpt.find_latest_checkpoint(out)
         progress.append(ckpt.step_of(latest) if latest is not None else 0)

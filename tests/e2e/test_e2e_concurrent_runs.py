@@ -13,13 +13,13 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import yaml
 
 from hellbender.commands.train import run_train
 from hellbender.config.load import load_config
+from hellbender.testing.projects import kill_and_reap, start_logged, wait_for_file
 from hellbender.train import checkpoint as ckpt
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WORLD_SIZE": "1"}
@@ -79,19 +79,6 @@ def write_config(root: Path, base_settings: dict[str, object], out: Path) -> Pat
     return path
 
 
-def wait_for(path: Path, child: subprocess.Popen[bytes], log: Path, seconds: float = 240) -> None:
-    deadline = time.monotonic() + seconds
-    while not path.exists():
-        assert child.poll() is None, log.read_text()[-3000:]
-        assert time.monotonic() < deadline, f"{path.name} never appeared"
-        time.sleep(0.05)
-
-
-def start(args: list[str], log: Path) -> subprocess.Popen[bytes]:
-    with log.open("wb") as sink:  # a file, not a pipe: a full pipe would block the child
-        return subprocess.Popen(args, env=ENV, stdout=sink, stderr=subprocess.STDOUT)
-
-
 def cli_train(config: Path, *overrides: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [HELLBENDER, "train", str(config), *overrides], env=ENV, capture_output=True, text=True, timeout=300
@@ -108,14 +95,13 @@ def test_train_into_a_locked_output_dir_is_refused_naming_the_holder(
     out = tmp_path / "out"
     out.mkdir()
     config = write_config(tmp_path, base_settings, out)
-    holder = start([sys.executable, "-c", LOCK_HOLDER, str(out / LOCK_FILE), str(tmp_path / "locked")],
-                   tmp_path / "holder.log")  # fmt: skip
+    locked, log = tmp_path / "locked", tmp_path / "holder.log"
+    holder = start_logged([sys.executable, "-c", LOCK_HOLDER, str(out / LOCK_FILE), str(locked)], log, ENV)
     try:
-        wait_for(tmp_path / "locked", holder, tmp_path / "holder.log", seconds=30)
+        wait_for_file(holder, locked, log, "taking the lock", timeout=30)
         result = cli_train(config)
     finally:
-        holder.kill()
-        holder.wait(timeout=30)
+        kill_and_reap(holder, signal.SIGKILL)
     assert result.returncode == 1, result.stdout + result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("ERROR:")]
     assert len(errors) == 1, result.stderr
@@ -128,9 +114,9 @@ def test_a_live_run_keeps_its_output_dir_to_itself(tmp_path: Path, base_settings
     out = tmp_path / "out"
     config = write_config(tmp_path, base_settings, out)
     marker, go, log = tmp_path / "paused", tmp_path / "go", tmp_path / "live.log"
-    live = start([sys.executable, "-c", PAUSED_RUN, str(config), str(marker), str(go)], log)
+    live = start_logged([sys.executable, "-c", PAUSED_RUN, str(config), str(marker), str(go)], log, ENV)
     try:
-        wait_for(marker, live, log)
+        wait_for_file(live, marker, log, "the pause after the first checkpoint")
         assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-2"]
         before = files_of(out)
         second = cli_train(config)
@@ -139,9 +125,7 @@ def test_a_live_run_keeps_its_output_dir_to_itself(tmp_path: Path, base_settings
         go.write_text("go")
         live.wait(timeout=240)
     finally:
-        if live.poll() is None:
-            live.kill()
-            live.wait(timeout=30)
+        kill_and_reap(live, signal.SIGKILL)
     for result in (second, resuming):
         assert result.returncode == 1, result.stdout + result.stderr
         assert f"pid {live.pid}" in result.stderr, result.stderr
@@ -156,13 +140,13 @@ def test_a_sigkilled_run_leaves_no_stale_lock(tmp_path: Path, base_settings: dic
     out = tmp_path / "out"
     config = write_config(tmp_path, base_settings, out)
     marker, log = tmp_path / "paused", tmp_path / "killed.log"
-    killed = start([sys.executable, "-c", PAUSED_RUN, str(config), str(marker), str(tmp_path / "never")], log)
+    args = [sys.executable, "-c", PAUSED_RUN, str(config), str(marker), str(tmp_path / "never")]
+    killed = start_logged(args, log, ENV)
     try:
-        wait_for(marker, killed, log)
+        wait_for_file(killed, marker, log, "the pause after the first checkpoint")
         assert (out / LOCK_FILE).read_text().split()[0] == str(killed.pid)  # it held the folder
     finally:
-        killed.send_signal(signal.SIGKILL)
-        killed.wait(timeout=60)
+        kill_and_reap(killed, signal.SIGKILL)
     assert killed.returncode == -signal.SIGKILL
 
     # The lock file stays behind with the dead pid in it; the lock itself died with the process.

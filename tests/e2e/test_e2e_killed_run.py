@@ -9,25 +9,22 @@ compares every loss after the resume point, and the final adapter, with an unint
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from hellbender.commands.train import run_train
 from hellbender.config.load import load_config
-from hellbender.testing.tiny import save_tiny_model_folder
+from hellbender.testing.projects import kill_and_reap, start_logged, wait_for_file
+from hellbender.testing.projects import write_killed_run_project as write_project
 from hellbender.train import checkpoint as ckpt
 from hellbender.train.metrics import read_metrics
 from hellbender.train.output_dir import LOCK_FILE, MANIFEST_FILE
@@ -56,62 +53,17 @@ CHILD = textwrap.dedent(
 )
 
 
-def write_project(root: Path, out: Path, **extra: object) -> Path:
-    config = {
-        "base_model": str(root / "model"),
-        "datasets": [{"path": str(root / "data.jsonl"), "type": "alpaca"}],
-        "dataset_prepared_path": str(root / "prepared"),
-        "dataset_num_proc": 1,
-        "adapter": "lora",
-        "lora_r": 4,
-        "lora_alpha": 8,
-        "lora_dropout": 0.1,  # resuming must restore the RNG stream too
-        "lora_target_linear": True,
-        "bf16": False,
-        "sequence_len": 128,
-        "micro_batch_size": 1,
-        "gradient_accumulation_steps": 2,
-        "learning_rate": 0.01,
-        "max_steps": 12,
-        "save_steps": 4,
-        "output_dir": str(out),
-        "use_tensorboard": False,
-        **extra,
-    }
-    path = root / f"{out.name}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-def write_model_and_data(root: Path) -> None:
-    save_tiny_model_folder(root / "model", initializer_range=0.1)
-    rows = [{"instruction": f"Repeat {w}.", "input": "", "output": f"{w} {w}."} for w in
-            ("one", "two", "three", "four", "five", "six", "seven", "eight")]  # fmt: skip
-    (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-
-
 def test_sigkill_during_checkpoint_write_then_auto_resume(tmp_path: Path) -> None:
-    write_model_and_data(tmp_path)
-
     killed_out = tmp_path / "killed"
     marker = tmp_path / "paused"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WORLD_SIZE": "1"}
     log = tmp_path / "child.log"
-    with log.open("wb") as sink:  # a file, not a pipe: a full pipe would block the child
-        child = subprocess.Popen(
-            [sys.executable, "-c", CHILD, str(write_project(tmp_path, killed_out)), str(marker)],
-            env=env, stdout=sink, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+    config = write_project(tmp_path, killed_out)
+    child = start_logged([sys.executable, "-c", CHILD, str(config), str(marker)], log, env)
     try:
-        deadline = time.monotonic() + 240
-        while not marker.exists():
-            assert child.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, "the child never reached the second checkpoint"
-            time.sleep(0.1)
+        wait_for_file(child, marker, log, "the pause in the second checkpoint write")
     finally:
-        if child.poll() is None:
-            child.send_signal(signal.SIGKILL)
-        child.wait(timeout=60)
+        kill_and_reap(child, signal.SIGKILL)
     assert child.returncode == -signal.SIGKILL
 
     # The first checkpoint is complete; the second exists only as a temporary folder.
@@ -146,7 +98,6 @@ def test_a_crash_during_the_final_write_keeps_the_previous_outputs(
     An exception stands in for the kill: nothing between it and the files cleans up, so the disk
     is left as a SIGKILL at that moment would leave it.
     """
-    write_model_and_data(tmp_path)
     out = tmp_path / "final"
     cfg, _ = load_config(write_project(tmp_path, out, max_steps=2, save_steps=2, lora_dropout=0.0,
                                        auto_resume_from_checkpoints=True), world_size=1)  # fmt: skip

@@ -9,19 +9,18 @@ line of ``hellbender train`` repeats.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from click.testing import CliRunner
 from test_train_loop import PAD, make_cfg, make_samples
 
 from hellbender.cli import main
-from hellbender.testing.tiny import build_tiny_model, save_tiny_model_folder
+from hellbender.testing.projects import write_tiny_project
+from hellbender.testing.tiny import build_tiny_model
 from hellbender.train import loop
 from hellbender.train.loop import TrainingStopped, train
 from hellbender.train.metrics import read_metrics
@@ -90,28 +89,14 @@ def test_the_nan_stop_names_fp16_overflow_only_under_fp16(tmp_path: Path) -> Non
 
 
 def test_the_final_line_of_train_says_the_run_diverged(tmp_path: Path) -> None:
-    save_tiny_model_folder(tmp_path / "model")
-    rows = [{"instruction": f"Repeat {w}.", "input": "", "output": f"{w} {w}."} for w in
-            ("one", "two", "three", "four", "five", "six", "seven", "eight")]  # fmt: skip
-    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    config = {
-        "base_model": str(tmp_path / "model"),
-        "datasets": [{"path": str(tmp_path / "data.jsonl"), "type": "alpaca"}],
-        "dataset_prepared_path": str(tmp_path / "prepared"),
-        "dataset_num_proc": 1,
-        "bf16": False,
-        "sequence_len": 128,
-        "micro_batch_size": 1,
-        "gradient_accumulation_steps": 2,
-        "learning_rate": 10.0,  # a full fine-tune at lr 10: the loss explodes, finite all the way
-        "lr_scheduler": "constant",
-        "max_steps": 8,
-        "save_strategy": "no",
-        "output_dir": str(tmp_path / "out"),
-        "use_tensorboard": False,
-    }
-    path = tmp_path / "cfg.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path = write_tiny_project(
+        tmp_path,
+        gradient_accumulation_steps=2,
+        learning_rate=10.0,  # a full fine-tune at lr 10: the loss explodes, finite all the way
+        lr_scheduler="constant",
+        max_steps=8,
+        save_strategy="no",
+    )
     env = {"PYTORCH_ALLOC_CONF": None, "PYTORCH_CUDA_ALLOC_CONF": None, "WORLD_SIZE": "1"}
     result = CliRunner().invoke(main, ["train", str(path)], env=env, catch_exceptions=False)
     assert result.exit_code == 0, result.output

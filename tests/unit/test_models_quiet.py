@@ -17,16 +17,14 @@ own logger.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
-from hellbender.testing.tiny import save_tiny_model_folder
+from hellbender.testing.projects import write_tiny_project
 
 BNB_NOTICE = (
     "Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure you already "
@@ -67,25 +65,10 @@ main()
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("quiet")
-    save_tiny_model_folder(root / "model")
     rows = [{"instruction": f"Say {w}.", "input": "", "output": f"{w}!"} for w in ("hi", "bye", "yes", "no")]
-    (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    config = {
-        "base_model": str(root / "model"),
-        "datasets": [{"path": str(root / "data.jsonl"), "type": "alpaca"}],
-        "dataset_prepared_path": str(root / "prepared"),
-        "dataset_num_proc": 1,
-        "bf16": False,
-        "sequence_len": 256,
-        "micro_batch_size": 2,
-        "max_steps": 1,
-        "use_tensorboard": False,
-        "adapter": "lora",
-        "lora_r": 4,
-        "lora_alpha": 8,
-        "lora_target_linear": True,
-    }
-    (root / "cfg.yaml").write_text(yaml.safe_dump(config))
+    lora = {"adapter": "lora", "lora_r": 4, "lora_alpha": 8, "lora_target_linear": True}
+    # Each run below names its own output_dir on the command line.
+    write_tiny_project(root, rows, sequence_len=256, micro_batch_size=2, max_steps=1, **lora)
     return root
 
 
