@@ -33,8 +33,10 @@ from hellbender.config.load import (
 )
 from hellbender.config.schema import (
     DatasetConfig,
+    FSDPConfig,
     HellbenderConfig,
     MessagePropertyMappings,
+    MixedPrecisionPolicy,
     SpecialTokens,
     UserDefinedFormat,
 )
@@ -310,6 +312,8 @@ MODELS: list[type[BaseModel]] = [
     UserDefinedFormat,
     MessagePropertyMappings,
     SpecialTokens,
+    FSDPConfig,
+    MixedPrecisionPolicy,
 ]
 
 

@@ -135,7 +135,7 @@ def test_axolotl_only_key_is_named_as_unsupported(tmp_path: Path, key: str) -> N
     ("text", "key", "says"),
     [
         ("load_best_model_at_end: true\n", "load_best_model_at_end", "does not support yet."),
-        ("ddp_timeout: 1800\n", "ddp_timeout", "does not support yet."),
+        ("dataloader_num_workers: 2\n", "dataloader_num_workers", "does not support yet."),
         ("kd_alpha: 0.5\n", "kd_alpha", "Axolotl plugin"),
         ("optimizer: paged_adamw_8bit\n", "optimizer", "adamw_torch"),
         ("lr_scheduler: one_cycle\n", "lr_scheduler", "cosine"),

@@ -35,8 +35,10 @@ from pydantic.fields import FieldInfo
 from hellbender.config import load, normalize, rules
 from hellbender.config.schema import (
     DatasetConfig,
+    FSDPConfig,
     HellbenderConfig,
     MessagePropertyMappings,
+    MixedPrecisionPolicy,
     ResolvedConfig,
     SpecialTokens,
     UserDefinedFormat,
@@ -51,6 +53,8 @@ NESTED_MODELS: list[tuple[type[BaseModel], str, str]] = [
     (MessagePropertyMappings, "Message property mappings", "`datasets[].message_property_mappings`."),
     (UserDefinedFormat, "User-defined prompt format", "`datasets[].type` given as a mapping."),
     (SpecialTokens, "Special tokens", "`special_tokens:`."),
+    (FSDPConfig, "FSDP config", "`fsdp_config:` (FSDP2; Axolotl's names)."),
+    (MixedPrecisionPolicy, "FSDP mixed precision", "`fsdp_config.mixed_precision_policy`."),
 ]
 _GROUP_COMMENT = re.compile(r"^\s*# -{8,}\s*(.+?)\s*$")
 
@@ -286,6 +290,11 @@ def render() -> str:
         "- `loss_method`: the loss replacement that is on (`chunked_cross_entropy`, `cut_cross_entropy`, "
         "`liger_cross_entropy`, `liger_fused_linear_cross_entropy`), else `chunked` with `tiled_mlp`, else "
         "`plain`. `epochs_given`: whether `num_epochs` bounds the run (false when only `max_steps` is set).",
+        "- `distributed_strategy`: `single` for one process; with several, `deepspeed` when "
+        "`deepspeed` is set, `fsdp2` when FSDP is asked for (`fsdp_config`, `fsdp_version` or `fsdp`), "
+        "else `ddp`. Axolotl's FSDP1 spellings are read into `fsdp_config` under their FSDP2 names "
+        "(and `fsdp_version` becomes 2); `fsdp_config.activation_checkpointing` turns on "
+        "`gradient_checkpointing`.",
         "- The allocator setting goes into `PYTORCH_ALLOC_CONF` (torch ≥ 2.9) or "
         "`PYTORCH_CUDA_ALLOC_CONF` (torch 2.2–2.8) at process start, unless either is already set.",
         "",

@@ -1,8 +1,10 @@
 """``hellbender validate --fix``: mechanical rewrites of a YAML file, keeping comments and order.
 
 Only findings with one obviously right rewrite are fixed: a deprecated ``batch_size`` becomes the
-``gradient_accumulation_steps`` it implies, and legacy boolean attention flags become
-``attn_implementation``. ruamel.yaml's round-trip mode keeps the user's comments and key order.
+``gradient_accumulation_steps`` it implies, legacy boolean attention flags become
+``attn_implementation``, and Axolotl's FSDP1 spellings become their FSDP2 ones (``fsdp_version: 2``,
+no ``fsdp_`` prefix, ``sharding_strategy`` → ``reshard_after_forward``, the ``fsdp:`` list and
+FSDP1-only options gone). ruamel.yaml's round-trip mode keeps the user's comments and key order.
 """
 
 from __future__ import annotations
@@ -11,8 +13,15 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from hellbender.config.normalize import LEGACY_ATTN_FLAGS
-from hellbender.config.schema import HellbenderConfig
+from hellbender.config.findings import has_errors
+from hellbender.config.normalize import (
+    LEGACY_ATTN_FLAGS,
+    RESHARD_OF_OPTION,
+    RESHARD_OF_STRATEGY,
+    fsdp_requested,
+    resolve_fsdp,
+)
+from hellbender.config.schema import FSDP1_ONLY_OPTIONS, FSDPConfig, HellbenderConfig, legacy_fsdp_keys
 from hellbender.files import write_atomically
 
 
@@ -60,6 +69,118 @@ def _replace_keys(data: Any, old_keys: list[str], new_key: str | None, value: An
         slot[2] = CommentToken(
             previous.rstrip("\n") + ("\n" if previous else "") + text.lstrip(" "), CommentMark(0)
         )
+
+
+def _fsdp_block(data: Any, after: str | None) -> Any:
+    """The file's ``fsdp_config`` mapping, made (after the top-level key ``after``) when missing."""
+    from ruamel.yaml.comments import CommentedMap
+
+    if isinstance(data.get("fsdp_config"), dict):
+        return data["fsdp_config"]
+    if "fsdp_config" in data:  # `fsdp_config:` with no value
+        data["fsdp_config"] = CommentedMap()
+    else:
+        keys = list(data.keys())
+        data.insert(keys.index(after) + 1 if after in keys else len(keys), "fsdp_config", CommentedMap())
+    return data["fsdp_config"]
+
+
+def _set_options(block: Any, options: dict[str, Any]) -> None:
+    """Give each option a value in an fsdp_config mapping, unless it has one. New keys go first, in
+    order: the block's last key carries the comments that follow it (often commented-out options),
+    which keys appended at the end would land after."""
+    position = 0
+    for option, value in options.items():
+        if block.get(option) is not None:
+            continue
+        if option in block:  # written without a value
+            block[option] = value
+        else:
+            block.insert(position, option, value)
+            position += 1
+
+
+def _fix_fsdp(data: Any, raw: HellbenderConfig) -> list[str]:
+    """Axolotl's FSDP1 spellings → the FSDP2 ones, exactly as :func:`resolve_fsdp` reads them.
+
+    Nothing is rewritten when two spellings disagree or a sharding FSDP2 cannot do is asked for
+    (HB165, HB166): the user has to choose.
+    """
+    if not fsdp_requested(raw):
+        return []
+    _, findings = resolve_fsdp(raw)
+    if has_errors(findings):
+        return []
+    changes: list[str] = []
+    fsdp = raw.fsdp_config if raw.fsdp_config is not None else FSDPConfig()
+    block = data["fsdp_config"] if isinstance(data.get("fsdp_config"), dict) else None
+
+    if block is not None:
+        legacy = legacy_fsdp_keys()
+        renamed = [key for key in block if key in legacy]
+        for key in renamed:
+            option = legacy[key]
+            if option in fsdp.model_fields_set:  # both spellings, one value: the old one goes
+                _replace_keys(block, [key], None, None)
+            else:
+                _replace_keys(block, [key, *([option] if option in block else [])], option, block[key])
+        if renamed:
+            changes.append(f"fsdp_config: {', '.join(renamed)} → {', '.join(legacy[k] for k in renamed)}")
+        strategy = fsdp.sharding_strategy or fsdp.fsdp_sharding_strategy
+        if strategy in RESHARD_OF_STRATEGY and "sharding_strategy" in block:
+            reshard = RESHARD_OF_STRATEGY[strategy]
+            if "reshard_after_forward" in block and block["reshard_after_forward"] is not None:
+                _replace_keys(block, ["sharding_strategy"], None, None)
+            else:
+                stale = ["reshard_after_forward"] if "reshard_after_forward" in block else []
+                _replace_keys(block, ["sharding_strategy", *stale], "reshard_after_forward", reshard)
+            changes.append(
+                f"fsdp_config.sharding_strategy: {strategy} → reshard_after_forward: {str(reshard).lower()}"
+            )
+        dropped = [key for key in FSDP1_ONLY_OPTIONS if key in block]
+        if dropped:
+            _replace_keys(block, dropped, None, None)
+            changes.append(f"removed FSDP1-only fsdp_config keys {', '.join(dropped)}")
+        if fsdp.fsdp_version is not None and fsdp.fsdp_version != 2:
+            block["fsdp_version"] = 2
+            changes.append("fsdp_config.fsdp_version: 2 (FSDP2)")
+
+    anchor: str | None = None  # the top-level key a new fsdp_config block follows
+    if raw.fsdp_version is not None:
+        anchor = "fsdp_version"
+        if raw.fsdp_version != 2:
+            data["fsdp_version"] = 2
+            changes.append("fsdp_version: 2 (FSDP2)")
+    need_version = raw.fsdp_version is None and fsdp.fsdp_version is None
+    if raw.fsdp and "fsdp" in data:
+        implied: dict[str, bool] = {}
+        for item in raw.fsdp:
+            if item in RESHARD_OF_OPTION:
+                implied["reshard_after_forward"] = RESHARD_OF_OPTION[item]
+            elif item == "offload":
+                implied["offload_params"] = True
+        if need_version:
+            stale = ["fsdp_version"] if "fsdp_version" in data else []
+            _replace_keys(data, ["fsdp", *stale], "fsdp_version", 2)
+            anchor, need_version = "fsdp_version", False
+        else:
+            _replace_keys(data, ["fsdp"], None, None)
+        if implied:
+            _set_options(_fsdp_block(data, anchor), implied)
+        moved = "".join(f", fsdp_config.{k}: {str(v).lower()}" for k, v in implied.items())
+        changes.append(f"fsdp: [{', '.join(raw.fsdp)}] → fsdp_version: 2{moved}")
+    if need_version:
+        if "fsdp_version" in data:  # `fsdp_version:` with no value
+            data["fsdp_version"] = 2
+        else:
+            data.insert(list(data.keys()).index("fsdp_config"), "fsdp_version", 2)
+        changes.append("fsdp_version: 2 (FSDP2)")
+    if raw.fsdp_final_state_dict_type is not None and "fsdp_final_state_dict_type" in data:
+        final = {"final_state_dict_type": data["fsdp_final_state_dict_type"]}
+        _set_options(_fsdp_block(data, "fsdp_final_state_dict_type"), final)
+        _replace_keys(data, ["fsdp_final_state_dict_type"], None, None)
+        changes.append("fsdp_final_state_dict_type → fsdp_config.final_state_dict_type")
+    return changes
 
 
 def _mapping_indent(text: str) -> int:
@@ -133,6 +254,8 @@ def fix_file(path: str | Path, cfg: HellbenderConfig, raw: HellbenderConfig) -> 
         else:
             _replace_keys(data, legacy, None, None)
             changes.append(f"removed legacy flags {', '.join(legacy)}")
+
+    changes += _fix_fsdp(data, raw)
 
     if changes:
 

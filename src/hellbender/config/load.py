@@ -35,7 +35,14 @@ from hellbender.config.findings import QUOTE_LIMIT, ConfigError, Finding, clip, 
 from hellbender.config.hardware import Hardware, detect_hardware
 from hellbender.config.normalize import normalize
 from hellbender.config.rules import check
-from hellbender.config.schema import DatasetConfig, HellbenderConfig, Optimizer, ResolvedConfig, Scheduler
+from hellbender.config.schema import (
+    DatasetConfig,
+    FSDPConfig,
+    HellbenderConfig,
+    Optimizer,
+    ResolvedConfig,
+    Scheduler,
+)
 
 # Keys Axolotl accepts that hellbender recognises but does not implement (yet). Loading one is an
 # error that says so, instead of a misleading "did you mean".
@@ -810,6 +817,8 @@ def validate_mapping(
             data[list_key] = [
                 _drop_unset_nulls(ds, DatasetConfig) if isinstance(ds, dict) else ds for ds in data[list_key]
             ]
+    if isinstance(data.get("fsdp_config"), dict):  # Axolotl's FSDP options take null as "unset" too
+        data["fsdp_config"] = _drop_unset_nulls(data["fsdp_config"], FSDPConfig)
     findings, located = _unknown_keys(data, lines)
     if findings:
         # Report the known keys' type errors too, so a config gets fixed in one round, not two.

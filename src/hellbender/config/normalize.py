@@ -12,17 +12,22 @@ from __future__ import annotations
 import os
 import re
 from importlib import metadata
+from typing import Any
 
-from hellbender.config.findings import Finding
+from hellbender.config.findings import Finding, quote
 from hellbender.config.hardware import Hardware, detect_hardware
 from hellbender.config.schema import (
+    FSDP1_ONLY_OPTIONS,
     LOSS_REPLACEMENTS,
     AttnImplementation,
     ComputeDtype,
     DatasetConfig,
+    DistributedStrategy,
+    FSDPConfig,
     HellbenderConfig,
     LossMethod,
     ResolvedConfig,
+    legacy_fsdp_keys,
 )
 
 DEFAULT_ATTN: AttnImplementation = "sdpa"
@@ -232,6 +237,215 @@ def _loss_method(cfg: HellbenderConfig) -> LossMethod:
     return "chunked" if cfg.tiled_mlp else "plain"
 
 
+# FSDP1's ways of saying how much to shard that FSDP2 expresses with reshard_after_forward.
+RESHARD_OF_STRATEGY: dict[str, bool] = {"FULL_SHARD": True, "SHARD_GRAD_OP": False}
+RESHARD_OF_OPTION: dict[str, bool] = {"full_shard": True, "shard_grad_op": False}
+
+
+def _yaml(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def fsdp_requested(cfg: HellbenderConfig) -> bool:
+    """FSDP is asked for: an ``fsdp_config``, an ``fsdp_version`` or a non-empty ``fsdp:`` list."""
+    return cfg.fsdp_config is not None or cfg.fsdp_version is not None or bool(cfg.fsdp)
+
+
+def resolve_fsdp(cfg: HellbenderConfig) -> tuple[FSDPConfig | None, list[Finding]]:
+    """The fsdp_config FSDP2 runs with (None when FSDP is not asked for), and the findings made on
+    the way.
+
+    Axolotl's FSDP1 spellings are folded into the FSDP2 options: the ``fsdp_`` prefix (HB161),
+    the top-level ``fsdp_final_state_dict_type`` (HB161), the ``fsdp:`` list (HB162) and
+    ``sharding_strategy`` (HB164). Two spellings of one option with different values are an error
+    (HB165); FSDP1-only options are dropped with a warning (HB163). The result holds each option
+    once, under its FSDP2 name, and nothing else; ``validate --fix`` writes the same into the file.
+    """
+    if not fsdp_requested(cfg):
+        return None, []
+    findings: list[Finding] = []
+    fsdp = cfg.fsdp_config if cfg.fsdp_config is not None else FSDPConfig()
+    values: dict[str, Any] = {}
+    origin: dict[str, str] = {}  # option → where its value was written
+
+    def put(option: str, value: Any, source: str) -> None:
+        if option in values or option in fsdp.model_fields_set:
+            current = values.get(option, getattr(fsdp, option))
+            where = origin.get(option, f"fsdp_config.{option}")
+            if current != value:
+                findings.append(
+                    Finding(
+                        "HB165",
+                        "error",
+                        f"`{source}` and `{where}` both set FSDP's {option}, to different values "
+                        f"({quote(value)} and {quote(current)}).",
+                        fix=f"Keep one of them, as `fsdp_config.{option}`.",
+                        key=source,
+                    )
+                )
+            return
+        values[option] = value
+        origin[option] = source
+
+    top, nested = cfg.fsdp_version, fsdp.fsdp_version
+    if top is not None and nested is not None and top != nested:
+        findings.append(
+            Finding(
+                "HB165",
+                "error",
+                f"`fsdp_version: {top}` and `fsdp_config.fsdp_version: {nested}` disagree.",
+                fix="Keep one: `fsdp_version: 2`.",
+                key="fsdp_version",
+            )
+        )
+    elif (top if top is not None else nested) != 2:
+        version = top if top is not None else nested
+        said = (
+            f"`fsdp_version: {version}` asks for FSDP1"
+            if version is not None
+            else "FSDP is asked for without `fsdp_version`, which Axolotl runs as FSDP1"
+        )
+        findings.append(
+            Finding(
+                "HB160",
+                "warning",
+                f"{said}; hellbender runs FSDP2 (torch's fully_shard), reading each FSDP1 option as "
+                "its FSDP2 equivalent.",
+                fix="Set `fsdp_version: 2` (hellbender validate --fix does this).",
+                key="fsdp_version",
+            )
+        )
+
+    legacy = legacy_fsdp_keys()
+    renamed = [name for name in legacy if getattr(fsdp, name) is not None]
+    for name in renamed:
+        put(legacy[name], getattr(fsdp, name), f"fsdp_config.{name}")
+    if renamed:
+        shown = ", ".join(f"`{name}`" for name in renamed)
+        meant = ", ".join(f"`{legacy[name]}`" for name in renamed)
+        findings.append(
+            Finding(
+                "HB161",
+                "warning",
+                f"fsdp_config keys {shown} use Axolotl's old `fsdp_` prefix; they are read as {meant}.",
+                fix="Drop the `fsdp_` prefix (hellbender validate --fix does this).",
+                key=f"fsdp_config.{renamed[0]}",
+            )
+        )
+    if cfg.fsdp_final_state_dict_type is not None:
+        put("final_state_dict_type", cfg.fsdp_final_state_dict_type, "fsdp_final_state_dict_type")
+        findings.append(
+            Finding(
+                "HB161",
+                "warning",
+                "`fsdp_final_state_dict_type` is deprecated (Axolotl); it is read as "
+                "`fsdp_config.final_state_dict_type`.",
+                fix="Move it into fsdp_config as `final_state_dict_type` (hellbender validate --fix "
+                "does this).",
+                key="fsdp_final_state_dict_type",
+            )
+        )
+
+    unsupported: list[tuple[str, str]] = []  # (where, what): sharding FSDP2 here cannot do
+    if cfg.fsdp:
+        meaning = []
+        for item in dict.fromkeys(cfg.fsdp):
+            if item in RESHARD_OF_OPTION:
+                put("reshard_after_forward", RESHARD_OF_OPTION[item], f"fsdp: {item}")
+                meaning.append(f"{item} as reshard_after_forward: {_yaml(RESHARD_OF_OPTION[item])}")
+            elif item == "offload":
+                put("offload_params", True, "fsdp: offload")
+                meaning.append("offload as offload_params: true")
+            elif item == "auto_wrap":
+                meaning.append("auto_wrap as the default auto_wrap_policy")
+            else:
+                unsupported.append(("fsdp", item))
+        items = ", ".join(cfg.fsdp)
+        read = f"; read {', '.join(meaning)}" if meaning else ""
+        findings.append(
+            Finding(
+                "HB162",
+                "warning",
+                f"`fsdp: [{items}]` is Axolotl's deprecated FSDP1 switch{read}.",
+                fix="Remove `fsdp:` and set the options in fsdp_config (hellbender validate --fix "
+                "does this).",
+                key="fsdp",
+            )
+        )
+
+    strategy = values.get("sharding_strategy", fsdp.sharding_strategy)
+    if strategy is not None:
+        where = origin.get("sharding_strategy", "fsdp_config.sharding_strategy")
+        if strategy in RESHARD_OF_STRATEGY:
+            reshard = RESHARD_OF_STRATEGY[strategy]
+            findings.append(
+                Finding(
+                    "HB164",
+                    "warning",
+                    f"`{where}: {strategy}` is FSDP1's; under FSDP2 it is "
+                    f"`reshard_after_forward: {_yaml(reshard)}`.",
+                    fix=f"Replace it with `reshard_after_forward: {_yaml(reshard)}` (hellbender validate "
+                    "--fix does this).",
+                    key=where,
+                )
+            )
+            put("reshard_after_forward", reshard, where)
+        else:
+            unsupported.append((where, strategy))
+    for where, what in unsupported:
+        if what.lower() == "no_shard":
+            findings.append(
+                Finding(
+                    "HB166",
+                    "error",
+                    f"`{where}: {what}` shards nothing: that is DDP, not FSDP.",
+                    fix="Remove the FSDP keys (fsdp, fsdp_config, fsdp_version): several processes "
+                    "without FSDP run DDP.",
+                    key=where,
+                )
+            )
+        else:
+            findings.append(
+                Finding(
+                    "HB166",
+                    "error",
+                    f"`{where}: {what}` shards within groups of ranks and replicates across them, "
+                    "which needs dp_replicate_size (N-D parallelism): not supported by this release yet.",
+                    fix="Shard across all ranks: `reshard_after_forward: true` (FULL_SHARD).",
+                    key=where,
+                )
+            )
+
+    dropped = [
+        origin.get(name, f"fsdp_config.{name}")
+        for name in FSDP1_ONLY_OPTIONS
+        if values.get(name, getattr(fsdp, name)) is not None
+    ]
+    if dropped:
+        listed = ", ".join(f"`{where}`" for where in dropped)
+        findings.append(
+            Finding(
+                "HB163",
+                "warning",
+                f"{listed}: FSDP1 options with no FSDP2 equivalent; they have no effect.",
+                fix="Remove them (hellbender validate --fix does this).",
+                key=dropped[0],
+            )
+        )
+    # One spelling of each option: the FSDP2 one. The FSDP1 forms were read above.
+    cleared = [*legacy, "fsdp_version", "sharding_strategy", *FSDP1_ONLY_OPTIONS]
+    return fsdp.model_copy(update={**values, **dict.fromkeys(cleared, None)}), findings
+
+
+def _distributed_strategy(cfg: HellbenderConfig, world: int) -> DistributedStrategy:
+    """One process runs alone; several run DeepSpeed, FSDP2 when FSDP is asked for, else DDP."""
+    if world == 1:
+        return "single"
+    if cfg.deepspeed is not None:
+        return "deepspeed"
+    return "fsdp2" if fsdp_requested(cfg) else "ddp"
+
+
 def normalize(
     cfg: HellbenderConfig, *, world_size: int | None = None, hardware: Hardware | None = None
 ) -> tuple[ResolvedConfig, list[Finding]]:
@@ -296,6 +510,26 @@ def normalize(
     }
     if cfg.optimizer == "adamw_bnb_8bit":
         update["optimizer"] = "adamw_8bit"
+
+    fsdp, fsdp_findings = resolve_fsdp(cfg)
+    findings += fsdp_findings
+    update["distributed_strategy"] = _distributed_strategy(cfg, world)
+    if fsdp is not None:
+        update.update(fsdp_config=fsdp, fsdp_version=2, fsdp=None, fsdp_final_state_dict_type=None)
+        if fsdp.activation_checkpointing and not cfg.gradient_checkpointing:
+            # as in Axolotl: FSDP's activation checkpointing is gradient checkpointing, applied
+            # per block; hellbender has the one mechanism
+            update["gradient_checkpointing"] = True
+            if "gradient_checkpointing" in cfg.model_fields_set:
+                findings.append(
+                    Finding(
+                        "HB173",
+                        "info",
+                        "fsdp_config.activation_checkpointing: true turns gradient checkpointing on "
+                        "(one mechanism in hellbender), over `gradient_checkpointing: false`.",
+                        key="gradient_checkpointing",
+                    )
+                )
     for list_key in ("datasets", "test_datasets"):
         entries = getattr(cfg, list_key)
         if entries and any(d.message_field_role or d.message_field_content for d in entries):

@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from hellbender.config.findings import Finding, quote
 from hellbender.config.hardware import Hardware
+from hellbender.config.normalize import fsdp_requested
 from hellbender.config.schema import GPU_ONLY_BACKENDS, LOSS_REPLACEMENTS, HellbenderConfig, ResolvedConfig
 from hellbender.model_files import read_model_config
 
@@ -28,9 +29,6 @@ NOT_YET_IMPLEMENTED: dict[str, str] = {
     "qat": "quantization-aware training",
     "fp8": "FP8 training",
     "deepspeed": "DeepSpeed",
-    "fsdp": "FSDP",
-    "fsdp_config": "FSDP",
-    "fsdp_version": "FSDP",
     "tensor_parallel_size": "tensor parallelism",
     "context_parallel_size": "context parallelism",
     "sequence_parallel_degree": "context parallelism",
@@ -39,7 +37,6 @@ NOT_YET_IMPLEMENTED: dict[str, str] = {
     "group_by_length": "length-grouped batching",
     "early_stopping_patience": "early stopping",
     "skip_prepare_dataset": "lazy dataset preparation",
-    "ddp": "DistributedDataParallel",
     "save_safetensors": "pickled (.bin) weight files; outputs are always safetensors",
     "wandb_watch": "W&B gradient watching",
     "wandb_log_model": "W&B model upload",
@@ -185,12 +182,194 @@ def warmup_both(cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfig) -> lis
 @rule
 def deepspeed_and_fsdp(cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
     """DeepSpeed and FSDP both shard the model and cannot be combined."""
-    if cfg.deepspeed and (cfg.fsdp or cfg.fsdp_config):
+    if raw.deepspeed is not None and fsdp_requested(raw):
         return _err(
             "HB111",
-            "deepspeed and fsdp are both set; they shard the model differently.",
+            "deepspeed and FSDP (fsdp_config, fsdp_version or fsdp) are both set; they shard the model "
+            "differently.",
             "Keep one.",
             "deepspeed",
+        )
+    return []
+
+
+@rule
+def fsdp2_quantized_base(cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
+    """FSDP2 with a 4-bit/8-bit bitsandbytes base: sharding packed quantized weights (and their
+    quantization state) is not supported yet; refused rather than failing after the model loaded."""
+    if cfg.distributed_strategy == "fsdp2" and (cfg.load_in_4bit or cfg.load_in_8bit):
+        key = "load_in_4bit" if cfg.load_in_4bit else "load_in_8bit"
+        return _err(
+            "HB167",
+            f"{key}: a quantized base is not supported yet under FSDP2 (bitsandbytes' packed weights "
+            "cannot be sharded by this release).",
+            "Train it with DDP (remove the FSDP keys: each rank holds the whole quantized base), or "
+            f"remove {key} and shard the 16-bit base with FSDP2.",
+            key,
+        )
+    return []
+
+
+@rule
+def fsdp2_bnb_optimizer(cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
+    """FSDP2 with bitsandbytes' 8-bit AdamW: its CUDA kernels do not take FSDP2's sharded (DTensor)
+    parameters (Axolotl refuses the pair for the same reason)."""
+    if cfg.distributed_strategy == "fsdp2" and cfg.optimizer == "adamw_8bit":
+        return _err(
+            "HB168",
+            "optimizer adamw_8bit (bitsandbytes) does not work on FSDP2's sharded parameters.",
+            "Use optimizer: adamw_torch_fused or adamw_torch (FSDP2 already shards the optimizer state "
+            "over the ranks).",
+            "optimizer",
+        )
+    return []
+
+
+@rule
+def fsdp_size_wrap_needs_size(cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
+    """auto_wrap_policy: SIZE_BASED_WRAP without min_num_params: there is no size to wrap by."""
+    fsdp = cfg.fsdp_config
+    if fsdp is not None and fsdp.auto_wrap_policy == "SIZE_BASED_WRAP" and fsdp.min_num_params is None:
+        return _err(
+            "HB169",
+            "fsdp_config.auto_wrap_policy: SIZE_BASED_WRAP needs fsdp_config.min_num_params, the "
+            "parameters a module must have to be sharded as a unit.",
+            "Set min_num_params (e.g. 100000000), or use TRANSFORMER_BASED_WRAP.",
+            "fsdp_config.min_num_params",
+        )
+    return []
+
+
+DDP_OPTIONS = ("ddp_find_unused_parameters", "ddp_bucket_cap_mb", "ddp_broadcast_buffers")
+
+
+@rule
+def distributed_options_without_effect(
+    cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfig
+) -> list[Finding]:
+    """Distributed options that the chosen strategy or the other options make meaningless: DDP
+    options under FSDP2, `ddp: true` with FSDP, layer classes without transformer wrapping,
+    min_num_params without size wrapping, unpinned or any offloading without a GPU, and
+    fsdp_final_state_dict_type without FSDP. Each would be silently ignored."""
+    out: list[Finding] = []
+    strategy = cfg.distributed_strategy
+    ddp_set = [k for k in DDP_OPTIONS if getattr(raw, k) is not None]
+    if strategy in ("fsdp2", "deepspeed") and ddp_set:
+        out += _warn(
+            "HB170",
+            f"{', '.join(ddp_set)}: DDP options have no effect under {strategy}.",
+            "Remove them.",
+            ddp_set[0],
+        )
+    if strategy == "fsdp2" and raw.ddp:
+        out += _warn(
+            "HB170",
+            "`ddp: true` with FSDP: FSDP2 shards the model and runs data parallel itself; no DDP wrapper "
+            "is used.",
+            "Remove `ddp`.",
+            "ddp",
+        )
+    if raw.fsdp_final_state_dict_type is not None and not fsdp_requested(raw):
+        out += _warn(
+            "HB170",
+            "fsdp_final_state_dict_type without FSDP has no effect.",
+            "Remove it.",
+            "fsdp_final_state_dict_type",
+        )
+    fsdp = cfg.fsdp_config
+    if fsdp is None:
+        return out
+    if fsdp.transformer_layer_cls_to_wrap and fsdp.auto_wrap_policy != "TRANSFORMER_BASED_WRAP":
+        out += _warn(
+            "HB170",
+            f"fsdp_config.transformer_layer_cls_to_wrap has no effect with auto_wrap_policy "
+            f"{fsdp.auto_wrap_policy}.",
+            "Remove it, or set auto_wrap_policy: TRANSFORMER_BASED_WRAP.",
+            "fsdp_config.transformer_layer_cls_to_wrap",
+        )
+    if fsdp.min_num_params is not None and fsdp.auto_wrap_policy != "SIZE_BASED_WRAP":
+        out += _warn(
+            "HB170",
+            f"fsdp_config.min_num_params has no effect with auto_wrap_policy {fsdp.auto_wrap_policy}.",
+            "Remove it, or set auto_wrap_policy: SIZE_BASED_WRAP.",
+            "fsdp_config.min_num_params",
+        )
+    if not fsdp.cpu_offload_pin_memory and not fsdp.offload_params:
+        out += _warn(
+            "HB170",
+            "fsdp_config.cpu_offload_pin_memory: false has no effect without offload_params: true.",
+            "Remove it, or set offload_params: true.",
+            "fsdp_config.cpu_offload_pin_memory",
+        )
+    if fsdp.cpu_ram_efficient_loading and strategy == "fsdp2":
+        out += _warn(
+            "HB170",
+            "fsdp_config.cpu_ram_efficient_loading is not implemented yet: every rank loads the whole "
+            "model into its own memory before it is sharded (peak host memory: one model per rank).",
+            "Remove it, or make sure the machine's RAM holds one copy of the model per rank.",
+            "fsdp_config.cpu_ram_efficient_loading",
+        )
+    if fsdp.final_state_dict_type == "SHARDED_STATE_DICT":
+        out += _warn(
+            "HB170",
+            "fsdp_config.final_state_dict_type: SHARDED_STATE_DICT: hellbender always gathers the final "
+            "weights into one model (or adapter) that loads in one process, as a run without FSDP "
+            "writes them; checkpoints follow state_dict_type.",
+            "Remove final_state_dict_type (or set FULL_STATE_DICT).",
+            "fsdp_config.final_state_dict_type",
+        )
+    if strategy == "fsdp2" and fsdp.offload_params and not hw.cuda:
+        out += _warn(
+            "HB170",
+            f"fsdp_config.offload_params moves parameters to CPU memory; on {hw.description} they are "
+            "there already.",
+            "Remove offload_params on a machine without a GPU.",
+            "fsdp_config.offload_params",
+        )
+    return out
+
+
+@rule
+def distributed_options_on_one_process(
+    cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfig
+) -> list[Finding]:
+    """FSDP or DDP options in a run of one process: there is nothing to shard or synchronise, the
+    run trains alone. Said, so a run meant for several GPUs that was launched on one is noticed."""
+    if cfg.distributed_strategy != "single":
+        return []
+    asked = [
+        k
+        for k in ("fsdp", "fsdp_config", "fsdp_version", *DDP_OPTIONS, "ddp_timeout")
+        if k in raw.model_fields_set and getattr(raw, k) not in (None, [])
+    ]
+    if raw.ddp:
+        asked.insert(0, "ddp")
+    if not asked:
+        return []
+    return [
+        Finding(
+            "HB171",
+            "info",
+            f"{', '.join(asked)} set, but this is one process: nothing to shard or synchronise, the "
+            "run trains alone.",
+            "Launch several: `hellbender train CONFIG --nproc-per-node N` (or torchrun); check the "
+            "config for N processes with `hellbender validate CONFIG --world-size N`.",
+            asked[0],
+        )
+    ]
+
+
+@rule
+def ddp_off_with_several_processes(cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
+    """`ddp: false` with several processes and no FSDP: without DDP each rank would train its own
+    copy of the model on its share of the data, which is never what is wanted."""
+    if raw.ddp is False and cfg.distributed_strategy == "ddp":
+        return _err(
+            "HB172",
+            f"`ddp: false` with {cfg.world_size} processes and no FSDP: each rank would train its own "
+            "copy of the model.",
+            "Remove `ddp: false` (several processes without FSDP run DDP), or launch one process.",
+            "ddp",
         )
     return []
 
@@ -489,16 +668,17 @@ def not_yet_implemented(cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfig
     """Options that parse (so Axolotl configs load) but whose feature has not landed: setting one is
     an error, never a silent no-op."""
     defaults = HellbenderConfig.model_fields
+    # N-D sizes that describe what the run does anyway ask for nothing more: no replica groups, and
+    # FSDP2 sharding over every data-parallel rank (or DDP and a single process sharding nothing)
+    plain = {
+        "dp_replicate_size": 1,
+        "dp_shard_size": cfg.data_parallel_size if cfg.distributed_strategy == "fsdp2" else 1,
+    }
     out: list[Finding] = []
     for key, feature in NOT_YET_IMPLEMENTED.items():
         value = getattr(raw, key)
-        # `ddp: false` asks for nothing; every other key asks for its feature by differing from
-        # its default
-        if (
-            key in raw.model_fields_set
-            and value != defaults[key].default
-            and not (key == "ddp" and not value)
-        ):
+        # every key asks for its feature by differing from its default
+        if key in raw.model_fields_set and value != defaults[key].default and value != plain.get(key):
             out += _err(
                 "HB199",
                 f"`{key}` ({feature}) is recognised but not supported by this hellbender release yet.",

@@ -32,6 +32,16 @@ Optimizer = Literal["adamw_torch", "adamw_torch_fused", "adamw_8bit", "adamw_bnb
 Scheduler = Literal["cosine", "linear", "constant"]
 ComputeDtype = Literal["bfloat16", "float16", "float32"]
 LossMethod = Literal["plain", "chunked", "cut", "liger", "liger_fused_linear"]
+DistributedStrategy = Literal["single", "ddp", "fsdp2", "deepspeed"]
+FSDPStateDictType = Literal["FULL_STATE_DICT", "SHARDED_STATE_DICT"]
+FSDPWrapPolicy = Literal["TRANSFORMER_BASED_WRAP", "SIZE_BASED_WRAP", "NO_WRAP"]
+FSDPShardingStrategy = Literal[
+    "FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD", "_HYBRID_SHARD_ZERO2"
+]
+# Items of Axolotl's (and the HF Trainer's) deprecated `fsdp:` list.
+FSDPOption = Literal[
+    "full_shard", "shard_grad_op", "no_shard", "hybrid_shard", "hybrid_shard_zero2", "offload", "auto_wrap"
+]
 
 # Facts about the choices above that several stages need; each is defined here and only here.
 # Attention backends that need a CUDA GPU (and their own package).
@@ -56,6 +66,9 @@ MAX_SEQUENCE_LEN = 1 << 20  # tokens per sample
 MAX_EPOCHS = 1000
 MAX_SEED = 2**32 - 1  # numpy's seeds are 32-bit
 MAX_PER_EPOCH = 10_000  # evaluations or checkpoints per epoch
+MAX_PARAMETERS = 10**13  # parameters in one module (FSDP size-based wrapping)
+MAX_DDP_BUCKET_MB = 16_384  # a gradient bucket of 16 GB: beyond any GPU's use for one
+MAX_DDP_TIMEOUT = 7 * 24 * 3600  # a week: a collective waiting longer is a hang, not a slow rank
 # A learning rate only has to be a float32 number (what the optimizers compute in): a huge one
 # diverges, which training detects and stops; the tests force a divergence with 1e30.
 MAX_LEARNING_RATE = 3.4e38
@@ -210,6 +223,185 @@ class SpecialTokens(_Strict):
     eos_token: str | None = None
     pad_token: str | None = None
     unk_token: str | None = None
+
+
+# Short dtype names accepted wherever a dtype is written (Axolotl writes "bf16" for FSDP).
+_DTYPE_NAMES: dict[str, ComputeDtype] = {
+    "bf16": "bfloat16",
+    "bfloat16": "bfloat16",
+    "fp16": "float16",
+    "float16": "float16",
+    "fp32": "float32",
+    "float32": "float32",
+}
+
+
+def _dtype_name(value: Any) -> Any:
+    return _DTYPE_NAMES.get(value, value) if isinstance(value, str) else value
+
+
+class MixedPrecisionPolicy(_Strict):
+    """FSDP2's mixed precision: the dtype the gathered parameters are computed in and the dtype
+    gradients are reduced in (torch.distributed.fsdp.MixedPrecisionPolicy)."""
+
+    param_dtype: ComputeDtype | None = Field(
+        None, description="Dtype of the gathered parameters in forward and backward (null: no cast)."
+    )
+    reduce_dtype: ComputeDtype | None = Field(
+        None, description="Dtype of the gradient reduce-scatter (null: param_dtype's)."
+    )
+
+    @field_validator("param_dtype", "reduce_dtype", mode="before")
+    @classmethod
+    def _short_names(cls, value: Any) -> Any:
+        return _dtype_name(value)
+
+
+# fsdp_config options of FSDP1 that FSDP2 has no equivalent of: accepted (Axolotl configs carry
+# them), reported as having no effect (HB163), never used.
+FSDP1_ONLY_OPTIONS: tuple[str, ...] = (
+    "sync_module_states",
+    "use_orig_params",
+    "limit_all_gathers",
+    "backward_prefetch",
+    "backward_prefetch_policy",
+    "forward_prefetch",
+)
+# Axolotl's older spelling of every fsdp_config option: the same name with an ``fsdp_`` prefix.
+FSDP_LEGACY_PREFIX = "fsdp_"
+
+
+def _legacy(name: str) -> str:
+    return f"Axolotl's older spelling of `{name}` (validate --fix renames it)."
+
+
+def _layer_classes(value: Any) -> Any:
+    """``"LlamaDecoderLayer"`` or ``"A,B"`` (accelerate's comma-separated form) → a list of names."""
+    if isinstance(value, str):
+        value = value.split(",")
+    if isinstance(value, list):
+        names = [v.strip() if isinstance(v, str) else v for v in value]
+        if any(isinstance(n, str) and not n for n in names):
+            raise ValueError("names an empty layer class")
+        return names
+    return value
+
+
+class FSDPConfig(_Strict):
+    """``fsdp_config:``: how FSDP2 (``torch.distributed.fsdp.fully_shard``) shards the model.
+
+    Names are Axolotl's FSDP2 names. Axolotl's FSDP1 spellings (an ``fsdp_`` prefix, and
+    ``sharding_strategy``) are accepted and resolved by normalize with a warning; FSDP1-only
+    options are accepted and reported as having no effect.
+    """
+
+    fsdp_version: int | None = Field(
+        None, ge=1, le=2, description="Axolotl's other place for the top-level `fsdp_version`."
+    )
+    offload_params: bool = Field(
+        False, description="Keep parameters, gradients and optimizer state in CPU memory between uses."
+    )
+    cpu_offload_pin_memory: bool = Field(
+        True,
+        description="With offload_params: pin the CPU copies (faster copies; false allows swapping).",
+    )
+    cpu_ram_efficient_loading: bool = Field(
+        False, description="Only rank 0 reads the weights; the others receive their shards."
+    )
+    auto_wrap_policy: FSDPWrapPolicy = Field(
+        "TRANSFORMER_BASED_WRAP",
+        description="Which modules are sharded as units: transformer blocks, modules over "
+        "min_num_params, or only the whole model (NO_WRAP).",
+    )
+    transformer_layer_cls_to_wrap: list[str] | None = Field(
+        None,
+        description="Class names of the blocks sharded one by one (a string, comma-separated, is "
+        "accepted); default: the model's `_no_split_modules`.",
+    )
+    min_num_params: int | None = Field(
+        None, ge=1, le=MAX_PARAMETERS, description="SIZE_BASED_WRAP: parameters a module needs to be a unit."
+    )
+    reshard_after_forward: bool = Field(
+        True,
+        description="Free the gathered parameters after forward and gather them again for backward "
+        "(FULL_SHARD; false keeps them: faster, more memory, like SHARD_GRAD_OP).",
+    )
+    state_dict_type: FSDPStateDictType = Field(
+        "SHARDED_STATE_DICT",
+        description="Checkpoints: one file per rank (SHARDED) or the whole model gathered on rank 0 (FULL).",
+    )
+    final_state_dict_type: FSDPStateDictType = Field(
+        "FULL_STATE_DICT", description="The weights saved at the end of training."
+    )
+    activation_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward; turns on gradient_checkpointing."
+    )
+    mixed_precision_policy: MixedPrecisionPolicy | None = Field(
+        None,
+        description="FSDP2 mixed precision (a dtype name such as bf16 sets both dtypes); null: none, "
+        "the training loop's autocast decides.",
+    )
+    # FSDP1 options
+    sharding_strategy: FSDPShardingStrategy | None = Field(
+        None, description="FSDP1: FULL_SHARD/SHARD_GRAD_OP are read as reshard_after_forward true/false."
+    )
+    sync_module_states: bool | None = Field(None, description="FSDP1 only: no effect under FSDP2.")
+    use_orig_params: bool | None = Field(None, description="FSDP1 only: no effect under FSDP2.")
+    limit_all_gathers: bool | None = Field(None, description="FSDP1 only: no effect under FSDP2.")
+    backward_prefetch: str | None = Field(None, description="FSDP1 only: no effect under FSDP2.")
+    backward_prefetch_policy: str | None = Field(None, description="FSDP1 only: no effect under FSDP2.")
+    forward_prefetch: bool | None = Field(None, description="FSDP1 only: no effect under FSDP2.")
+    # Axolotl's `fsdp_`-prefixed spellings
+    fsdp_offload_params: bool | None = Field(None, description=_legacy("offload_params"))
+    fsdp_cpu_offload_pin_memory: bool | None = Field(None, description=_legacy("cpu_offload_pin_memory"))
+    fsdp_cpu_ram_efficient_loading: bool | None = Field(
+        None, description=_legacy("cpu_ram_efficient_loading")
+    )
+    fsdp_auto_wrap_policy: FSDPWrapPolicy | None = Field(None, description=_legacy("auto_wrap_policy"))
+    fsdp_transformer_layer_cls_to_wrap: list[str] | None = Field(
+        None, description=_legacy("transformer_layer_cls_to_wrap")
+    )
+    fsdp_min_num_params: int | None = Field(
+        None, ge=1, le=MAX_PARAMETERS, description=_legacy("min_num_params")
+    )
+    fsdp_reshard_after_forward: bool | None = Field(None, description=_legacy("reshard_after_forward"))
+    fsdp_state_dict_type: FSDPStateDictType | None = Field(None, description=_legacy("state_dict_type"))
+    fsdp_final_state_dict_type: FSDPStateDictType | None = Field(
+        None, description=_legacy("final_state_dict_type")
+    )
+    fsdp_activation_checkpointing: bool | None = Field(None, description=_legacy("activation_checkpointing"))
+    fsdp_sharding_strategy: FSDPShardingStrategy | None = Field(
+        None, description=_legacy("sharding_strategy")
+    )
+    fsdp_sync_module_states: bool | None = Field(None, description=_legacy("sync_module_states"))
+    fsdp_use_orig_params: bool | None = Field(None, description=_legacy("use_orig_params"))
+    fsdp_limit_all_gathers: bool | None = Field(None, description=_legacy("limit_all_gathers"))
+    fsdp_backward_prefetch: str | None = Field(None, description=_legacy("backward_prefetch"))
+    fsdp_backward_prefetch_policy: str | None = Field(None, description=_legacy("backward_prefetch_policy"))
+    fsdp_forward_prefetch: bool | None = Field(None, description=_legacy("forward_prefetch"))
+
+    @field_validator("transformer_layer_cls_to_wrap", "fsdp_transformer_layer_cls_to_wrap", mode="before")
+    @classmethod
+    def _one_or_more_classes(cls, value: Any) -> Any:
+        return _layer_classes(value)
+
+    @field_validator("mixed_precision_policy", mode="before")
+    @classmethod
+    def _one_dtype_for_both(cls, value: Any) -> Any:
+        """Axolotl's string form (``bf16``) sets both dtypes."""
+        if isinstance(value, str):
+            dtype = _dtype_name(value)
+            return {"param_dtype": dtype, "reduce_dtype": dtype}
+        return value
+
+
+def legacy_fsdp_keys() -> dict[str, str]:
+    """Every ``fsdp_``-prefixed spelling of an fsdp_config option → the option's name."""
+    return {
+        name: name.removeprefix(FSDP_LEGACY_PREFIX)
+        for name in FSDPConfig.model_fields
+        if name.startswith(FSDP_LEGACY_PREFIX) and name != "fsdp_version"
+    }
 
 
 class HellbenderConfig(_Strict):
@@ -410,10 +602,43 @@ class HellbenderConfig(_Strict):
 
     # ---------------------------------------------------------------- distributed
     deepspeed: str | dict[str, Any] | None = Field(None, description="DeepSpeed config (path or mapping).")
-    fsdp: list[str] | None = Field(None, description="Legacy FSDP options (use fsdp_config).")
-    fsdp_config: dict[str, Any] | None = Field(None, description="FSDP settings.")
-    fsdp_version: int | None = Field(None, ge=1, le=2, description="FSDP version (2 recommended).")
-    ddp: bool | None = Field(None, description="Force DistributedDataParallel.")
+    fsdp: list[FSDPOption] | None = Field(
+        None,
+        description="Deprecated (Axolotl's FSDP1 switch): full_shard/shard_grad_op/offload/auto_wrap are "
+        "read into fsdp_config. Use fsdp_version: 2 and fsdp_config.",
+    )
+    fsdp_config: FSDPConfig | None = Field(
+        None, description="Shard the model over the ranks with FSDP2 (see FSDP config)."
+    )
+    fsdp_version: int | None = Field(
+        None, ge=1, le=2, description="FSDP version: hellbender runs FSDP2 (1 is read as 2, with a warning)."
+    )
+    fsdp_final_state_dict_type: FSDPStateDictType | None = Field(
+        None, description="Deprecated (Axolotl): use fsdp_config.final_state_dict_type."
+    )
+    ddp: bool | None = Field(
+        None,
+        description="DistributedDataParallel: what several processes use without FSDP (false cannot be "
+        "honoured with several processes).",
+    )
+    ddp_find_unused_parameters: bool | None = Field(
+        None,
+        description="DDP: find the parameters that got no gradient at every step (needed when some "
+        "get none; slower). Default: torch's (false).",
+    )
+    ddp_bucket_cap_mb: int | None = Field(
+        None, ge=1, le=MAX_DDP_BUCKET_MB, description="DDP: gradient bucket in MB (default: torch's, 25)."
+    )
+    ddp_broadcast_buffers: bool | None = Field(
+        None, description="DDP: broadcast buffers from rank 0 at every forward (default: torch's, true)."
+    )
+    ddp_timeout: int = Field(
+        1800,
+        ge=1,
+        le=MAX_DDP_TIMEOUT,
+        description="Seconds a collective waits for the other ranks before the run fails (the process "
+        "group's timeout).",
+    )
     context_parallel_size: int = Field(1, ge=1, le=MAX_WIDTH, description="Ranks that split one sequence.")
     sequence_parallel_degree: int | None = Field(
         None, ge=1, le=MAX_WIDTH, description="Legacy alias of context_parallel_size."
@@ -523,4 +748,9 @@ class ResolvedConfig(HellbenderConfig):
     )
     loss_method: LossMethod = Field(
         ..., description="How the loss is computed (the loss key that is on; tiled_mlp implies chunked)."
+    )
+    distributed_strategy: DistributedStrategy = Field(
+        ...,
+        description="How the ranks share the work: single (one process), ddp (several, nothing "
+        "sharded), fsdp2 (FSDP asked for, several processes) or deepspeed.",
     )
