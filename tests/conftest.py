@@ -7,7 +7,11 @@ parallelism across processes instead).
 
 from __future__ import annotations
 
+import fcntl
 import os
+from collections.abc import Iterator
+
+import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
@@ -24,3 +28,18 @@ def pytest_configure(config):
     except ImportError:  # pragma: no cover - torch is a core dependency
         return
     torch.set_num_threads(1)
+
+
+@pytest.fixture
+def one_multi_rank_test_at_a_time(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Run the tests that start several ranks one at a time, across the xdist workers.
+
+    Two of them at once put four or more busy processes on two cores, and gloo's timeouts start
+    to count slowness as failure. (pytest-xdist's `xdist_group` would pin them to one worker,
+    but with pytest 9 its `--dist loadgroup` no longer groups anything: measured, 3.8.0.) The lock
+    file sits in the run's base temp folder, which every worker shares.
+    """
+    lock = tmp_path_factory.getbasetemp().parent / "multi-rank.lock"
+    with lock.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the handle closes, or the worker dies
+        yield

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -78,7 +79,6 @@ def _write_crash_file(exc: BaseException, output_dir: str | None) -> Path | None
     Returns its path, or None when no folder would take it. The name holds the time and the process
     id, and the file is created exclusively, so a report never overwrites an earlier one.
     """
-    import os
     import platform
     import time
     import traceback
@@ -181,13 +181,14 @@ def _reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
                 for finding in exc.findings:
                     click.echo(finding.render(), err=True)
             else:
-                click.echo(f"ERROR: {exc}", err=True)
+                who = f"rank {os.environ['RANK']}: " if _secondary_rank() else ""
+                click.echo(f"ERROR: {who}{exc}", err=True)
             sys.exit(EXIT_USER_ERROR)
 
     return run
 
 
-def _load(config: str, overrides: tuple[str, ...]) -> ResolvedConfig:
+def _load(config: str, overrides: tuple[str, ...], *, show_findings: bool = True) -> ResolvedConfig:
     """Load a config for a command that runs; print findings (exit 1 on errors); route hellbender's
     log lines to stderr at the config's verbosity."""
     from hellbender.config.findings import ConfigError
@@ -200,11 +201,19 @@ def _load(config: str, overrides: tuple[str, ...]) -> ResolvedConfig:
             click.echo(finding.render(), err=True)
         sys.exit(EXIT_USER_ERROR)
     _remember(cfg)
-    for finding in findings:
-        if finding.severity != "info" or finding.code == "HB190":
-            click.echo(finding.render(), err=True)
+    # Under torchrun rank 0 speaks for all ranks (the others only when they fail).
+    if show_findings and not _secondary_rank():
+        for finding in findings:
+            if finding.severity != "info" or finding.code == "HB190":
+                click.echo(finding.render(), err=True)
     _log_to_stderr(cfg.debug)
     return cfg
+
+
+def _secondary_rank() -> bool:
+    """Every process but rank 0 of a torchrun launch (torchrun sets RANK; read here without
+    importing torch, which the CLI's light paths avoid)."""
+    return os.environ.get("RANK", "0").strip() not in ("", "0")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -227,8 +236,17 @@ def main() -> None:
 @OVERRIDES
 @click.option("--resolved", is_flag=True, help="Also print the fully resolved config as YAML.")
 @click.option("--fix", is_flag=True, help="Rewrite the YAML in place for findings with a mechanical fix.")
+@click.option(
+    "--world-size",
+    type=click.IntRange(1, 65_536),
+    default=None,
+    metavar="N",
+    help="Check the config for N processes (default: WORLD_SIZE, else 1), without launching any.",
+)
 @_reports_errors
-def validate(config: str, overrides: tuple[str, ...], resolved: bool, fix: bool) -> None:
+def validate(
+    config: str, overrides: tuple[str, ...], resolved: bool, fix: bool, world_size: int | None
+) -> None:
     """Check CONFIG: print findings; exit 0 without errors, 1 with."""
     import yaml
 
@@ -242,7 +260,7 @@ def validate(config: str, overrides: tuple[str, ...], resolved: bool, fix: bool)
     try:
         if fix:  # before reading: a pipe read once would look empty to the fix
             check_rewritable(config)
-        cfg, findings = load_config(config, list(overrides), strict=False)
+        cfg, findings = load_config(config, list(overrides), world_size=world_size, strict=False)
     except ConfigError as exc:
         for finding in exc.findings:
             click.echo(finding.render())
@@ -255,7 +273,7 @@ def validate(config: str, overrides: tuple[str, ...], resolved: bool, fix: bool)
         raw, _ = read_config(config)
         for change in fix_file(config, cfg, raw):
             click.echo(f"fixed: {change}")
-        cfg, findings = load_config(config, list(overrides), strict=False)
+        cfg, findings = load_config(config, list(overrides), world_size=world_size, strict=False)
     for finding in findings:
         click.echo(finding.render())
     errors = sum(f.severity == "error" for f in findings)
@@ -338,19 +356,48 @@ def _log_to_stderr(debug: bool) -> None:
             logging.Formatter("%(levelname)s %(name)s: %(message)s" if debug else "%(message)s")
         )
         logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG if debug else logging.INFO)
+    logger.setLevel(logging.DEBUG if debug else logging.ERROR if _secondary_rank() else logging.INFO)
 
 
 @main.command()
 @CONFIG
 @OVERRIDES
+@click.option(
+    "--nproc-per-node",
+    type=click.IntRange(1, 4096),
+    default=None,
+    help="Start torchrun with this many ranks per machine (DDP, or FSDP2 when the config shards).",
+)
+@click.option("--nnodes", default="1", show_default=True, help="Machines taking part (torchrun's --nnodes).")
+@click.option("--node-rank", type=click.IntRange(0, 65535), default=None, help="This machine's index.")
+@click.option("--rdzv-endpoint", default=None, help="HOST:PORT where the machines meet (several machines).")
 @_reports_errors
-def train(config: str, overrides: tuple[str, ...]) -> None:
-    """Fine-tune as CONFIG says; outputs (adapter or model, tokenizer, metrics, loss.png) go to output_dir."""
+def train(
+    config: str,
+    overrides: tuple[str, ...],
+    nproc_per_node: int | None,
+    nnodes: str,
+    node_rank: int | None,
+    rdzv_endpoint: str | None,
+) -> None:
+    """Fine-tune as CONFIG says; outputs (adapter or model, tokenizer, metrics, loss.png) go to output_dir.
+
+    One process by default. `--nproc-per-node N` runs N ranks through torchrun (the same as
+    `torchrun --nproc-per-node N -m hellbender train CONFIG`).
+    """
+    if nproc_per_node is not None:
+        from hellbender.distributed.launch import Launch, launch
+
+        _load(config, overrides, show_findings=False)  # errors once, here; rank 0 shows the rest
+        spec = Launch(nproc_per_node, nnodes, node_rank, rdzv_endpoint)
+        launch(spec, ["train", config, *overrides])
+        return
     from hellbender.commands.train import run_train
 
     cfg = _load(config, overrides)
     result = run_train(cfg)
+    if _secondary_rank():
+        return  # rank 0 says how the run went
     last = result.losses.get(result.global_step)
     summary = f"trained {result.global_step}/{result.total_steps} steps"
     if last is not None:

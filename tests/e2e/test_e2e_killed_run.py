@@ -39,8 +39,8 @@ CHILD = textwrap.dedent(
     original = ckpt._write_training_state
     calls = []
 
-    def pausing(path, *args):
-        original(path, *args)
+    def pausing(path, *args, **kwargs):
+        original(path, *args, **kwargs)
         calls.append(path)
         if len(calls) == 2:  # mid-write of the second checkpoint: weights + optimizer written
             marker.write_text(str(path))
@@ -107,7 +107,7 @@ def test_a_crash_during_the_final_write_keeps_the_previous_outputs(
 
     real_save = ckpt.save_model_weights
 
-    def dies_half_way(model: torch.nn.Module, path: Path) -> None:
+    def dies_half_way(model: torch.nn.Module, path: Path, *rest: object) -> None:
         real_save(model, path)
         weights = path / "adapter_model.safetensors"
         weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])

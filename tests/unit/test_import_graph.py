@@ -15,7 +15,7 @@ from pathlib import Path
 import hellbender
 
 ROOT = Path(hellbender.__file__).parent
-STAGES = ["config", "data", "models", "kernels", "train", "commands", "cli"]
+STAGES = ["config", "data", "models", "kernels", "distributed", "train", "commands", "cli"]
 
 
 def module_name(path: Path) -> str:
@@ -40,11 +40,12 @@ MODULES = {module_name(p): p for p in ROOT.rglob("*.py")}
 
 
 def stage(module: str) -> int:
-    """-1 for the root modules below every stage; None-like large value for the testing package."""
+    """-1 for the root modules below every stage; above every stage for the testing package and
+    ``__main__``."""
     part = module.split(".")[1] if "." in module else ""
     if part in STAGES:
         return STAGES.index(part)
-    if part == "testing":
+    if part in ("testing", "__main__"):  # above the CLI: `python -m hellbender` runs it
         return len(STAGES)
     return -1
 

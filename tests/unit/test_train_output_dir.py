@@ -149,8 +149,12 @@ def test_every_config_key_has_a_resume_policy() -> None:
 
 def test_the_resume_policies_of_the_keys_the_issue_names() -> None:
     policy = {key: p for key, (p, _) in RESUME_POLICY.items()}
-    refused = "learning_rate lr_scheduler warmup_steps micro_batch_size gradient_accumulation_steps datasets"
+    refused = "learning_rate lr_scheduler warmup_steps micro_batch_size batch_size datasets"
     assert {policy[k] for k in [*refused.split(), "seed"]} == {"refuse"}
+    # How a step is spread over ranks and micro-batches may change when batch_size does not: a
+    # checkpoint resumes on another world size (tests/invariants/test_distributed.py).
+    spread = "gradient_accumulation_steps world_size data_parallel_size distributed_strategy fsdp_config"
+    assert {policy[k] for k in spread.split()} == {"accept"}
     assert {policy[k] for k in "logging_steps save_steps eval_steps output_dir debug".split()} == {"accept"}
 
 

@@ -12,11 +12,12 @@ import torch
 
 from hellbender.commands.trained import pick_device
 from hellbender.config.schema import ResolvedConfig
+from hellbender.distributed.world import World, process_group
 from hellbender.errors import OptionError
 from hellbender.files import write_atomically
 from hellbender.train import checkpoint as ckpt
 from hellbender.train import output_dir as outdir
-from hellbender.train.loop import TrainResult, World, train
+from hellbender.train.loop import TrainResult, train
 from hellbender.train.metrics import LOSS_PLOT, METRICS_FILE, plot_losses
 from hellbender.train.run_config import RESOLVED_CONFIG, check_resume_config, resolved_config_text
 
@@ -88,7 +89,11 @@ def run_train(cfg: ResolvedConfig, *, world: World | None = None) -> TrainResult
     resume with settings it cannot honour (see :mod:`hellbender.train.output_dir` and
     :mod:`hellbender.train.run_config`).
     """
-    world = world or World()
+    if world is None:
+        # Under torchrun: join the other ranks for the whole run (gloo on CPU, NCCL on CUDA);
+        # every collective times out after ddp_timeout seconds instead of hanging.
+        with process_group(cfg.ddp_timeout) as joined:
+            return run_train(cfg, world=joined)
     out = Path(cfg.output_dir).expanduser()
     outdir.check_not_a_source(cfg, out)  # before mkdir: not even an empty folder inside the model
     try:
@@ -101,6 +106,14 @@ def run_train(cfg: ResolvedConfig, *, world: World | None = None) -> TrainResult
         return _train_into(cfg, out, world)
 
 
+def _hide_progress_bars() -> None:
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    datasets.disable_progress_bars()
+    hf_logging.disable_progress_bar()
+
+
 def _train_into(cfg: ResolvedConfig, out: Path, world: World) -> TrainResult:
     """:func:`run_train` once ``out`` exists and this process holds it."""
     from hellbender.data.prepare import prepare_datasets
@@ -108,20 +121,27 @@ def _train_into(cfg: ResolvedConfig, out: Path, world: World) -> TrainResult:
     from hellbender.models.attention import check_backend_trainable
     from hellbender.models.load import load_model, load_tokenizer
 
-    resume = ckpt.resolve_resume(cfg.resume_from_checkpoint, cfg.auto_resume_from_checkpoints, out)
-    ckpt.check_output_dir(out, resume)
-    if resume is not None:
-        report_resume_changes(cfg, resume)  # before config.resolved.yaml is rewritten
-    if world.is_main:
-        outdir.check_before_training(cfg, out)
-        for leftover in ckpt.remove_incomplete(out):
-            logger.warning(
-                "removed %s, left by a run killed while writing a checkpoint or its outputs", leftover
-            )
-        write_resolved_config(cfg, out)
+    # Rank 0 checks and prepares the folder first; the others follow once it has (or stop at
+    # once if it failed: its message is the one to read).
+    if not world.is_main:
+        _hide_progress_bars()  # rank 0 shows the progress; N copies of every bar would garble it
+    with world.main_first("checking output_dir"):
+        resume = ckpt.resolve_resume(cfg.resume_from_checkpoint, cfg.auto_resume_from_checkpoints, out)
+        ckpt.check_output_dir(out, resume)
+        if resume is not None and world.is_main:
+            report_resume_changes(cfg, resume)  # before config.resolved.yaml is rewritten
+        if world.is_main:
+            outdir.check_before_training(cfg, out)
+            for leftover in ckpt.remove_incomplete(out):
+                logger.warning(
+                    "removed %s, left by a run killed while writing a checkpoint or its outputs", leftover
+                )
+            write_resolved_config(cfg, out)
 
     tokenizer = load_tokenizer(cfg)
-    data = prepare_datasets(cfg, tokenizer)
+    # Data preparation runs once: rank 0 tokenizes and writes the cache, the others then read it.
+    with world.main_first("preparing the data"):
+        data = prepare_datasets(cfg, tokenizer)
     # Seed right before the model is built: LoRA initialisation does not depend on how much
     # randomness data preparation consumed (e.g. whether the dataset came from the cache).
     seed_everything(cfg.seed)
@@ -136,6 +156,11 @@ def _train_into(cfg: ResolvedConfig, out: Path, world: World) -> TrainResult:
     apply_optimizations(model, cfg)
     for line in describe(model):
         logger.info("optimization: %s", line)
+    if world.distributed:
+        logger.info(
+            "distributed: %s over %d ranks (%s)", cfg.distributed_strategy, world.size,
+            torch.distributed.get_backend(),
+        )  # fmt: skip
     if resume is not None:
         logger.info("resuming from %s", resume)
 
@@ -157,7 +182,7 @@ def _train_into(cfg: ResolvedConfig, out: Path, world: World) -> TrainResult:
         # Only files hellbender wrote are replaced: checked (and recorded) once the staged set is
         # known, before the first one moves into place.
         def write_outputs(folder: Path) -> None:
-            ckpt.save_model_weights(model, folder)
+            ckpt.save_model_weights(model, folder, result.final_weights)
             tokenizer.save_pretrained(str(folder))
             outdir.claim(out, [p.name for p in folder.iterdir()], "the trained weights and tokenizer")
 

@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from hellbender.distributed.parallel import OPTIMIZER_FILE, SHARDED_DIR
 from hellbender.errors import DiskFullError, HellbenderError, MissingFileError
 from hellbender.files import (
     NEARLY_FULL_BYTES,
@@ -70,7 +71,6 @@ CHECKPOINT_PREFIX = "checkpoint-"
 TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
 STATE_FILE = "trainer_state.json"
-OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
 RNG_FILE = "rng.pt"
 SCALER_FILE = "scaler.pt"
@@ -109,8 +109,14 @@ def is_peft_model(model: torch.nn.Module) -> bool:
     return hasattr(model, "peft_config") and hasattr(model, "base_model")
 
 
-def save_model_weights(model: torch.nn.Module, path: Path) -> None:
-    """The adapter (peft format) or the full model (``save_pretrained``), safetensors only."""
+def save_model_weights(
+    model: torch.nn.Module, path: Path, state_dict: dict[str, torch.Tensor] | None = None
+) -> None:
+    """The adapter (peft format) or the full model (``save_pretrained``), safetensors only.
+
+    ``state_dict``: the weights to write instead of the model's own tensors — a sharded model's
+    weights gathered whole (:meth:`hellbender.distributed.parallel.Parallel.full_weights`).
+    """
     from transformers.utils import logging as hf_logging
 
     path.mkdir(parents=True, exist_ok=True)
@@ -119,11 +125,12 @@ def save_model_weights(model: torch.nn.Module, path: Path) -> None:
     hf_logging.disable_progress_bar()
     # A peft model or a transformers PreTrainedModel: nn.Module declares neither's save_pretrained.
     saveable: Any = model
+    given = {} if state_dict is None else {"state_dict": state_dict}
     try:
         if is_peft_model(model):
-            saveable.save_pretrained(str(path), safe_serialization=True)
+            saveable.save_pretrained(str(path), safe_serialization=True, **given)
         else:
-            saveable.save_pretrained(str(path))  # transformers 5: always safetensors
+            saveable.save_pretrained(str(path), **given)  # transformers 5: always safetensors
     finally:
         if bars_were_on:
             hf_logging.enable_progress_bar()
@@ -245,13 +252,22 @@ def _remove_dir(path: Path) -> None:
 # ---------------------------------------------------------------- save / find / load
 
 
+def temporary_checkpoint(output_dir: Path, step: int) -> Path:
+    """Where the checkpoint of ``step`` is written before its atomic rename."""
+    return output_dir / f"{TMP_PREFIX}{CHECKPOINT_PREFIX}{step}"
+
+
 def _write_training_state(
     path: Path,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     scaler: torch.amp.GradScaler | None = None,
+    optimizer_state: dict[str, Any] | None = None,
+    without_optimizer: bool = False,  # its shards are written already
 ) -> None:
-    torch.save(optimizer.state_dict(), path / OPTIMIZER_FILE)
+    if not without_optimizer:
+        saved = optimizer.state_dict() if optimizer_state is None else optimizer_state
+        torch.save(saved, path / OPTIMIZER_FILE)
     torch.save(scheduler.state_dict(), path / SCHEDULER_FILE)
     if scaler is not None:  # fp16 loss scaling: the current scale is part of the run's state
         torch.save(scaler.state_dict(), path / SCALER_FILE)
@@ -269,23 +285,32 @@ def save_checkpoint(
     save_total_limit: int | None = None,
     metrics_file: Path | None = None,
     resolved_config: str | None = None,
+    weights: dict[str, torch.Tensor] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
+    sharded: bool = False,
 ) -> Path:
     """Write ``checkpoint-<global_step>`` atomically, then drop the oldest beyond the limit.
 
     ``metrics_file`` (the run's ``metrics.jsonl``, every record up to this step) is copied in;
     ``resolved_config`` (the text of the run's ``config.resolved.yaml``) is written in.
+    ``weights`` and ``optimizer_state``, when given, are written instead of the model's and the
+    optimizer's own (a sharded run's, gathered whole on the rank that writes). ``sharded``: every
+    rank has already written its shards of both into :func:`temporary_checkpoint`'s folder (see
+    :meth:`hellbender.distributed.parallel.Parallel.write_sharded`); the rest is written beside them.
     """
     output_dir.mkdir(parents=True, exist_ok=True)
-    name = f"{CHECKPOINT_PREFIX}{state.global_step}"
-    final = output_dir / name
-    tmp = output_dir / f"{TMP_PREFIX}{name}"
-    if tmp.exists():
+    final = output_dir / f"{CHECKPOINT_PREFIX}{state.global_step}"
+    tmp = temporary_checkpoint(output_dir, state.global_step)
+    if tmp.exists() and not sharded:
         shutil.rmtree(tmp)
     try:
-        tmp.mkdir()
-        save_model_weights(model, tmp)
+        tmp.mkdir(exist_ok=sharded)
+        if not sharded:
+            save_model_weights(model, tmp, weights)
         if not save_only_model:
-            _write_training_state(tmp, optimizer, scheduler, scaler)
+            _write_training_state(
+                tmp, optimizer, scheduler, scaler, optimizer_state, without_optimizer=sharded
+            )
         torch.save(capture_rng_state(), tmp / RNG_FILE)
         if metrics_file is not None and metrics_file.is_file():
             shutil.copyfile(metrics_file, tmp / metrics_file.name)
@@ -453,6 +478,11 @@ def _write_elsewhere(write: Callable[[Path], None], written: int) -> Path | None
     return folder
 
 
+def is_sharded(path: Path) -> bool:
+    """The checkpoint holds its weights as shards (no model or adapter file to load directly)."""
+    return (path / SHARDED_DIR).is_dir()
+
+
 def is_complete(path: Path) -> bool:
     return path.is_dir() and _CHECKPOINT_RE.match(path.name) is not None and (path / STATE_FILE).is_file()
 
@@ -505,11 +535,14 @@ def load_checkpoint(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     *,
     scaler: torch.amp.GradScaler | None = None,
+    restore: Callable[[Path], None] | None = None,
 ) -> TrainState:
     """Restore weights, optimizer, scheduler, RNG (and the fp16 loss scaler) from ``path``.
 
     Call this after the optimizer and scheduler are built and just before the first step, so the
-    RNG state restored here is the one the next step draws from.
+    RNG state restored here is the one the next step draws from. ``restore``: how this run takes
+    its weights and optimizer state back instead (a run spread over ranks:
+    :meth:`hellbender.distributed.parallel.Parallel.restore`).
     """
     state = read_state(path)
     if not state.has_optimizer:
@@ -517,8 +550,11 @@ def load_checkpoint(
             f"{path} was written with save_only_model: true (no optimizer state), so the run cannot "
             "be resumed exactly. Start a new run from its weights instead (lora_model_dir or base_model)."
         )
-    load_model_weights(model, path)
-    optimizer.load_state_dict(torch.load(path / OPTIMIZER_FILE, weights_only=True))
+    if restore is not None:
+        restore(path)
+    else:
+        load_model_weights(model, path)
+        optimizer.load_state_dict(torch.load(path / OPTIMIZER_FILE, weights_only=True))
     scheduler.load_state_dict(torch.load(path / SCHEDULER_FILE, weights_only=True))
     if scaler is not None and (path / SCALER_FILE).is_file():
         scaler.load_state_dict(torch.load(path / SCALER_FILE, weights_only=True))

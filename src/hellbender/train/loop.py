@@ -8,7 +8,8 @@ produce the pieces (sampler, collator, optimizer, scheduler, logger), and the lo
 
 One optimizer step::
 
-    micro-batches = the next gradient_accumulation_steps index lists of the sampler, collated
+    micro-batches = this rank's share of the next gradient_accumulation_steps × ranks index
+                    lists of the sampler, collated
     n_step        = trained tokens of the whole step, summed over the ranks
     for each micro-batch:  (loss_fn(micro-batch) * world_size / n_step).backward()
     stop if the loss is NaN/inf (or above loss_watchdog_threshold) — before the update
@@ -32,9 +33,14 @@ see :func:`plan_steps`), the steps that evaluate and the steps that save (:func:
 the loss function and the autocast context. So the learning-rate schedule, the progress bar and
 resume agree with what actually runs, and the loop body does only the work of a step.
 
-Distributed hooks are deliberately minimal: a :class:`World` gives the rank, the world size and a
-sum all-reduce; single-process it is the identity. Every place a rank-aware program differs
-(token count, logging, checkpoint writing) goes through it.
+Many ranks. The loop never branches on the strategy's name. A
+:class:`~hellbender.distributed.world.World` gives the rank, the world size and a sum all-reduce
+(single-process: the identity); a :class:`~hellbender.distributed.parallel.Parallel` (DDP, FSDP2,
+or the plain model) runs forward and backward, keeps gradients local until a step's last
+micro-batch, computes the global gradient norm, and gathers what a checkpoint saves. Every rank
+draws the same micro-batches from the same sampler and takes its share of each step
+(:func:`rank_batches`), so N ranks with ``gradient_accumulation_steps`` G train exactly what one
+process with N × G does (tests/invariants/test_distributed.py).
 
 Precision (bf16). The loop runs ``torch.autocast`` to the compute dtype whenever the trainable
 weights are fp32 (fp32 master weights: a bf16 weight cannot absorb an update smaller than 1/256 of
@@ -58,6 +64,7 @@ import contextlib
 import functools
 import logging
 import math
+import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
@@ -70,6 +77,9 @@ import torch
 from hellbender.config.schema import MAX_EPOCHS, ResolvedConfig
 from hellbender.data.errors import EmptyTrainingSetError
 from hellbender.data.packing import BatchSampler, Collator
+from hellbender.data.tokenize import IGNORE_INDEX
+from hellbender.distributed.parallel import SHARDED_DIR, Parallel, wrap_model
+from hellbender.distributed.world import World
 from hellbender.errors import HellbenderError, OptionError
 from hellbender.kernels import LossFn, activation_offloading, build_loss
 from hellbender.models.attention import model_inputs
@@ -93,27 +103,6 @@ class TrainingStopped(HellbenderError, RuntimeError):
     """The run was stopped on purpose (NaN/inf loss, loss watchdog); the last checkpoint is intact."""
 
 
-@dataclass(frozen=True)
-class World:
-    """The ranks taking part. Single-process defaults; a distributed launcher supplies the real ones."""
-
-    rank: int = 0
-    size: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def all_reduce_sum(self, value: float) -> float:
-        if self.size == 1:
-            return value
-        import torch.distributed as dist
-
-        t = torch.tensor([value], dtype=torch.float64)
-        dist.all_reduce(t)
-        return float(t.item())
-
-
 @dataclass
 class TrainResult:
     global_step: int
@@ -124,6 +113,9 @@ class TrainResult:
     resumed_from: Path | None = None
     trained_tokens: int = 0  # tokens that contributed to the loss, in the steps this call ran
     diverged: str | None = None  # why the watchdog thinks the run diverged (it ran on), else None
+    # A run spread over ranks: its final weights gathered whole on rank 0 (what to save; {} on
+    # the other ranks). None in one process, where the model's own tensors are whole.
+    final_weights: dict[str, torch.Tensor] | None = None
 
 
 # ---------------------------------------------------------------- data
@@ -200,6 +192,36 @@ def _to(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
     }
 
 
+def rank_batches(
+    group: Sequence[list[list[int]]], samples: Samples, collate: Collator, world: World, device: torch.device
+) -> list[dict[str, Any]]:
+    """This rank's micro-batches of ``group`` (the micro-batches every rank takes together),
+    collated, on ``device``.
+
+    Rank r takes micro-batches r, r + W, r + 2W, … (W ranks), so the ranks together take each
+    exactly once. When W does not divide the group (an epoch's last step), the ranks short of
+    one get a *filler*: a real micro-batch with every label ignored and its counts zeroed. It
+    adds nothing to the loss or the gradient, but every rank runs the same number of forwards
+    and backwards — which DDP's gradient all-reduce and FSDP2's all-gathers require of them.
+    """
+    mine = list(group[world.rank :: world.size])
+    rounds = math.ceil(len(group) / world.size)
+    batches = [_to(collate(samples.rows(mb)), device) for mb in mine]
+    if len(mine) < rounds:
+        batches.append(_filler(_to(collate(samples.rows(group[0])), device)))
+    return batches
+
+
+def _filler(batch: dict[str, Any]) -> dict[str, Any]:
+    """``batch`` trained on nothing: every label ignored, no token counted."""
+    return {
+        **batch,
+        "labels": torch.full_like(batch["labels"], IGNORE_INDEX),
+        "num_trained_tokens": torch.zeros_like(batch["num_trained_tokens"]),
+        "num_tokens": torch.zeros_like(batch["num_tokens"]),
+    }
+
+
 # ---------------------------------------------------------------- what runs when, decided up front
 
 
@@ -222,8 +244,11 @@ def plan_steps(sampler: BatchSampler, cfg: ResolvedConfig) -> StepPlan:
     loss stays exact: it is normalized by the trained tokens actually in the step). A fractional
     ``num_epochs`` runs that fraction of the last epoch's steps. ``max_steps`` caps the total; set
     alone (``epochs_given`` false) it repeats epochs until reached, as in the HF Trainer.
+
+    One step takes ``gradient_accumulation_steps`` micro-batches on each data-parallel rank, so
+    ``gradient_accumulation_steps × data_parallel_size`` of the epoch's micro-batches.
     """
-    accumulation = cfg.gradient_accumulation_steps
+    accumulation = cfg.gradient_accumulation_steps * cfg.data_parallel_size
     limit = cfg.max_steps if cfg.max_steps is not None else math.inf
     epoch_limit = cfg.num_epochs if cfg.epochs_given else math.inf
     steps_per_epoch: list[int] = []
@@ -337,19 +362,29 @@ def evaluate(
     *,
     world: World = World(),
     forward: Forward | None = None,
+    loss_sum: Callable[[Mapping[str, Any]], torch.Tensor] | None = None,
 ) -> dict[str, float]:
-    """Mean loss over every trained token of ``data`` (and its perplexity), ``eval_batch_size`` rows."""
+    """Mean loss over every trained token of ``data`` (and its perplexity), ``eval_batch_size`` rows.
+
+    Spread over ranks, each evaluates its share of the micro-batches (:func:`rank_batches`) and
+    the sums are added up: every rank returns the same numbers. ``loss_sum``: how a batch's loss
+    is computed (a training run's :meth:`~hellbender.distributed.parallel.Parallel.loss_sum`);
+    default ``forward`` (built from ``cfg`` if not given) on ``model``.
+    """
     samples = data if isinstance(data, Samples) else Samples(data)
     sampler, collate = batching(samples, cfg, pad_token_id, evaluation=True)
-    forward = forward or Forward.build(cfg, model)
+    if loss_sum is None:
+        loss_sum = functools.partial((forward or Forward.build(cfg, model)).loss_sum, model)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     total_loss, tokens = 0.0, 0.0
-    for micro_batch in sampler:
-        batch = _to(collate(samples.rows(micro_batch)), device)
-        total_loss += float(forward.loss_sum(model, batch))
-        tokens += float(batch["num_trained_tokens"])
+    micro_batches = list(sampler)
+    for first in range(0, len(micro_batches), world.size):
+        # One micro-batch per rank at a time: only this rank's and, at most, one filler in memory.
+        for batch in rank_batches(micro_batches[first : first + world.size], samples, collate, world, device):
+            total_loss += float(loss_sum(batch))
+            tokens += float(batch["num_trained_tokens"])
     model.train(was_training)
     total_loss, tokens = world.all_reduce_sum(total_loss), world.all_reduce_sum(tokens)
     loss = total_loss / max(tokens, 1.0)
@@ -428,6 +463,11 @@ class _Run:
         world: World,
     ) -> None:
         self.cfg, self.model, self.out, self.pad_token_id, self.world = cfg, model, out, pad_token_id, world
+        if world.size != cfg.world_size:
+            raise OptionError(
+                f"this run has {world.size} rank(s) but its config was resolved for world_size "
+                f"{cfg.world_size}: load the config in the process that trains (WORLD_SIZE is read then)"
+            )
         self.device = next(model.parameters()).device
         self.samples = Samples(train_data)
         self.eval_samples = Samples(eval_data) if eval_data is not None and len(eval_data) else None
@@ -453,7 +493,14 @@ class _Run:
                 per_epoch=cfg.saves_per_epoch,
                 default_epoch_end=True,
             )
+        if resume_from is not None:
+            _check_same_plan(resume_from, self.plan, cfg)
+            if not ckpt.is_sharded(resume_from):
+                # Into the whole model on every rank, before it is spread over them.
+                ckpt.load_model_weights(model, resume_from)
         self.forward = Forward.build(cfg, model)
+        # DDP wraps the model; FSDP2 replaces its parameters by shards: before the optimizer.
+        self.parallel: Parallel = wrap_model(model, cfg, world, self.device, self.forward.loss_sum)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(cfg, model)
         self.scheduler = build_scheduler(cfg, self.optimizer, self.plan.total)
@@ -467,9 +514,13 @@ class _Run:
             },
         )
         if resume_from is not None:
-            _check_same_plan(resume_from, self.plan, cfg)
             self.state = ckpt.load_checkpoint(
-                resume_from, model, self.optimizer, self.scheduler, scaler=self.scaler
+                resume_from,
+                model,
+                self.optimizer,
+                self.scheduler,
+                scaler=self.scaler,
+                restore=functools.partial(self.parallel.restore, self.optimizer),
             )
         self.log = RunLogger(
             cfg,
@@ -483,26 +534,53 @@ class _Run:
             _log_plan(self.log, self.sampler, self.plan, cfg)
 
     def save(self) -> Path | None:
-        """Checkpoint the run at its current step (the main rank writes)."""
-        if not self.world.is_main:
-            return None
-        return ckpt.save_checkpoint(
-            self.out,
-            self.model,
-            self.optimizer,
-            self.scheduler,
-            self.state,
-            scaler=self.scaler,
-            save_only_model=self.cfg.save_only_model,
-            save_total_limit=self.cfg.save_total_limit,
-            metrics_file=self.out / METRICS_FILE,
-            resolved_config=resolved_config_text(self.cfg),
-        )
+        """Checkpoint the run at its current step: every rank gathers, the main rank writes.
+
+        The other ranks go on only once the checkpoint is complete (or stop at once if writing
+        failed on the main rank), so no rank is ever past a checkpoint that does not exist.
+        """
+        optimizer = None if self.cfg.save_only_model else self.optimizer
+        weights, optimizer_state = None, None
+        if self.parallel.sharded_checkpoints:  # every rank writes its own shards, nothing gathered
+            tmp = ckpt.temporary_checkpoint(self.out, self.state.global_step)
+            with self.world.main_first("preparing a checkpoint folder"):
+                if self.world.is_main:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    tmp.mkdir(parents=True)
+            self.parallel.write_sharded(optimizer, tmp / SHARDED_DIR)
+        else:
+            weights = self.parallel.full_weights(trainable_only=self.parallel.trainable_only)
+            if optimizer is not None:
+                optimizer_state = self.parallel.optimizer_state(optimizer)
+        path = None
+        with self.world.main_first("writing a checkpoint"):
+            if self.world.is_main:
+                path = ckpt.save_checkpoint(
+                    self.out,
+                    self.model,
+                    self.optimizer,
+                    self.scheduler,
+                    self.state,
+                    scaler=self.scaler,
+                    save_only_model=self.cfg.save_only_model,
+                    save_total_limit=self.cfg.save_total_limit,
+                    metrics_file=self.out / METRICS_FILE,
+                    resolved_config=resolved_config_text(self.cfg),
+                    weights=weights,
+                    optimizer_state=optimizer_state,
+                    sharded=self.parallel.sharded_checkpoints,
+                )
+        return path
 
     def evaluate(self, step: int) -> dict[str, float]:
         """Evaluate and log the result."""
         metrics = evaluate(
-            self.model, self.eval_samples, self.cfg, self.pad_token_id, world=self.world, forward=self.forward
+            self.parallel.module,
+            self.eval_samples,
+            self.cfg,
+            self.pad_token_id,
+            world=self.world,
+            loss_sum=self.parallel.loss_sum,
         )
         self.log.log(step, metrics)
         self.log.progress.message(
@@ -541,15 +619,15 @@ def train(
         world=world,
     )
     result = TrainResult(run.state.global_step, run.plan.total, resumed_from=resume_from)
-    accumulation = cfg.gradient_accumulation_steps
+    group = cfg.gradient_accumulation_steps * cfg.data_parallel_size  # micro-batches per step, all ranks
     window = _LogWindow()
     watchdog = _Watchdog(trainable=bool(run.params))
     model.train()
     try:
-        for item in _remaining_steps(run.sampler, run.plan, accumulation, run.state):
+        for item in _remaining_steps(run.sampler, run.plan, group, run.state):
             t0 = time.perf_counter()
-            batches = [_to(run.collate(run.samples.rows(mb)), run.device) for mb in item.micro_batches]
-            loss, trained, tokens = _accumulate_gradients(model, batches, run.forward, cfg, run.scaler, world)
+            batches = rank_batches(item.micro_batches, run.samples, run.collate, world, run.device)
+            loss, trained, tokens = _accumulate_gradients(run.parallel, batches, cfg, run.scaler)
             step = run.state.global_step + 1
             _stop_if_diverged(cfg, loss, step, run.log)  # before the update: the weights stay good
             lr = float(run.scheduler.get_last_lr()[0])  # typed float | Tensor; our schedules give floats
@@ -565,7 +643,7 @@ def train(
             result.trained_tokens += int(trained)
             window.add(loss, trained, tokens, time.perf_counter() - t0)
             if step % cfg.logging_steps == 0 or step == run.plan.total:
-                _log_train(run.log, window, step, item.epoch_progress(accumulation), lr, grad_norm)
+                _log_train(run.log, window, step, item.epoch_progress(group), lr, grad_norm)
                 window = _LogWindow()
             if step in run.eval_at:
                 metrics = result.evals[step] = run.evaluate(step)
@@ -576,31 +654,33 @@ def train(
                         _keep(result, run.save())
             if step in run.save_at:
                 _keep(result, run.save())
+        result.final_weights = run.parallel.full_weights(trainable_only=run.parallel.trainable_only)
     finally:
         run.log.close()
     return result
 
 
 def _accumulate_gradients(
-    model: torch.nn.Module,
+    parallel: Parallel,
     batches: list[dict[str, Any]],
-    forward: Forward,
     cfg: ResolvedConfig,
     scaler: torch.amp.GradScaler | None,
-    world: World,
 ) -> tuple[float, float, float]:
-    """Forward + backward every micro-batch of one step, token-exact (see the module docstring).
+    """Forward + backward this rank's micro-batches of one step, token-exact (see the module
+    docstring); gradients are averaged over the ranks in the last backward only.
 
     Returns the step's loss (mean over its trained tokens, all ranks), its trained tokens and its
     real tokens (both summed over the ranks).
     """
+    world = parallel.world
     n_step = world.all_reduce_sum(float(sum(int(b["num_trained_tokens"]) for b in batches)))
     step_loss_sum = 0.0
-    for batch in batches:
+    for index, batch in enumerate(batches):
         # Offloading (when configured) must see both the forward that saves activations and the
         # backward that reads them back.
-        with activation_offloading(model, cfg.activation_offloading):
-            part = forward.loss_sum(model, batch)
+        last = index == len(batches) - 1
+        with activation_offloading(parallel.model, cfg.activation_offloading), parallel.gradient_sync(last):
+            part = parallel.loss_sum(batch)
             scaled = part * world.size / max(n_step, 1.0)
             (scaler.scale(scaled) if scaler else scaled).backward()
         step_loss_sum += float(part.detach())
@@ -673,12 +753,12 @@ def _optimizer_step(run: _Run, step: int, loss: float) -> float:
     optimizer, scaler = run.optimizer, run.scaler
     if scaler is not None:
         scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in run.params if p.grad is not None])
-    if not torch.isfinite(grad_norm) and scaler is None:
+    grad_norm, norm = run.parallel.grad_norm(run.params)
+    if not math.isfinite(norm) and scaler is None:
         _stop(
             run.log,
             step,
-            f"the gradient norm is {float(grad_norm)} at step {step} (loss {loss:.4f})",
+            f"the gradient norm is {norm} at step {step} (loss {loss:.4f})",
             compute_dtype=run.cfg.compute_dtype,
         )
     if run.cfg.max_grad_norm:
@@ -689,7 +769,7 @@ def _optimizer_step(run: _Run, step: int, loss: float) -> float:
     else:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return float(grad_norm)
+    return norm
 
 
 def stop_message(reason: str, *, compute_dtype: str) -> str:

@@ -52,9 +52,17 @@ RESUME_POLICY: dict[str, tuple[Policy, str]] = {
         chat_template default_system_message tokenizer_config tokenizer_use_fast special_tokens tokens
         special_tokens_fix seed"""),
     **_keys("refuse", "changes the steps of the run and so its schedule", """
-        micro_batch_size gradient_accumulation_steps batch_size num_epochs max_steps epochs_given
-        world_size data_parallel_size deepspeed fsdp fsdp_config fsdp_version ddp context_parallel_size
+        micro_batch_size batch_size num_epochs max_steps epochs_given deepspeed context_parallel_size
         sequence_parallel_degree tensor_parallel_size dp_shard_size dp_replicate_size"""),
+    # Checkpoints hold whole weights and optimizer states keyed by name, whatever the strategy
+    # (hellbender.distributed.parallel), and a step's update depends only on its global batch
+    # (N ranks ≡ 1 rank, tests/invariants/test_distributed.py); batch_size and the step plan are
+    # compared on their own.
+    **_keys("accept", "how each step is spread over ranks and micro-batches, with the same batch_size", """
+        gradient_accumulation_steps world_size data_parallel_size distributed_strategy ddp fsdp
+        fsdp_config fsdp_version fsdp_final_state_dict_type"""),
+    **_keys("accept", "how the ranks communicate, not what they compute", """
+        ddp_find_unused_parameters ddp_bucket_cap_mb ddp_broadcast_buffers ddp_timeout"""),
     **_keys("refuse", "changes the model or what is trained", """
         base_model base_model_config revision_of_model overrides_of_model_config
         resize_token_embeddings_to_32x load_in_8bit load_in_4bit bnb_4bit_quant_type

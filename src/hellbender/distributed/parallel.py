@@ -1,0 +1,367 @@
+"""How the model is spread over the ranks: DDP replicates it, FSDP2 shards it.
+
+:func:`wrap_model` returns a :class:`Parallel`, the one object through which the training loop and
+the checkpoint code reach the strategy; neither branches on the strategy's name.
+
+* ``single``: one process; every method is the plain PyTorch one.
+* ``ddp``: ``torch.nn.parallel.DistributedDataParallel`` (Axolotl's ``ddp_*`` keys). Gradients are
+  averaged over the ranks in the backward of the last micro-batch of a step (``no_sync`` before).
+* ``fsdp2``: ``torch.distributed.fsdp.fully_shard`` on every transformer block (the model's
+  ``_no_split_modules``, or ``fsdp_config.transformer_layer_cls_to_wrap``) and on the root.
+  Parameters, gradients and optimizer states are sharded over the ranks (1/N each); a block's
+  full weights exist only while it runs. Gradients are reduce-scattered (averaged) like DDP's.
+
+Both engines *average* gradients over the ranks; the loop's token-exact loss scales each rank by
+the world size (see :mod:`hellbender.train.loop`), so N ranks compute one rank's update.
+
+Checkpoints. By default weights and optimizer state cross the strategy boundary as *full* state
+dicts keyed by parameter name (``torch.distributed.checkpoint.state_dict``): gathered to rank 0's
+CPU to save; to load, every rank reads the whole files (weights before the model is sharded,
+optimizer state after). So a checkpoint is the same files whatever the strategy and world size
+that wrote it. FSDP2 with ``fsdp_config.state_dict_type: SHARDED_STATE_DICT`` instead has every
+rank write its own shards (``torch.distributed.checkpoint``, folder :data:`SHARDED_DIR`): nothing
+is gathered, and loading reshards to the world size that resumes. Either way a run can resume on
+another world size, and checkpoints sit on a filesystem every rank can read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hellbender.config.schema import ResolvedConfig
+from hellbender.distributed.world import World
+from hellbender.errors import OptionError
+
+# Inside a checkpoint folder: the shards of the weights and optimizer state, one file per rank
+# (torch.distributed.checkpoint's format), when the run checkpoints sharded.
+SHARDED_DIR = "sharded"
+# The optimizer state of a checkpoint with whole state dicts (hellbender.train.checkpoint writes it).
+OPTIMIZER_FILE = "optimizer.pt"
+
+
+@dataclass
+class Parallel:
+    """The model as the ranks share it, and the operations that depend on how."""
+
+    world: World
+    strategy: str  # single | ddp | fsdp2
+    model: torch.nn.Module  # the model itself (peft / transformers API: save_pretrained, config)
+    module: torch.nn.Module  # the loss of a batch (LossModule), as DDP or FSDP2 wrap it
+    sharded_checkpoints: bool = False  # every rank writes its shards (FSDP2, SHARDED_STATE_DICT)
+    trainable_only: bool = False  # checkpoints hold the trainable weights only (an adapter)
+
+    def loss_sum(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        """The summed loss of ``batch``, computed through the strategy's wrapper (see
+        :class:`LossModule`)."""
+        loss: torch.Tensor = self.module(batch)
+        return loss
+
+    def gradient_sync(self, enabled: bool) -> AbstractContextManager[Any]:
+        """Average gradients over the ranks in this backward (``enabled``) or keep them local
+        (the earlier micro-batches of an accumulated step: one all-reduce per step, not per
+        micro-batch; the sum is the same)."""
+        if enabled or self.strategy == "single":
+            return contextlib.nullcontext()
+        if self.strategy == "ddp":
+            ddp: Any = self.module  # DistributedDataParallel: no_sync is its own API
+            context: AbstractContextManager[Any] = ddp.no_sync()
+            return context
+        return _fsdp_no_sync(self.module)
+
+    def grad_norm(self, params: list[torch.nn.Parameter]) -> tuple[torch.Tensor, float]:
+        """The global gradient norm: as the tensor clipping takes (FSDP2: a DTensor over the
+        shards) and as a number (the same on every rank)."""
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        full = getattr(norm, "full_tensor", None)
+        return norm, float(full() if callable(full) else norm)
+
+    def full_weights(self, trainable_only: bool) -> dict[str, torch.Tensor] | None:
+        """Every weight (or only the trainable ones) by name, whole, on rank 0's CPU; ``{}`` on
+        the other ranks; None in one process (the model's own tensors are already whole). A
+        collective: every rank calls it."""
+        if self.strategy == "single":
+            return None
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        state = get_model_state_dict(self.model, options=self._options(trainable_only))
+        return {name: value for name, value in state.items() if isinstance(value, torch.Tensor)}
+
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """The optimizer state to save: in one process ``optimizer.state_dict()``; spread over
+        ranks, whole and keyed by parameter name on rank 0 ({} elsewhere). A collective."""
+        if self.strategy == "single":
+            return optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        return dict(get_optimizer_state_dict(self.model, optimizer, options=self._options(True)))
+
+    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+        """Load a saved optimizer state, whichever world size wrote it: keyed by parameter name
+        (a run spread over ranks) or by position (one process; mapped to names through this
+        optimizer, built the same way). Every rank passes the whole state."""
+        named = any(isinstance(k, str) for k in state.get("state", {})) or any(
+            isinstance(p, str) for g in state.get("param_groups", []) for p in g.get("params", [])
+        )
+        if not named and self.strategy != "fsdp2":
+            optimizer.load_state_dict(state)  # the same plain tensors in the same order
+            return
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+        if not named:
+            state = _by_name(self.model, optimizer, state)
+        set_optimizer_state_dict(self.model, optimizer, state, options=self._options(True, load=True))
+
+    def write_sharded(self, optimizer: torch.optim.Optimizer | None, folder: Path) -> None:
+        """Every rank writes its shards of the weights (and of the optimizer state) into
+        ``folder``. A collective: every rank calls it with the same folder."""
+        from torch.distributed.checkpoint.state_dict_saver import save
+
+        save(self._sharded_state(optimizer), checkpoint_id=str(folder))
+
+    def restore(self, optimizer: torch.optim.Optimizer, checkpoint: Path) -> None:
+        """Load the optimizer state of ``checkpoint`` (and, from a sharded checkpoint, the weights
+        too; whole weights were loaded into the model before it was spread over the ranks)."""
+        sharded = checkpoint / SHARDED_DIR
+        if not sharded.is_dir():
+            state = torch.load(checkpoint / OPTIMIZER_FILE, weights_only=True)
+            self.load_optimizer_state(optimizer, state)
+            return
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict_loader import load
+
+        _initialize_state(optimizer)  # an empty optimizer state has no tensors to load into
+        state = self._sharded_state(optimizer)
+        load(state, checkpoint_id=str(sharded))  # reads the slices this rank holds, any world size
+        options = self._sharded_options()
+        set_model_state_dict(self.model, state["model"], options=options)
+        set_optimizer_state_dict(self.model, optimizer, state["optim"], options=options)
+
+    def _sharded_state(self, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+        options = self._sharded_options()
+        state: dict[str, Any] = {"model": get_model_state_dict(self.model, options=options)}
+        if optimizer is not None:
+            state["optim"] = get_optimizer_state_dict(self.model, optimizer, options=options)
+        return state
+
+    def _sharded_options(self) -> Any:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        return StateDictOptions(ignore_frozen_params=self.trainable_only, strict=not self.trainable_only)
+
+    def _options(self, trainable_only: bool, load: bool = False) -> Any:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        return StateDictOptions(
+            full_state_dict=True,
+            cpu_offload=not load,  # gather to rank 0's CPU, not to every rank's accelerator
+            ignore_frozen_params=trainable_only,
+            strict=not trainable_only,
+        )
+
+
+def _initialize_state(optimizer: torch.optim.Optimizer) -> None:
+    """Give an optimizer that never stepped its state tensors (Adam's moments, its step count), so
+    a sharded load has tensors to read into: one step on zero gradients at learning rate 0, which
+    changes no weight. The loaded state then replaces every value."""
+    if optimizer.state:
+        return
+    rates = [group["lr"] for group in optimizer.param_groups]
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+    for param in params:
+        param.grad = torch.zeros_like(param)
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+    optimizer.step()
+    for group, rate in zip(optimizer.param_groups, rates, strict=True):
+        group["lr"] = rate
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _by_name(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+) -> dict[str, Any]:
+    """A position-keyed optimizer state (``optimizer.state_dict()``) keyed by parameter name.
+
+    Positions count the parameters of ``optimizer``'s groups in order; an optimizer built by the
+    same code over the same model has them in the same order, sharded or not.
+    """
+    names = {id(p): n for n, p in model.named_parameters()}
+    ordered = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    return {
+        "state": {ordered[int(i)]: v for i, v in state["state"].items()},
+        "param_groups": [
+            {**g, "params": [ordered[int(i)] for i in g["params"]]} for g in state["param_groups"]
+        ],
+    }
+
+
+def _fsdp_no_sync(module: torch.nn.Module) -> AbstractContextManager[Any]:
+    @contextlib.contextmanager
+    def no_sync() -> Iterator[None]:
+        fsdp: Any = module  # FSDPModule: set_requires_gradient_sync is its own API
+        fsdp.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            fsdp.set_requires_gradient_sync(True)
+
+    return no_sync()
+
+
+class LossModule(torch.nn.Module):
+    """The model and its loss as one module: ``forward(batch)`` is the summed loss of ``batch``.
+
+    This is what DDP wraps and what FSDP2 shards as its root. The chunked and fused losses do not
+    call the model's forward: they run its decoder and then its head in pieces. A forward that
+    bypasses the wrapper would skip DDP's gradient-sync bookkeeping (gradients silently not
+    averaged) and FSDP2's gathering of the root's parameters (embeddings, final norm, head).
+    Inside this module's forward, every such call is covered.
+    """
+
+    def __init__(self, model: torch.nn.Module, loss_sum: Callable[[torch.nn.Module, Mapping[str, Any]], Any]):
+        super().__init__()
+        self.model = model
+        self._loss_sum = loss_sum
+
+    def forward(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        loss: torch.Tensor = self._loss_sum(self.model, batch)
+        return loss
+
+
+def wrap_model(
+    model: torch.nn.Module,
+    cfg: ResolvedConfig,
+    world: World,
+    device: torch.device,
+    loss_sum: Callable[[torch.nn.Module, Mapping[str, Any]], Any],
+) -> Parallel:
+    """Spread ``model`` (on ``device``, adapters and kernels applied) over the ranks as
+    ``cfg.distributed_strategy`` says, with ``loss_sum(model, batch)`` as the computation the
+    ranks run (see :class:`LossModule`). Before the optimizer is built: FSDP2 replaces the
+    parameters by sharded ones."""
+    strategy = cfg.distributed_strategy if world.distributed else "single"
+    trainable_only = hasattr(model, "peft_config")  # an adapter: its frozen base is not saved
+    loss_module = LossModule(model, loss_sum)
+    if strategy == "single":
+        return Parallel(world, "single", model, loss_module, trainable_only=trainable_only)
+    if strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        ddp_options: dict[str, Any] = {}
+        if cfg.ddp_find_unused_parameters is not None:
+            ddp_options["find_unused_parameters"] = cfg.ddp_find_unused_parameters
+        if cfg.ddp_bucket_cap_mb is not None:
+            ddp_options["bucket_cap_mb"] = cfg.ddp_bucket_cap_mb
+        if cfg.ddp_broadcast_buffers is not None:
+            ddp_options["broadcast_buffers"] = cfg.ddp_broadcast_buffers
+        ids = [device.index] if device.type == "cuda" else None
+        wrapped = DistributedDataParallel(loss_module, device_ids=ids, **ddp_options)
+        return Parallel(world, "ddp", model, wrapped, trainable_only=trainable_only)
+    if strategy == "fsdp2":
+        _fully_shard(model, loss_module, cfg)  # shards stay on the device the parameters are on
+        sharded = cfg.fsdp_config is not None and cfg.fsdp_config.state_dict_type == "SHARDED_STATE_DICT"
+        return Parallel(world, "fsdp2", model, loss_module, sharded, trainable_only)
+    raise OptionError(f"distributed strategy {strategy!r} is not available in this release")
+
+
+def block_classes(model: torch.nn.Module, cfg: ResolvedConfig) -> set[str]:
+    """Class names of the modules FSDP2 shards one by one: the transformer blocks."""
+    fsdp = cfg.fsdp_config
+    if fsdp is not None and fsdp.transformer_layer_cls_to_wrap:
+        return set(fsdp.transformer_layer_cls_to_wrap)
+    for module in model.modules():  # the transformers model inside any peft wrapper
+        names = getattr(module, "_no_split_modules", None)
+        if names:
+            return set(names)
+    return set()
+
+
+def _fully_shard(model: torch.nn.Module, root: torch.nn.Module, cfg: ResolvedConfig) -> None:
+    """Shard ``model``'s blocks one by one, and what is left (embeddings, norm, head) as part of
+    ``root``, the module whose forward runs them all."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+
+    fsdp = cfg.fsdp_config
+    reshard = fsdp.reshard_after_forward if fsdp is not None else True
+    offload: OffloadPolicy = OffloadPolicy()
+    if fsdp is not None and fsdp.offload_params:
+        # Pinned host memory needs an accelerator; on a CPU-only machine it fails.
+        offload = CPUOffloadPolicy(pin_memory=fsdp.cpu_offload_pin_memory and torch.cuda.is_available())
+    mixed = _mixed_precision(cfg)
+    blocks = _blocks_to_shard(model, cfg)
+    options: dict[str, Any] = {"offload_policy": offload}
+    if mixed is not None:
+        options["mp_policy"] = mixed
+    for block in blocks:
+        fully_shard(block, reshard_after_forward=reshard, **options)
+    fully_shard(root, reshard_after_forward=reshard, **options)
+
+
+def _blocks_to_shard(model: torch.nn.Module, cfg: ResolvedConfig) -> list[torch.nn.Module]:
+    """The modules FSDP2 shards on their own (each is gathered whole only while it runs), as
+    ``fsdp_config.auto_wrap_policy`` says: the transformer blocks (default), every module holding
+    at least ``min_num_params`` parameters not already in a smaller one (size based), or none
+    (the root alone: the whole model is gathered at once)."""
+    policy = cfg.fsdp_config.auto_wrap_policy if cfg.fsdp_config is not None else "TRANSFORMER_BASED_WRAP"
+    if policy == "NO_WRAP":
+        return []
+    if policy == "SIZE_BASED_WRAP":
+        assert cfg.fsdp_config is not None and cfg.fsdp_config.min_num_params  # rule HB169
+        return _size_based_blocks(model, cfg.fsdp_config.min_num_params)
+    classes = block_classes(model, cfg)
+    if not classes:
+        raise OptionError(
+            "fsdp: the model names no transformer block class to shard; set "
+            "fsdp_config.transformer_layer_cls_to_wrap (e.g. LlamaDecoderLayer)"
+        )
+    blocks = [m for m in model.modules() if type(m).__name__ in classes]
+    if not blocks:
+        raise OptionError(
+            f"fsdp_config.transformer_layer_cls_to_wrap {sorted(classes)}: no module of the model has "
+            f"that class; its blocks are {sorted(_candidate_blocks(model))}"
+        )
+    return blocks
+
+
+def _size_based_blocks(model: torch.nn.Module, min_num_params: int) -> list[torch.nn.Module]:
+    """Bottom up: a module whose parameters not yet in a chosen module number at least
+    ``min_num_params`` is chosen (the root is sharded on its own anyway)."""
+    chosen: list[torch.nn.Module] = []
+
+    def unclaimed(module: torch.nn.Module) -> int:
+        count = sum(p.numel() for p in module.parameters(recurse=False))
+        count += sum(unclaimed(child) for child in module.children())
+        if count >= min_num_params and module is not model:
+            chosen.append(module)
+            return 0
+        return count
+
+    unclaimed(model)
+    return chosen
+
+
+def _candidate_blocks(model: torch.nn.Module) -> set[str]:
+    return {type(m).__name__ for m in model.modules() if type(m).__name__.endswith(("Layer", "Block"))}
+
+
+def _mixed_precision(cfg: ResolvedConfig) -> Any:
+    """FSDP2's MixedPrecisionPolicy: the configured one; else none, so the loop's autocast over
+    fp32 master weights decides precision exactly as in one process."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    policy = cfg.fsdp_config.mixed_precision_policy if cfg.fsdp_config is not None else None
+    if policy is None:
+        return None
+    return MixedPrecisionPolicy(
+        param_dtype=getattr(torch, policy.param_dtype) if policy.param_dtype else None,
+        reduce_dtype=getattr(torch, policy.reduce_dtype) if policy.reduce_dtype else None,
+    )

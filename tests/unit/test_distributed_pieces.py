@@ -1,0 +1,129 @@
+"""The pieces of hellbender.distributed that need no second process: how a step's micro-batches are
+dealt to the ranks, the torchrun command line, failure messages, optimizer states by name, and
+which modules FSDP2 shards. (N ranks ≡ 1 rank is tests/invariants/test_distributed.py.)"""
+
+from __future__ import annotations
+
+import signal
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from hellbender.config.schema import ResolvedConfig
+from hellbender.data.tokenize import IGNORE_INDEX
+from hellbender.distributed.launch import Launch, LaunchError, describe_failures
+from hellbender.distributed.parallel import Parallel, _blocks_to_shard, _by_name, _initialize_state
+from hellbender.distributed.world import World
+from hellbender.testing.configs import resolved_config
+from hellbender.testing.tiny import build_tiny_model
+from hellbender.train.loop import Samples, batching, rank_batches
+
+PAD = 0
+
+
+def config(**values: object) -> ResolvedConfig:
+    return resolved_config(base_model="m", datasets=[{"path": "d.jsonl", "type": "alpaca"}], **values)
+
+
+def samples(n: int) -> Samples:
+    return Samples([{"input_ids": [5 + i, 6, 7], "labels": [IGNORE_INDEX, 6, 7]} for i in range(n)])
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 4])
+@pytest.mark.parametrize("group_length", [1, 2, 3, 4, 5, 8])
+def test_the_ranks_take_every_micro_batch_of_a_step_once(size: int, group_length: int) -> None:
+    data = samples(group_length)
+    group = [[[i]] for i in range(group_length)]  # micro-batch i = one row holding sample i
+    cfg = config(sequence_len=16)
+    _, collate = batching(data, cfg, PAD)
+    taken: list[int] = []
+    counts = set()
+    trained = 0
+    for rank in range(size):
+        batches = rank_batches(group, data, collate, World(rank, size), torch.device("cpu"))
+        counts.add(len(batches))
+        for batch in batches:
+            trained += int(batch["num_trained_tokens"])
+            if int(batch["num_tokens"]):
+                taken.append(int(batch["input_ids"][0, 0]) - 5)
+            else:  # a filler: a real micro-batch, trained on nothing
+                assert (batch["labels"] == IGNORE_INDEX).all()
+    assert sorted(taken) == list(range(group_length))  # each exactly once
+    assert counts == {-(-group_length // size)}  # every rank runs as many passes
+    assert trained == 2 * group_length  # fillers add no trained token
+
+
+def test_torchrun_command_lines() -> None:
+    one = Launch(4).torchrun_args(["train", "c.yaml", "lr=1"])
+    assert one == ["--nproc-per-node", "4", "--nnodes", "1", "--max-restarts", "0", "--standalone",
+                   "-m", "hellbender", "train", "c.yaml", "lr=1"]  # fmt: skip
+    two = Launch(8, "2", 1, "10.0.0.1:29400").torchrun_args(["train", "c.yaml"])
+    assert two[two.index("--rdzv-endpoint") + 1] == "10.0.0.1:29400" and "--standalone" not in two
+    assert two[two.index("--node-rank") + 1] == "1" and two[two.index("--rdzv-backend") + 1] == "c10d"
+    with pytest.raises(LaunchError, match="--rdzv-endpoint"):
+        Launch(1, "2").torchrun_args(["train", "c.yaml"])
+
+
+def test_a_failure_names_the_rank_and_how_it_ended() -> None:
+    failures = {  # rank 1 was killed; torchrun then stopped ranks 0 and 2
+        0: SimpleNamespace(exitcode=-signal.SIGTERM, pid=122, timestamp=1001),
+        1: SimpleNamespace(exitcode=-signal.SIGKILL, pid=123, timestamp=1000),
+        2: SimpleNamespace(exitcode=1, pid=124, timestamp=1002),
+    }
+    assert describe_failures(failures).startswith(
+        "rank 1 (pid 123) was killed by SIGKILL; then rank 0 was killed by SIGTERM, rank 2 exited with code 1"
+    )
+    alone = describe_failures({3: SimpleNamespace(exitcode=2, pid=9)})
+    assert alone.startswith("rank 3 (pid 9) exited with code 2 —")
+
+
+def adam_after_one_step(model: torch.nn.Module) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay, rest = params[::2], params[1::2]
+    optimizer = torch.optim.AdamW([{"params": decay}, {"params": rest, "weight_decay": 0.0}], lr=1e-3)
+    ids = torch.tensor([[3, 4, 5, 6]])
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return optimizer
+
+
+def test_a_one_process_optimizer_state_loads_by_name_into_a_fresh_optimizer() -> None:
+    """A checkpoint of one process (positions) resumed on ranks (names): the same state."""
+    model = build_tiny_model(seed=0)
+    optimizer = adam_after_one_step(model)
+    saved = optimizer.state_dict()
+    named = _by_name(model, optimizer, saved)
+    names = [n for n, _ in model.named_parameters()]
+    assert named["param_groups"][0]["params"] == names[::2]
+    assert named["param_groups"][1]["params"] == names[1::2]
+    fresh_model = build_tiny_model(seed=1)
+    params = list(fresh_model.parameters())
+    groups = [{"params": params[::2]}, {"params": params[1::2], "weight_decay": 0.0}]
+    fresh = torch.optim.AdamW(groups, lr=1e-3)
+    Parallel(World(), "single", fresh_model, fresh_model).load_optimizer_state(fresh, named)
+    for i, state in saved["state"].items():
+        assert torch.equal(fresh.state_dict()["state"][i]["exp_avg"], state["exp_avg"]), i
+
+
+def test_initializing_an_optimizer_state_changes_no_weight() -> None:
+    model = build_tiny_model(seed=0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.5)
+    _initialize_state(optimizer)
+    assert optimizer.state and all(p.grad is None for p in model.parameters())
+    assert optimizer.param_groups[0]["lr"] == 0.1
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]), name
+
+
+def test_fsdp2_shards_the_blocks_the_policy_names() -> None:
+    model = build_tiny_model(seed=0)
+    blocks = _blocks_to_shard(model, config(fsdp_version=2, fsdp_config={}))
+    assert [type(b).__name__ for b in blocks] == ["LlamaDecoderLayer"] * len(model.model.layers)
+    by_size = {"auto_wrap_policy": "SIZE_BASED_WRAP", "min_num_params": 4000}
+    sized = _blocks_to_shard(model, config(fsdp_version=2, fsdp_config=by_size))
+    assert sized and all(sum(p.numel() for p in b.parameters()) >= 4000 for b in sized)
+    no_wrap = config(fsdp_version=2, fsdp_config={"auto_wrap_policy": "NO_WRAP"})
+    assert _blocks_to_shard(model, no_wrap) == []
