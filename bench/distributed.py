@@ -146,13 +146,11 @@ def worker(config: str, result: str, warmup: int, steps: int) -> None:
     """One rank of one run, under torchrun: set up as ``hellbender train`` does, then measure."""
     import torch
 
-    from hellbender.commands.train import seed_everything, use_fp32_master_weights
-    from hellbender.commands.trained import pick_device
+    from hellbender.commands.train import model_to_train
     from hellbender.config.load import load_config
     from hellbender.data.prepare import prepare_datasets
     from hellbender.distributed.world import process_group
-    from hellbender.kernels import apply_optimizations
-    from hellbender.models.load import load_model, load_tokenizer
+    from hellbender.models.load import load_tokenizer
     from hellbender.train.loop import (
         _accumulate_gradients,
         _optimizer_step,
@@ -166,12 +164,7 @@ def worker(config: str, result: str, warmup: int, steps: int) -> None:
         tokenizer = load_tokenizer(cfg)
         with world.main_first("preparing the data"):
             data = prepare_datasets(cfg, tokenizer)
-        seed_everything(cfg.seed)
-        model = load_model(cfg, tokenizer)
-        use_fp32_master_weights(model, cfg)
-        device = pick_device(model)
-        model.to(device)
-        apply_optimizations(model, cfg)
+        model = model_to_train(cfg, tokenizer)
         model.train()
         out = Path(cfg.output_dir) / f"rank{world.rank}"
         run = _Run(cfg, model, data.train, None, pad_token_id=tokenizer.pad_token_id, out=out,

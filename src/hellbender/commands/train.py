@@ -6,6 +6,7 @@ import contextlib
 import logging
 import random
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -106,6 +107,28 @@ def run_train(cfg: ResolvedConfig, *, world: World | None = None) -> TrainResult
         return _train_into(cfg, out, world)
 
 
+def model_to_train(cfg: ResolvedConfig, tokenizer: Any) -> torch.nn.Module:
+    """The model as the loop takes it: seeded, loaded (with its adapter), trainable weights in
+    fp32, on its device, the memory/speed options applied."""
+    from hellbender.kernels import apply_optimizations
+    from hellbender.models.attention import check_backend_trainable
+    from hellbender.models.load import load_model
+
+    # Seed right before the model is built: LoRA initialisation does not depend on how much
+    # randomness data preparation consumed (e.g. whether the dataset came from the cache).
+    seed_everything(cfg.seed)
+    model = load_model(cfg, tokenizer)
+    use_fp32_master_weights(model, cfg)
+    device = pick_device(model)
+    if next(model.parameters()).device != device:  # a quantized model is placed while loading
+        model.to(device)
+    check_backend_trainable(cfg.attn_implementation, device)
+    # Memory/speed options (checkpointing, kernels, compile): after the adapter, before the
+    # optimizer sees the parameters. None of them changes the numbers (tested in kernels/).
+    apply_optimizations(model, cfg)
+    return model
+
+
 def _hide_progress_bars() -> None:
     import datasets
     from transformers.utils import logging as hf_logging
@@ -117,9 +140,8 @@ def _hide_progress_bars() -> None:
 def _train_into(cfg: ResolvedConfig, out: Path, world: World) -> TrainResult:
     """:func:`run_train` once ``out`` exists and this process holds it."""
     from hellbender.data.prepare import prepare_datasets
-    from hellbender.kernels import apply_optimizations, describe
-    from hellbender.models.attention import check_backend_trainable
-    from hellbender.models.load import load_model, load_tokenizer
+    from hellbender.kernels import describe
+    from hellbender.models.load import load_tokenizer
 
     # Rank 0 checks and prepares the folder first; the others follow once it has (or stop at
     # once if it failed: its message is the one to read).
@@ -142,18 +164,7 @@ def _train_into(cfg: ResolvedConfig, out: Path, world: World) -> TrainResult:
     # Data preparation runs once: rank 0 tokenizes and writes the cache, the others then read it.
     with world.main_first("preparing the data"):
         data = prepare_datasets(cfg, tokenizer)
-    # Seed right before the model is built: LoRA initialisation does not depend on how much
-    # randomness data preparation consumed (e.g. whether the dataset came from the cache).
-    seed_everything(cfg.seed)
-    model = load_model(cfg, tokenizer)
-    use_fp32_master_weights(model, cfg)
-    device = pick_device(model)
-    if next(model.parameters()).device != device:  # a quantized model is placed while loading
-        model.to(device)
-    check_backend_trainable(cfg.attn_implementation, device)
-    # Memory/speed options (checkpointing, kernels, compile): after the adapter, before the
-    # optimizer sees the parameters. None of them changes the numbers (tested in kernels/).
-    apply_optimizations(model, cfg)
+    model = model_to_train(cfg, tokenizer)
     for line in describe(model):
         logger.info("optimization: %s", line)
     if world.distributed:
