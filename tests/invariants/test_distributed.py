@@ -218,3 +218,9 @@ def test_the_memory_kernels_run_under_each_strategy(runs: Runs, project: Path, s
         runs.done[name] = project / name
     got = runs.ranks(strategy, "lora", 2, **KERNELS)
     assert_same_run(got, runs.done[name])
+
+
+def test_regional_torch_compile_runs_under_fsdp2(runs: Runs) -> None:
+    """torch_compile (each decoder layer compiled, then sharded by FSDP2) trains the eager run's
+    steps: the same comparison as above, against the eager one-process run."""
+    assert_same_run(runs.ranks("fsdp2", "lora", 2, torch_compile=True), runs.single("lora"))
