@@ -76,6 +76,14 @@ def rejects_of(prepared: Any) -> list[dict[str, Any]]:
     return [json.loads(x) for x in Path(prepared.report.rejects_file or "").read_text().splitlines()]
 
 
+def write_layout(folder: Path, layout: str, bad: str) -> tuple[Path, int]:
+    """The data file of ``layout`` holding ``bad``, written in ``folder``; its path and bad line."""
+    file_name, text, line = LAYOUTS[layout](bad)
+    path = folder / file_name
+    path.write_text(text)
+    return path, line
+
+
 def no_complete_cache(folder: Path) -> bool:
     return not folder.exists() or not any(is_complete(p) for p in folder.iterdir())
 
@@ -84,9 +92,7 @@ def no_complete_cache(folder: Path) -> bool:
 def test_unusable_json_value_stops_with_file_and_line(
     tmp_path: Path, tok: Any, layout: str, name: str, bad: str, reason: str, problem: str
 ) -> None:
-    file_name, text, line = LAYOUTS[layout](bad)
-    path = tmp_path / file_name
-    path.write_text(text)
+    path, line = write_layout(tmp_path, layout, bad)
     cfg = make_cfg(datasets=[{"path": str(path)}], dataset_prepared_path=str(tmp_path / "p"))
     with pytest.raises(DataError) as err:
         prepare_datasets(cfg, tok)
@@ -100,9 +106,7 @@ def test_unusable_json_value_stops_with_file_and_line(
 def test_unusable_json_value_is_skipped_counted_and_rejected(
     tmp_path: Path, tok: Any, layout: str, name: str, bad: str, reason: str, problem: str
 ) -> None:
-    file_name, text, line = LAYOUTS[layout](bad)
-    path = tmp_path / file_name
-    path.write_text(text)
+    path, line = write_layout(tmp_path, layout, bad)
     prepared = prepare_datasets(cfg_for(tmp_path, {"path": str(path)}, on_bad_row="skip"), tok)
     stats = prepared.report.datasets[0]
     assert (stats.rows_read, stats.bad, stats.kept, len(prepared.train)) == (4, {reason: 1}, 3, 3)

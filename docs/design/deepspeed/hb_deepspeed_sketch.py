@@ -164,7 +164,9 @@ class DeepSpeedParallel:
         ]
         return {"state": state, "param_groups": groups} if self.world.is_main else {}
 
-    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict[str, Any], batch: Any) -> None:
+    def load_optimizer_state(
+        self, optimizer: torch.optim.Optimizer, state: dict[str, Any], batch: Any
+    ) -> None:
         """Any stage / world size. Weights were loaded into the model before prepare()."""
         from deepspeed.utils import safe_set_full_optimizer_state
 
