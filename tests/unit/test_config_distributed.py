@@ -8,6 +8,8 @@ configs are checked on this one-CPU machine without launching anything.
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ from click.testing import CliRunner, Result
 from config_fixtures import GOOD_CONFIG, write_config
 
 from hellbender.cli import main
+from hellbender.config.deepspeed import DeepSpeedConfigError, LoopValues, complete, offloads
 from hellbender.config.findings import ConfigError, Finding
 from hellbender.config.hardware import Hardware
 from hellbender.config.load import load_config, read_config
@@ -32,6 +35,24 @@ ISOLATED_ENV: dict[str, str | None] = {
 BASE: dict[str, Any] = {
     "base_model": "org/some-model",
     "datasets": [{"path": "data.jsonl", "type": "alpaca"}],
+}
+# The shape of Axolotl's deepspeed_configs/zero3.json: what the loop owns is left to "auto".
+ZERO3_AUTO: dict[str, Any] = {
+    "zero_optimization": {
+        "stage": 3,
+        "overlap_comm": True,
+        "reduce_bucket_size": "auto",
+        "stage3_prefetch_bucket_size": "auto",
+        "stage3_param_persistence_threshold": "auto",
+        "stage3_gather_16bit_weights_on_model_save": True,
+    },
+    "bf16": {"enabled": "auto"},
+    "fp16": {"enabled": "auto"},
+    "gradient_accumulation_steps": "auto",
+    "gradient_clipping": "auto",
+    "train_batch_size": "auto",
+    "train_micro_batch_size_per_gpu": "auto",
+    "wall_clock_breakdown": False,
 }
 FSDP2: dict[str, Any] = {
     "fsdp_version": 2,
@@ -198,12 +219,14 @@ def test_fsdp_resolves_to_version_2_and_one_fsdp_config(tmp_path: Path) -> None:
     assert cfg.fsdp_config is None and cfg.fsdp_version is None
 
 
-def test_deepspeed_is_still_not_implemented(tmp_path: Path) -> None:
-    assert hits(tmp_path, {"deepspeed": "zero3.json"}, "HB199")
-    for key in ("fsdp_config", "fsdp_version", "fsdp", "ddp"):
+def test_distributed_keys_are_no_longer_refused_as_not_implemented(tmp_path: Path) -> None:
+    (tmp_path / "zero3.json").write_text(json.dumps(ZERO3_AUTO))
+    for key in ("deepspeed", "fsdp_config", "fsdp_version", "fsdp", "ddp"):
         extra = {"fsdp": ["full_shard"]} if key == "fsdp" else {key: {} if key == "fsdp_config" else 2}
         if key == "ddp":
             extra = {"ddp": True}
+        if key == "deepspeed":
+            extra = {"deepspeed": str(tmp_path / "zero3.json")}
         assert not hits(tmp_path, extra, "HB199"), key
 
 
@@ -385,6 +408,8 @@ def test_hb111_and_hb167_quantized_base(tmp_path: Path, quantized: dict[str, Any
     assert [f.severity for f in found] == ["error"] and "not supported yet under FSDP2" in found[0].message
     assert not hits(tmp_path, quantized, "HB167")  # DDP: each rank holds the whole quantized base
     assert not hits(tmp_path, {**FSDP2, **quantized}, "HB167", world=1)
+    found = hits(tmp_path, {"deepspeed": ZERO3_AUTO, **quantized}, "HB167")
+    assert [f.severity for f in found] == ["error"] and "under DeepSpeed" in found[0].message
 
 
 @pytest.mark.parametrize("extra", [FSDP2, {"fsdp_version": 2}, {"fsdp": ["full_shard"]}])
@@ -398,6 +423,8 @@ def test_hb168_bitsandbytes_optimizer_under_fsdp2(tmp_path: Path, optimizer: str
     assert [f.severity for f in hits(tmp_path, {**FSDP2, "optimizer": optimizer}, "HB168")] == ["error"]
     assert not hits(tmp_path, {**FSDP2, "optimizer": "adamw_torch_fused"}, "HB168")
     assert not hits(tmp_path, {"optimizer": optimizer}, "HB168")  # DDP
+    zero3 = {"deepspeed": ZERO3_AUTO, "optimizer": optimizer}
+    assert [f.severity for f in hits(tmp_path, zero3, "HB168")] == ["error"]
 
 
 def test_hb169_size_based_wrap_needs_a_size(tmp_path: Path) -> None:
@@ -762,3 +789,97 @@ def test_fix_leaves_conflicting_fsdp_spellings_alone(tmp_path: Path, text: str) 
     result = invoke("validate", str(path), "--fix", "--world-size", "2")
     assert result.exit_code == 1 and "fixed:" not in result.output
     assert path.read_text() == GOOD_CONFIG + text
+
+
+# ------------------------------------------------------------------ the DeepSpeed JSON
+
+
+def test_deepspeed_autos_are_filled_from_the_config() -> None:
+    raw = {**ZERO3_AUTO, "optimizer": {"type": "AdamW", "params": {"lr": "auto"}}}
+    values = LoopValues(
+        micro_batch_size=2,
+        gradient_accumulation_steps=3,
+        data_parallel_size=4,
+        max_grad_norm=0.5,
+        compute_dtype="bfloat16",
+        hidden_size=64,
+    )
+    done = complete(raw, values)
+    config = done.config
+    assert (config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"]) == (2, 3)
+    assert config["train_batch_size"] == 2 * 3 * 4 and config["gradient_clipping"] == 0.5
+    # bf16 compute stays hellbender's autocast over fp32 master weights: DeepSpeed's bf16 mode off
+    assert config["bf16"] == {"enabled": False} and config["fp16"] == {"enabled": False}
+    zero = config["zero_optimization"]
+    assert zero["reduce_bucket_size"] == 64 * 64 and zero["stage3_param_persistence_threshold"] == 640
+    assert zero["stage3_prefetch_bucket_size"] == int(0.9 * 64 * 64)
+    assert done.stage == 3 and done.ignored == ["optimizer"] and "optimizer" not in config
+    assert raw["train_batch_size"] == "auto"  # the user's mapping is not modified
+    # No value given at all: the loop's own are written in (DeepSpeed would otherwise assume 1).
+    bare = complete({"zero_optimization": {"stage": 2}}, values).config
+    assert bare["train_batch_size"] == 24 and bare["gradient_clipping"] == 0.5
+    assert bare["zero_optimization"] == {"stage": 2}  # no auto asked for: nothing added
+
+
+def test_deepspeed_offload_accepts_hellbenders_optimizer() -> None:
+    values = LoopValues(1, 1, 2, None, "float32")
+    raw = {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu", "pin_memory": True}}}
+    config = complete(raw, values).config
+    assert config["zero_force_ds_cpu_optimizer"] is False and config["gradient_clipping"] == 0.0
+    assert offloads(config) == ["zero_optimization.offload_optimizer"]
+    assert "zero_force_ds_cpu_optimizer" not in complete({"zero_optimization": {"stage": 2}}, values).config
+
+
+@pytest.mark.parametrize(
+    ("raw", "words"),
+    [
+        ({"train_micro_batch_size_per_gpu": 4}, "train_micro_batch_size_per_gpu is 4 but hellbender's micro"),
+        ({"train_batch_size": 3}, "train_batch_size is 3"),
+        ({"gradient_clipping": 2.0}, "gradient_clipping is 2.0 but hellbender's max_grad_norm gives 1.0"),
+        ({"bf16": {"enabled": True}}, "bf16.enabled is true but the run computes in float32"),
+        ({"zero_optimization": {"stage": 4}}, "stage 4 is not 0, 1, 2 or 3"),
+        ({"zero_optimization": {"stage": "auto"}}, "stage 'auto' is not"),
+        ({"communication_data_type": "auto"}, 'no value to fill "auto" for communication_data_type'),
+    ],
+)
+def test_deepspeed_contradictions_are_errors(raw: dict[str, Any], words: str) -> None:
+    with pytest.raises(DeepSpeedConfigError, match=re.escape(words)):
+        complete(raw, LoopValues(2, 2, 2, 1.0, "float32"))
+
+
+def test_agreeing_explicit_values_are_accepted() -> None:
+    raw = {"train_micro_batch_size_per_gpu": 2, "train_batch_size": 8, "gradient_clipping": 1}
+    assert complete(raw, LoopValues(2, 2, 2, 1.0, "float32")).config["train_batch_size"] == 8
+
+
+def test_hb174_unreadable_or_contradicting_json(tmp_path: Path) -> None:
+    missing = hits(tmp_path, {"deepspeed": str(tmp_path / "nope.json")}, "HB174")
+    assert [f.severity for f in missing] == ["error"] and "is not a file" in missing[0].message
+    broken = [("bad.json", "{not json", "not readable JSON"), ("list.json", "[1]", "not an object")]
+    for name, text, words in broken:
+        (tmp_path / name).write_text(text)
+        assert words in hits(tmp_path, {"deepspeed": str(tmp_path / name)}, "HB174")[0].message
+    batch = {**ZERO3_AUTO, "train_micro_batch_size_per_gpu": 8}
+    assert hits(tmp_path, {"deepspeed": batch, "micro_batch_size": 2}, "HB174")
+    assert not hits(tmp_path, {"deepspeed": batch, "micro_batch_size": 8}, "HB174")
+    (tmp_path / "zero3.json").write_text(json.dumps(ZERO3_AUTO))
+    assert not hits(tmp_path, {"deepspeed": str(tmp_path / "zero3.json")}, "HB174")
+
+
+def test_hb175_optimizer_and_scheduler_blocks_are_not_used(tmp_path: Path) -> None:
+    blocks = {**ZERO3_AUTO, "optimizer": {"type": "AdamW"}, "scheduler": {"type": "WarmupLR"}}
+    found = hits(tmp_path, {"deepspeed": blocks}, "HB175")
+    assert [f.severity for f in found] == ["warning"] and "optimizer and scheduler block" in found[0].message
+    assert not hits(tmp_path, {"deepspeed": ZERO3_AUTO}, "HB175")
+
+
+def test_hb176_offload_without_a_gpu(tmp_path: Path) -> None:
+    offload = {**ZERO3_AUTO, "zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}
+    assert [f.severity for f in hits(tmp_path, {"deepspeed": offload}, "HB176", hw=CPU)] == ["warning"]
+    assert not hits(tmp_path, {"deepspeed": offload}, "HB176", hw=A100)
+    assert not hits(tmp_path, {"deepspeed": ZERO3_AUTO}, "HB176", hw=CPU)
+
+
+def test_hb171_deepspeed_in_one_process(tmp_path: Path) -> None:
+    found = hits(tmp_path, {"deepspeed": ZERO3_AUTO}, "HB171", world=1)
+    assert [f.key for f in found] == ["deepspeed"]

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from hellbender.commands.trained import pick_device
+from hellbender.config.deepspeed import read_deepspeed_config, zero_stage
 from hellbender.config.schema import ResolvedConfig
 from hellbender.distributed.world import World, process_group
 from hellbender.errors import OptionError
@@ -168,10 +169,11 @@ def _train_into(cfg: ResolvedConfig, out: Path, world: World) -> TrainResult:
     for line in describe(model):
         logger.info("optimization: %s", line)
     if world.distributed:
-        logger.info(
-            "distributed: %s over %d ranks (%s)", cfg.distributed_strategy, world.size,
-            torch.distributed.get_backend(),
-        )  # fmt: skip
+        strategy: str = cfg.distributed_strategy
+        if cfg.deepspeed is not None and strategy == "deepspeed":
+            strategy += f" ZeRO-{zero_stage(read_deepspeed_config(cfg.deepspeed))}"
+        backend = torch.distributed.get_backend()
+        logger.info("distributed: %s over %d ranks (%s)", strategy, world.size, backend)
     if resume is not None:
         logger.info("resuming from %s", resume)
 

@@ -12,6 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from hellbender.config.deepspeed import (
+    DeepSpeedConfigError,
+    LoopValues,
+    complete,
+    offloads,
+    read_deepspeed_config,
+)
 from hellbender.config.findings import Finding, quote
 from hellbender.config.hardware import Hardware
 from hellbender.config.normalize import fsdp_requested
@@ -28,7 +35,6 @@ NOT_YET_IMPLEMENTED: dict[str, str] = {
     "gptq": "GPTQ bases",
     "qat": "quantization-aware training",
     "fp8": "FP8 training",
-    "deepspeed": "DeepSpeed",
     "tensor_parallel_size": "tensor parallelism",
     "context_parallel_size": "context parallelism",
     "sequence_parallel_degree": "context parallelism",
@@ -197,14 +203,15 @@ def deepspeed_and_fsdp(cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfig)
 def fsdp2_quantized_base(cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
     """FSDP2 with a 4-bit/8-bit bitsandbytes base: sharding packed quantized weights (and their
     quantization state) is not supported yet; refused rather than failing after the model loaded."""
-    if cfg.distributed_strategy == "fsdp2" and (cfg.load_in_4bit or cfg.load_in_8bit):
+    if cfg.distributed_strategy in ("fsdp2", "deepspeed") and (cfg.load_in_4bit or cfg.load_in_8bit):
         key = "load_in_4bit" if cfg.load_in_4bit else "load_in_8bit"
+        name = "FSDP2" if cfg.distributed_strategy == "fsdp2" else "DeepSpeed"
         return _err(
             "HB167",
-            f"{key}: a quantized base is not supported yet under FSDP2 (bitsandbytes' packed weights "
+            f"{key}: a quantized base is not supported yet under {name} (bitsandbytes' packed weights "
             "cannot be sharded by this release).",
-            "Train it with DDP (remove the FSDP keys: each rank holds the whole quantized base), or "
-            f"remove {key} and shard the 16-bit base with FSDP2.",
+            f"Train it with DDP (remove the {name} keys: each rank holds the whole quantized base), or "
+            f"remove {key} and shard the 16-bit base with {name}.",
             key,
         )
     return []
@@ -214,12 +221,13 @@ def fsdp2_quantized_base(cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfi
 def fsdp2_bnb_optimizer(cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
     """FSDP2 with bitsandbytes' 8-bit AdamW: its CUDA kernels do not take FSDP2's sharded (DTensor)
     parameters (Axolotl refuses the pair for the same reason)."""
-    if cfg.distributed_strategy == "fsdp2" and cfg.optimizer == "adamw_8bit":
+    if cfg.distributed_strategy in ("fsdp2", "deepspeed") and cfg.optimizer == "adamw_8bit":
+        name = "FSDP2" if cfg.distributed_strategy == "fsdp2" else "DeepSpeed ZeRO"
         return _err(
             "HB168",
-            "optimizer adamw_8bit (bitsandbytes) does not work on FSDP2's sharded parameters.",
-            "Use optimizer: adamw_torch_fused or adamw_torch (FSDP2 already shards the optimizer state "
-            "over the ranks).",
+            f"optimizer adamw_8bit (bitsandbytes) does not work on {name}'s sharded parameters.",
+            f"Use optimizer: adamw_torch_fused or adamw_torch ({name} already shards the optimizer "
+            "state over the ranks).",
             "optimizer",
         )
     return []
@@ -238,6 +246,57 @@ def fsdp_size_wrap_needs_size(cfg: ResolvedConfig, hw: Hardware, raw: Hellbender
             "fsdp_config.min_num_params",
         )
     return []
+
+
+@rule
+def deepspeed_json(cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
+    """The `deepspeed:` JSON must be readable, name a ZeRO stage 0–3, and agree with the config on
+    what the loop owns (micro-batch, accumulation, global batch, clipping, precision); its
+    "auto" values are filled from the config. Its optimizer and scheduler blocks are not used, and
+    offloading does nothing on a machine without a GPU."""
+    if raw.deepspeed is None:
+        return []
+    model_cfg = read_model_config(cfg.base_model_config or cfg.base_model) or {}
+    hidden = model_cfg.get("hidden_size")
+    values = LoopValues(
+        micro_batch_size=cfg.micro_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        data_parallel_size=cfg.data_parallel_size,
+        max_grad_norm=cfg.max_grad_norm,
+        compute_dtype=cfg.compute_dtype,
+        hidden_size=hidden if isinstance(hidden, int) else None,
+    )
+    try:
+        completed = complete(read_deepspeed_config(raw.deepspeed), values)
+    except DeepSpeedConfigError as exc:
+        return _err(
+            "HB174",
+            str(exc)[:400],
+            "Fix the DeepSpeed JSON: leave batch, clipping and precision values at \"auto\" (hellbender "
+            "fills them from its keys), or make them agree.",
+            "deepspeed",
+        )
+    out: list[Finding] = []
+    if completed.ignored:
+        blocks = " and ".join(completed.ignored)
+        out += _warn(
+            "HB175",
+            f"deepspeed: the JSON's {blocks} block is not used: hellbender builds the optimizer and the "
+            "learning-rate schedule from its own keys and hands them to DeepSpeed.",
+            "Set optimizer, learning_rate, lr_scheduler, warmup_steps… in the hellbender config, and "
+            f"remove the {blocks} block from the JSON.",
+            "deepspeed",
+        )
+    moved = offloads(completed.config)
+    if moved and not hw.cuda and cfg.distributed_strategy == "deepspeed":
+        out += _warn(
+            "HB176",
+            f"deepspeed: {', '.join(moved)} moves state to CPU memory; on {hw.description} it is there "
+            "already (the run is the same, only slower).",
+            "Remove the offload blocks on a machine without a GPU.",
+            "deepspeed",
+        )
+    return out
 
 
 DDP_OPTIONS = ("ddp_find_unused_parameters", "ddp_bucket_cap_mb", "ddp_broadcast_buffers")
@@ -339,7 +398,7 @@ def distributed_options_on_one_process(
         return []
     asked = [
         k
-        for k in ("fsdp", "fsdp_config", "fsdp_version", *DDP_OPTIONS, "ddp_timeout")
+        for k in ("fsdp", "fsdp_config", "fsdp_version", "deepspeed", *DDP_OPTIONS, "ddp_timeout")
         if k in raw.model_fields_set and getattr(raw, k) not in (None, [])
     ]
     if raw.ddp:

@@ -10,6 +10,10 @@ the checkpoint code reach the strategy; neither branches on the strategy's name.
   ``_no_split_modules``, or ``fsdp_config.transformer_layer_cls_to_wrap``) and on the root.
   Parameters, gradients and optimizer states are sharded over the ranks (1/N each); a block's
   full weights exist only while it runs. Gradients are reduce-scattered (averaged) like DDP's.
+* ``deepspeed``: DeepSpeed ZeRO stage 0–3 (the ``deepspeed:`` JSON, its ``"auto"`` values filled by
+  :mod:`hellbender.config.deepspeed`): the engine wraps the model with its loss and steps
+  hellbender's optimizer (:mod:`hellbender.distributed.zero`). The engine needs the optimizer, so
+  it starts in :meth:`Parallel.prepare`, once the optimizer is built.
 
 Both engines *average* gradients over the ranks; the loop's token-exact loss scales each rank by
 the world size (see :mod:`hellbender.train.loop`), so N ranks compute one rank's update.
@@ -21,7 +25,9 @@ optimizer state after). So a checkpoint is the same files whatever the strategy 
 that wrote it. FSDP2 with ``fsdp_config.state_dict_type: SHARDED_STATE_DICT`` instead has every
 rank write its own shards (``torch.distributed.checkpoint``, folder :data:`SHARDED_DIR`): nothing
 is gathered, and loading reshards to the world size that resumes. Either way a run can resume on
-another world size, and checkpoints sit on a filesystem every rank can read.
+another world size, and checkpoints sit on a filesystem every rank can read. DeepSpeed writes its
+own checkpoint (every rank its partition, folder :data:`DEEPSPEED_DIR`), which resumes on the
+same number of ranks only; a resume on another number is refused before anything is loaded.
 """
 
 from __future__ import annotations
@@ -35,7 +41,9 @@ from typing import Any
 
 import torch
 
+from hellbender.config.deepspeed import DeepSpeedConfigError, LoopValues, complete, read_deepspeed_config
 from hellbender.config.schema import ResolvedConfig
+from hellbender.distributed import zero
 from hellbender.distributed.world import World
 from hellbender.errors import OptionError
 
@@ -44,6 +52,8 @@ from hellbender.errors import OptionError
 SHARDED_DIR = "sharded"
 # The optimizer state of a checkpoint with whole state dicts (hellbender.train.checkpoint writes it).
 OPTIMIZER_FILE = "optimizer.pt"
+# Inside a checkpoint folder: DeepSpeed's own checkpoint (weights and optimizer partitions, per rank).
+DEEPSPEED_DIR = "deepspeed"
 
 
 @dataclass
@@ -51,11 +61,39 @@ class Parallel:
     """The model as the ranks share it, and the operations that depend on how."""
 
     world: World
-    strategy: str  # single | ddp | fsdp2
+    strategy: str  # single | ddp | fsdp2 | deepspeed
     model: torch.nn.Module  # the model itself (peft / transformers API: save_pretrained, config)
-    module: torch.nn.Module  # the loss of a batch (LossModule), as DDP or FSDP2 wrap it
-    sharded_checkpoints: bool = False  # every rank writes its shards (FSDP2, SHARDED_STATE_DICT)
+    module: torch.nn.Module  # the loss of a batch (LossModule), as DDP, FSDP2 or DeepSpeed wrap it
+    sharded_checkpoints: bool = False  # every rank writes its shards (FSDP2 SHARDED_STATE_DICT, DeepSpeed)
     trainable_only: bool = False  # checkpoints hold the trainable weights only (an adapter)
+    deepspeed_config: dict[str, Any] | None = None  # the completed JSON the engine starts from
+    engine: Any = None  # DeepSpeed's engine, once prepare() started it
+
+    def prepare(self, optimizer: torch.optim.Optimizer) -> None:
+        """Hand the built optimizer to the strategy. DeepSpeed starts its engine here (it needs
+        the optimizer to partition its state); from then on the engine is the module the ranks
+        run. The other strategies wrapped the model before the optimizer was built."""
+        if self.strategy == "deepspeed" and self.engine is None:
+            assert self.deepspeed_config is not None
+            self.engine = zero.start_engine(self.module, optimizer, self.deepspeed_config)
+            self.module = self.engine
+
+    @property
+    def steps_itself(self) -> bool:
+        """The engine clips and applies the update (:meth:`optimizer_step`) instead of the loop."""
+        return self.strategy == "deepspeed"
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of a micro-batch's (already scaled) loss."""
+        if self.engine is not None:
+            self.engine.backward(loss, scale_wrt_gas=False)  # no second division by accumulation
+        else:
+            loss.backward()
+
+    def optimizer_step(self) -> float:
+        """For a strategy that :attr:`steps_itself`: clip, apply and zero the gradients; the norm
+        before clipping, ``inf`` if they were not finite (then nothing was applied)."""
+        return zero.optimizer_step(self.engine)
 
     def loss_sum(self, batch: Mapping[str, Any]) -> torch.Tensor:
         """The summed loss of ``batch``, computed through the strategy's wrapper (see
@@ -67,6 +105,10 @@ class Parallel:
         """Average gradients over the ranks in this backward (``enabled``) or keep them local
         (the earlier micro-batches of an accumulated step: one all-reduce per step, not per
         micro-batch; the sum is the same)."""
+        if self.engine is not None:
+            # ZeRO-2/3 reduce in every backward; the boundary tells DeepSpeed where the step ends.
+            self.engine.set_gradient_accumulation_boundary(enabled)
+            return contextlib.nullcontext()
         if enabled or self.strategy == "single":
             return contextlib.nullcontext()
         if self.strategy == "ddp":
@@ -88,6 +130,8 @@ class Parallel:
         collective: every rank calls it."""
         if self.strategy == "single":
             return None
+        if self.engine is not None:
+            return zero.full_weights(self.engine, self.model, self.world, trainable_only)
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
         state = get_model_state_dict(self.model, options=self._options(trainable_only))
@@ -118,16 +162,28 @@ class Parallel:
             state = _by_name(self.model, optimizer, state)
         set_optimizer_state_dict(self.model, optimizer, state, options=self._options(True, load=True))
 
-    def write_sharded(self, optimizer: torch.optim.Optimizer | None, folder: Path) -> None:
-        """Every rank writes its shards of the weights (and of the optimizer state) into
-        ``folder``. A collective: every rank calls it with the same folder."""
+    def shards_checkpoint(self, with_optimizer: bool) -> bool:
+        """Whether a checkpoint (with or without the optimizer state) is written by every rank
+        (:meth:`write_sharded`) rather than gathered whole. DeepSpeed's format always holds the
+        optimizer state; a weights-only checkpoint is gathered instead."""
+        return self.sharded_checkpoints and (with_optimizer or self.engine is None)
+
+    def write_sharded(self, optimizer: torch.optim.Optimizer | None, checkpoint: Path) -> None:
+        """Every rank writes its shards of the weights (and of the optimizer state) into the
+        ``checkpoint`` folder being written. A collective: every rank calls it with the same folder."""
+        if self.engine is not None:
+            zero.save(self.engine, checkpoint / DEEPSPEED_DIR, self.trainable_only)
+            return
         from torch.distributed.checkpoint.state_dict_saver import save
 
-        save(self._sharded_state(optimizer), checkpoint_id=str(folder))
+        save(self._sharded_state(optimizer), checkpoint_id=str(checkpoint / SHARDED_DIR))
 
     def restore(self, optimizer: torch.optim.Optimizer, checkpoint: Path) -> None:
         """Load the optimizer state of ``checkpoint`` (and, from a sharded checkpoint, the weights
         too; whole weights were loaded into the model before it was spread over the ranks)."""
+        if (checkpoint / DEEPSPEED_DIR).is_dir() or self.engine is not None:
+            self._restore_deepspeed(checkpoint)
+            return
         sharded = checkpoint / SHARDED_DIR
         if not sharded.is_dir():
             state = torch.load(checkpoint / OPTIMIZER_FILE, weights_only=True)
@@ -142,6 +198,25 @@ class Parallel:
         options = self._sharded_options()
         set_model_state_dict(self.model, state["model"], options=options)
         set_optimizer_state_dict(self.model, optimizer, state["optim"], options=options)
+
+    def _restore_deepspeed(self, checkpoint: Path) -> None:
+        folder = checkpoint / DEEPSPEED_DIR
+        if self.engine is None:
+            raise OptionError(
+                f"{checkpoint} was written by DeepSpeed, and resumes only under DeepSpeed (the same "
+                f"deepspeed config and number of ranks); this run is {self.strategy}. Start a new run "
+                "from its weights instead (hellbender writes them at the end of a run)."
+            )
+        if not folder.is_dir():
+            raise OptionError(
+                f"{checkpoint} was not written by DeepSpeed ({self._writer(checkpoint)}); a DeepSpeed run "
+                "resumes from its own checkpoints only. Resume it with the strategy that wrote it."
+            )
+        zero.load(self.engine, folder, self.world, self.trainable_only)
+
+    @staticmethod
+    def _writer(checkpoint: Path) -> str:
+        return "sharded by FSDP2" if (checkpoint / SHARDED_DIR).is_dir() else "whole state dicts"
 
     def _sharded_state(self, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
@@ -270,7 +345,27 @@ def wrap_model(
         _fully_shard(model, loss_module, cfg)  # shards stay on the device the parameters are on
         sharded = cfg.fsdp_config is not None and cfg.fsdp_config.state_dict_type == "SHARDED_STATE_DICT"
         return Parallel(world, "fsdp2", model, loss_module, sharded, trainable_only)
+    if strategy == "deepspeed":
+        config = deepspeed_config(cfg, model)
+        return Parallel(world, "deepspeed", model, loss_module, True, trainable_only, deepspeed_config=config)
     raise OptionError(f"distributed strategy {strategy!r} is not available in this release")
+
+
+def deepspeed_config(cfg: ResolvedConfig, model: torch.nn.Module) -> dict[str, Any]:
+    """The ``deepspeed:`` JSON with its ``"auto"`` values filled from ``cfg`` and the model."""
+    assert cfg.deepspeed is not None
+    values = LoopValues(
+        micro_batch_size=cfg.micro_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        data_parallel_size=cfg.data_parallel_size,
+        max_grad_norm=cfg.max_grad_norm,
+        compute_dtype=cfg.compute_dtype,
+        hidden_size=getattr(getattr(model, "config", None), "hidden_size", None),
+    )
+    try:
+        return complete(read_deepspeed_config(cfg.deepspeed), values).config
+    except DeepSpeedConfigError as exc:  # the config rules report it before a run; kept for API users
+        raise OptionError(str(exc)) from exc
 
 
 def block_classes(model: torch.nn.Module, cfg: ResolvedConfig) -> set[str]:

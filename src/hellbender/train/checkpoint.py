@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from hellbender.distributed.parallel import OPTIMIZER_FILE, SHARDED_DIR
+from hellbender.distributed.parallel import DEEPSPEED_DIR, OPTIMIZER_FILE, SHARDED_DIR
 from hellbender.errors import DiskFullError, HellbenderError, MissingFileError
 from hellbender.files import (
     NEARLY_FULL_BYTES,
@@ -480,7 +480,7 @@ def _write_elsewhere(write: Callable[[Path], None], written: int) -> Path | None
 
 def is_sharded(path: Path) -> bool:
     """The checkpoint holds its weights as shards (no model or adapter file to load directly)."""
-    return (path / SHARDED_DIR).is_dir()
+    return (path / SHARDED_DIR).is_dir() or (path / DEEPSPEED_DIR).is_dir()
 
 
 def is_complete(path: Path) -> bool:

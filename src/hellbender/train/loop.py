@@ -78,7 +78,7 @@ from hellbender.config.schema import MAX_EPOCHS, ResolvedConfig
 from hellbender.data.errors import EmptyTrainingSetError
 from hellbender.data.packing import BatchSampler, Collator
 from hellbender.data.tokenize import IGNORE_INDEX
-from hellbender.distributed.parallel import SHARDED_DIR, Parallel, wrap_model
+from hellbender.distributed.parallel import Parallel, wrap_model
 from hellbender.distributed.world import World
 from hellbender.errors import HellbenderError, OptionError
 from hellbender.kernels import LossFn, activation_offloading, build_loss
@@ -504,8 +504,11 @@ class _Run:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(cfg, model)
         self.scheduler = build_scheduler(cfg, self.optimizer, self.plan.total)
+        self.parallel.prepare(self.optimizer)  # DeepSpeed starts its engine on the optimizer
         # fp16 needs loss scaling (its range underflows small gradients); bf16 and fp32 do not.
-        self.scaler = torch.amp.GradScaler(self.device.type) if cfg.compute_dtype == "float16" else None
+        # DeepSpeed scales fp16 losses itself (its fp16 block).
+        fp16 = cfg.compute_dtype == "float16" and not self.parallel.steps_itself
+        self.scaler = torch.amp.GradScaler(self.device.type) if fp16 else None
         self.state = ckpt.TrainState(
             total_steps=self.plan.total,
             plan={
@@ -541,13 +544,13 @@ class _Run:
         """
         optimizer = None if self.cfg.save_only_model else self.optimizer
         weights, optimizer_state = None, None
-        if self.parallel.sharded_checkpoints:  # every rank writes its own shards, nothing gathered
+        if self.parallel.shards_checkpoint(optimizer is not None):  # every rank writes its shards
             tmp = ckpt.temporary_checkpoint(self.out, self.state.global_step)
             with self.world.main_first("preparing a checkpoint folder"):
                 if self.world.is_main:
                     shutil.rmtree(tmp, ignore_errors=True)
                     tmp.mkdir(parents=True)
-            self.parallel.write_sharded(optimizer, tmp / SHARDED_DIR)
+            self.parallel.write_sharded(optimizer, tmp)
         else:
             weights = self.parallel.full_weights(trainable_only=self.parallel.trainable_only)
             if optimizer is not None:
@@ -568,7 +571,7 @@ class _Run:
                     resolved_config=resolved_config_text(self.cfg),
                     weights=weights,
                     optimizer_state=optimizer_state,
-                    sharded=self.parallel.sharded_checkpoints,
+                    sharded=self.parallel.shards_checkpoint(optimizer is not None),
                 )
         return path
 
@@ -682,7 +685,7 @@ def _accumulate_gradients(
         with activation_offloading(parallel.model, cfg.activation_offloading), parallel.gradient_sync(last):
             part = parallel.loss_sum(batch)
             scaled = part * world.size / max(n_step, 1.0)
-            (scaler.scale(scaled) if scaler else scaled).backward()
+            parallel.backward(scaler.scale(scaled) if scaler else scaled)
         step_loss_sum += float(part.detach())
     loss = world.all_reduce_sum(step_loss_sum) / max(n_step, 1.0)
     tokens = world.all_reduce_sum(float(sum(int(b["num_tokens"]) for b in batches)))
@@ -751,6 +754,16 @@ def _optimizer_step(run: _Run, step: int, loss: float) -> float:
     expected now and then: the scaler skips that update and lowers the scale.
     """
     optimizer, scaler = run.optimizer, run.scaler
+    if run.parallel.steps_itself:  # DeepSpeed: clips and steps in its engine, skips a non-finite step
+        norm = run.parallel.optimizer_step()
+        if not math.isfinite(norm) and run.cfg.compute_dtype != "float16":  # fp16: its scaler's skip
+            _stop(
+                run.log,
+                step,
+                f"the gradient norm is {norm} at step {step} (loss {loss:.4f})",
+                compute_dtype=run.cfg.compute_dtype,
+            )
+        return norm
     if scaler is not None:
         scaler.unscale_(optimizer)
     grad_norm, norm = run.parallel.grad_norm(run.params)
