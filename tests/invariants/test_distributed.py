@@ -1,4 +1,5 @@
-"""N ranks ≡ 1 rank: DDP and FSDP2 (full fine-tune and LoRA) on 2 and 4 CPU ranks (gloo).
+"""N ranks ≡ 1 rank: DDP, FSDP2 and DeepSpeed ZeRO-2/3 (full fine-tune and LoRA) on 2 and 4 CPU
+ranks (gloo).
 
 Each distributed run is the real command, ``hellbender train CONFIG --nproc-per-node N`` (torchrun
 underneath, one thread per rank); its reference is the same config in one process with the same
@@ -16,7 +17,13 @@ float64), so results agree to float32 rounding, not bit for bit: losses to 1e-6 
 norms to 1e-5, weights to 1e-6 absolute (measured: ≤ 1e-7 and ≤ 6e-8).
 
 Resuming on another world size is covered here too: a 2-rank FSDP2 checkpoint continued on 4 ranks
-and in one process reproduces the uninterrupted run.
+and in one process reproduces the uninterrupted run. A DeepSpeed checkpoint continues exactly on
+the world size that wrote it, and is refused in one process.
+
+ZeRO-3 configs set ``stage3_param_persistence_threshold`` to 0 (through the JSON's ``"auto"``,
+10 × hidden_size = 320 here, would keep the tiny model's small weights whole): every weight is
+partitioned, so the test covers ZeRO-3's gathering, including the head weight the chunked loss
+reads directly.
 """
 
 from __future__ import annotations
@@ -57,10 +64,23 @@ ADAPTERS: dict[str, dict[str, Any]] = {
     "full": {},
     "lora": {"adapter": "lora", "lora_r": 4, "lora_alpha": 8, "lora_target_linear": True},
 }
+# Axolotl's zero2.json / zero3.json shape: everything the loop owns left to "auto".
+ZERO_AUTO: dict[str, Any] = {
+    "train_micro_batch_size_per_gpu": "auto",
+    "gradient_accumulation_steps": "auto",
+    "train_batch_size": "auto",
+    "gradient_clipping": "auto",
+    "bf16": {"enabled": "auto"},
+    "fp16": {"enabled": "auto"},
+}
+ZERO3_FILE = "zero3.json"  # written into the project; the config names it by path, as Axolotl's do
 STRATEGIES: dict[str, dict[str, Any]] = {
     "ddp": {},
     "fsdp2": {"fsdp_version": 2, "fsdp_config": {"reshard_after_forward": True}},
+    "zero2": {"deepspeed": {**ZERO_AUTO, "zero_optimization": {"stage": 2, "overlap_comm": True}}},
+    "zero3": {"deepspeed": ZERO3_FILE},
 }
+LOGGED = {"zero2": "deepspeed ZeRO-2", "zero3": "deepspeed ZeRO-3"}  # "distributed: <this> over N ranks"
 
 
 def env() -> dict[str, str]:
@@ -81,7 +101,22 @@ def hellbender(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("ranks")
     write_tiny_project(root, ROWS, model_settings={"initializer_range": 0.1}, **SETTINGS)
+    zero3 = {
+        "stage": 3,
+        "reduce_bucket_size": "auto",
+        "stage3_prefetch_bucket_size": "auto",
+        "stage3_param_persistence_threshold": 0,  # partition every weight of the tiny model
+        "stage3_gather_16bit_weights_on_model_save": True,
+    }
+    (root / ZERO3_FILE).write_text(json.dumps({**ZERO_AUTO, "zero_optimization": zero3}))
     return root
+
+
+def strategy_settings(project: Path, strategy: str) -> dict[str, Any]:
+    settings = dict(STRATEGIES[strategy])
+    if settings.get("deepspeed") == ZERO3_FILE:
+        settings["deepspeed"] = str(project / ZERO3_FILE)
+    return settings
 
 
 def config(project: Path, name: str, **settings: Any) -> Path:
@@ -111,10 +146,11 @@ class Runs:
         if name not in self.done:
             cfg = config(
                 self.project, name, gradient_accumulation_steps=GLOBAL_BATCH // nproc,
-                **{**ADAPTERS[adapter], **STRATEGIES[strategy], **settings},
+                **{**ADAPTERS[adapter], **strategy_settings(self.project, strategy), **settings},
             )  # fmt: skip
             done = hellbender("train", str(cfg), "--nproc-per-node", str(nproc))
-            assert f"distributed: {strategy} over {nproc} ranks (gloo)" in done.stderr, done.stderr[-3000:]
+            logged = f"distributed: {LOGGED.get(strategy, strategy)} over {nproc} ranks (gloo)"
+            assert logged in done.stderr, done.stderr[-3000:]
             self.done[name] = self.project / name
         return self.done[name]
 
@@ -157,7 +193,8 @@ def assert_same_run(got: Path, want: Path, first_step: int = 1) -> None:
 @pytest.mark.parametrize(
     ("strategy", "adapter", "nproc"),
     [("ddp", "lora", 2), ("ddp", "full", 2), ("fsdp2", "full", 2), ("fsdp2", "lora", 2),
-     ("ddp", "lora", 4), ("fsdp2", "full", 4)],
+     ("ddp", "lora", 4), ("fsdp2", "full", 4),
+     ("zero2", "full", 2), ("zero3", "lora", 2), ("zero2", "lora", 4), ("zero3", "full", 4)],
 )  # fmt: skip
 def test_n_ranks_equal_one_rank(runs: Runs, strategy: str, adapter: str, nproc: int) -> None:
     reference = runs.single(adapter)
@@ -207,7 +244,7 @@ KERNELS: dict[str, Any] = {
 }
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2", "zero3"])
 def test_the_memory_kernels_run_under_each_strategy(runs: Runs, project: Path, strategy: str) -> None:
     """Checkpointing, the chunked loss, packing and the fused LoRA kernels together: 2 ranks equal
     one process with the same kernels (each kernel is proven equal to plain PyTorch elsewhere)."""
@@ -224,3 +261,26 @@ def test_regional_torch_compile_runs_under_fsdp2(runs: Runs) -> None:
     """torch_compile (each decoder layer compiled, then sharded by FSDP2) trains the eager run's
     steps: the same comparison as above, against the eager one-process run."""
     assert_same_run(runs.ranks("fsdp2", "lora", 2, torch_compile=True), runs.single("lora"))
+
+
+def test_a_deepspeed_checkpoint_resumes_on_its_world_size(runs: Runs, project: Path) -> None:
+    """ZeRO-3 on 2 ranks writes checkpoint-2 through its engine (every rank its partitions, no
+    gathered weights); 2 ranks continue it exactly; one process refuses it with the reason."""
+    straight = runs.ranks("zero3", "full", 2, save_strategy="steps", save_steps=2)
+    assert_same_run(straight, runs.single("full"))  # ZeRO-3, full fine-tune: 2 ranks ≡ 1
+    checkpoint = straight / "checkpoint-2"
+    shards = sorted(p.name for p in (checkpoint / "deepspeed" / "state").glob("*optim_states.pt"))
+    assert len(shards) == 2 and not (checkpoint / "model.safetensors").exists(), shards
+    zero3 = strategy_settings(project, "zero3")
+    name = "zero3-resumed"
+    resume = {"resume_from_checkpoint": str(checkpoint)}
+    cfg = config(project, name, gradient_accumulation_steps=2, **resume, **zero3)
+    done = hellbender("train", str(cfg), "--nproc-per-node", "2")
+    assert f"resuming from {checkpoint}" in done.stderr, done.stderr[-3000:]
+    assert_same_run(project / name, straight, first_step=3)
+
+    alone = config(project, "zero3-alone", gradient_accumulation_steps=4, **resume, **zero3)
+    command = [sys.executable, "-m", "hellbender", "train", str(alone)]
+    refused = subprocess.run(command, capture_output=True, text=True, env=env(), timeout=600)
+    assert refused.returncode == 1, refused.stderr[-3000:]
+    assert "was written by DeepSpeed, and resumes only under DeepSpeed" in refused.stderr

@@ -5,6 +5,7 @@ which modules FSDP2 shards. (N ranks ≡ 1 rank is tests/invariants/test_distrib
 from __future__ import annotations
 
 import signal
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -12,9 +13,18 @@ import torch
 
 from hellbender.config.schema import ResolvedConfig
 from hellbender.data.tokenize import IGNORE_INDEX
+from hellbender.distributed import zero
 from hellbender.distributed.launch import Launch, LaunchError, describe_failures
-from hellbender.distributed.parallel import Parallel, _blocks_to_shard, _by_name, _initialize_state
+from hellbender.distributed.parallel import (
+    DEEPSPEED_DIR,
+    LossModule,
+    Parallel,
+    _blocks_to_shard,
+    _by_name,
+    _initialize_state,
+)
 from hellbender.distributed.world import World
+from hellbender.errors import OptionError
 from hellbender.testing.configs import resolved_config
 from hellbender.testing.tiny import build_tiny_model
 from hellbender.train.loop import Samples, batching, rank_batches
@@ -127,3 +137,34 @@ def test_fsdp2_shards_the_blocks_the_policy_names() -> None:
     assert sized and all(sum(p.numel() for p in b.parameters()) >= 4000 for b in sized)
     no_wrap = config(fsdp_version=2, fsdp_config={"auto_wrap_policy": "NO_WRAP"})
     assert _blocks_to_shard(model, no_wrap) == []
+
+
+# ------------------------------------------------------------------ DeepSpeed checkpoints
+
+
+def _deepspeed_checkpoint(root: Path, ranks: int) -> Path:
+    """The layout DeepSpeed's save_checkpoint writes into a checkpoint's deepspeed/ folder: one
+    optimizer partition per data-parallel rank (contents do not matter for these checks)."""
+    checkpoint = root / "checkpoint-2"
+    tag = checkpoint / DEEPSPEED_DIR / zero.TAG
+    tag.mkdir(parents=True)
+    for rank in range(ranks):
+        (tag / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").write_bytes(b"")
+    return checkpoint
+
+
+def test_a_deepspeed_checkpoint_is_refused_on_another_world_size(tmp_path: Path) -> None:
+    checkpoint = _deepspeed_checkpoint(tmp_path, ranks=2)
+    refused = r"written by DeepSpeed on 2 rank\(s\); this run has 4\. .*--nproc-per-node 2"
+    with pytest.raises(OptionError, match=refused):  # before the engine is touched
+        zero.load(None, checkpoint / DEEPSPEED_DIR, World(rank=0, size=4), trainable_only=False)
+
+
+def test_a_deepspeed_checkpoint_is_refused_by_another_strategy(tmp_path: Path) -> None:
+    checkpoint = _deepspeed_checkpoint(tmp_path, ranks=2)
+    model = build_tiny_model()
+    parallel = Parallel(World(), "single", model, LossModule(model, lambda m, b: torch.zeros(())))
+    optimizer = torch.optim.AdamW(model.parameters())
+    with pytest.raises(OptionError, match="written by DeepSpeed, and resumes only under DeepSpeed"):
+        parallel.restore(optimizer, checkpoint)
+    assert not optimizer.state  # nothing was loaded

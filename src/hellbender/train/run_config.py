@@ -52,8 +52,10 @@ RESUME_POLICY: dict[str, tuple[Policy, str]] = {
         chat_template default_system_message tokenizer_config tokenizer_use_fast special_tokens tokens
         special_tokens_fix seed"""),
     **_keys("refuse", "changes the steps of the run and so its schedule", """
-        micro_batch_size batch_size num_epochs max_steps epochs_given deepspeed context_parallel_size
+        micro_batch_size batch_size num_epochs max_steps epochs_given context_parallel_size
         sequence_parallel_degree tensor_parallel_size dp_shard_size dp_replicate_size"""),
+    **_keys("refuse", "DeepSpeed's checkpoints resume under the DeepSpeed config that wrote them", """
+        deepspeed"""),
     # Checkpoints hold whole weights and optimizer states keyed by name, whatever the strategy
     # (hellbender.distributed.parallel), and a step's update depends only on its global batch
     # (N ranks ≡ 1 rank, tests/invariants/test_distributed.py); batch_size and the step plan are
