@@ -403,13 +403,14 @@ LORA_8BIT = {"adapter": "lora", "load_in_8bit": True, "lora_target_linear": True
 
 
 @pytest.mark.parametrize("quantized", [QLORA, LORA_8BIT])
-def test_hb111_and_hb167_quantized_base(tmp_path: Path, quantized: dict[str, Any]) -> None:
-    found = hits(tmp_path, {**FSDP2, **quantized}, "HB167")
-    assert [f.severity for f in found] == ["error"] and "not supported yet under FSDP2" in found[0].message
-    assert not hits(tmp_path, quantized, "HB167")  # DDP: each rank holds the whole quantized base
-    assert not hits(tmp_path, {**FSDP2, **quantized}, "HB167", world=1)
+def test_hb167_quantized_base_under_zero3(tmp_path: Path, quantized: dict[str, Any]) -> None:
     found = hits(tmp_path, {"deepspeed": ZERO3_AUTO, **quantized}, "HB167")
-    assert [f.severity for f in found] == ["error"] and "under DeepSpeed" in found[0].message
+    assert [f.severity for f in found] == ["error"] and "DeepSpeed ZeRO-3" in found[0].message
+    # FSDP2, ZeRO-2 and DDP keep the frozen quantized base whole on every rank
+    zero2 = {**ZERO3_AUTO, "zero_optimization": {"stage": 2}}
+    for extra in (FSDP2, {"deepspeed": zero2}, {}):
+        assert not hits(tmp_path, {**extra, **quantized}, "HB167"), extra
+    assert not hits(tmp_path, {"deepspeed": ZERO3_AUTO, **quantized}, "HB167", world=1)
 
 
 @pytest.mark.parametrize("extra", [FSDP2, {"fsdp_version": 2}, {"fsdp": ["full_shard"]}])
@@ -457,7 +458,7 @@ def test_hb169_size_based_wrap_needs_a_size(tmp_path: Path) -> None:
         ({"fsdp_version": 2, "fsdp_config": {"offload_params": True}}, "fsdp_config.offload_params", CPU),
         ({"fsdp_final_state_dict_type": "FULL_STATE_DICT"}, "fsdp_final_state_dict_type", A100),
         (
-            {"fsdp_version": 2, "fsdp_config": {"cpu_ram_efficient_loading": True}},
+            {"fsdp_version": 2, "fsdp_config": {"cpu_ram_efficient_loading": True}, **QLORA},
             "fsdp_config.cpu_ram_efficient_loading",
             A100,
         ),
@@ -584,11 +585,9 @@ def test_axolotl_fsdp2_configs_validate_cleanly_for_two_ranks(tmp_path: Path, na
     resolved = resolved_section(result.output)
     assert resolved["distributed_strategy"] == "fsdp2" and resolved["world_size"] == 2
     assert resolved["data_parallel_size"] == 2 and resolved["batch_size"] == 2 * 2
-    # on a GPU machine not even a warning: every key is an FSDP2 key hellbender uses — except
-    # cpu_ram_efficient_loading, which is said not to be implemented yet
+    # on a GPU machine not even a warning: every key is an FSDP2 key hellbender uses
     _, findings = load_config(path, world_size=2, hardware=A100, strict=False)
-    unused = "fsdp_config.cpu_ram_efficient_loading"
-    assert [f.render() for f in findings if f.severity != "info" and f.key != unused] == []
+    assert [f.render() for f in findings if f.severity != "info"] == []
     # the resolved config is itself a valid config (derived keys aside)
     resolved.pop("distributed_strategy")
     for key in ("world_size", "data_parallel_size", "compute_dtype", "epochs_given", "loss_method"):
@@ -637,9 +636,9 @@ def test_validate_world_size_checks_the_config_for_n_ranks(tmp_path: Path) -> No
         64,
         "fsdp2",
     )
-    qlora = write_config(
-        tmp_path, GOOD_CONFIG + AXOLOTL_FSDP2["multi-node"] + "adapter: qlora\nload_in_4bit: true\n"
-    )
+    (tmp_path / "zero3.json").write_text(json.dumps(ZERO3_AUTO))
+    zero3 = f"deepspeed: {tmp_path / 'zero3.json'}\n"
+    qlora = write_config(tmp_path, GOOD_CONFIG + zero3 + "adapter: qlora\nload_in_4bit: true\n")
     assert "HB167" not in invoke("validate", str(qlora)).output
     refused = invoke("validate", str(qlora), "--world-size", "2")
     assert refused.exit_code == 1 and "ERROR HB167" in refused.output

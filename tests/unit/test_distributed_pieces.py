@@ -7,10 +7,13 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
 
+from hellbender.commands.train import model_to_train
+from hellbender.config.load import load_config
 from hellbender.config.schema import ResolvedConfig
 from hellbender.data.tokenize import IGNORE_INDEX
 from hellbender.distributed import zero
@@ -25,7 +28,9 @@ from hellbender.distributed.parallel import (
 )
 from hellbender.distributed.world import World
 from hellbender.errors import OptionError
+from hellbender.models.load import load_tokenizer
 from hellbender.testing.configs import resolved_config
+from hellbender.testing.projects import write_tiny_project
 from hellbender.testing.tiny import build_tiny_model
 from hellbender.train.loop import Samples, batching, rank_batches
 
@@ -168,3 +173,35 @@ def test_a_deepspeed_checkpoint_is_refused_by_another_strategy(tmp_path: Path) -
     with pytest.raises(OptionError, match="written by DeepSpeed, and resumes only under DeepSpeed"):
         parallel.restore(optimizer, checkpoint)
     assert not optimizer.state  # nothing was loaded
+
+
+# ------------------------------------------------------------------ fsdp_config.cpu_ram_efficient_loading
+
+
+@pytest.mark.parametrize("adapter", [{}, {"adapter": "lora", "lora_r": 4, "lora_target_linear": True}])
+def test_with_cpu_ram_efficient_loading_only_rank_0_reads_the_weights(
+    tmp_path: Path, adapter: dict[str, object]
+) -> None:
+    """Rank 1 builds the same model (names, shapes, dtypes, tied head, adapter) on the meta
+    device: no weight read, no memory for one; rank 0 loads it for real. Without the option every
+    rank loads. (The shards rank 1 then receives: tests/invariants/test_distributed.py.)"""
+    fsdp = {"fsdp_version": 2, "fsdp_config": {"cpu_ram_efficient_loading": True}}
+    path = write_tiny_project(tmp_path, model_settings={"tie_word_embeddings": True}, **fsdp, **adapter)
+    cfg, _ = load_config(path, world_size=2)
+    tokenizer = load_tokenizer(cfg)
+    loaded = model_to_train(cfg, tokenizer, World(rank=0, size=2))
+    empty = model_to_train(cfg, tokenizer, World(rank=1, size=2))
+    assert not any(p.is_meta for p in loaded.parameters())
+    assert all(t.is_meta for t in [*empty.parameters(), *empty.buffers()])
+    assert _layout(empty) == _layout(loaded)
+    base: Any = empty.get_base_model() if adapter else empty
+    assert base.lm_head.weight is base.model.embed_tokens.weight  # still tied
+    plain = write_tiny_project(tmp_path, config_name="plain.yaml", fsdp_version=2)
+    every_rank, _ = load_config(plain, world_size=2)
+    loaded_too = model_to_train(every_rank, tokenizer, World(rank=1, size=2))
+    assert not any(p.is_meta for p in loaded_too.parameters())
+
+
+def _layout(model: torch.nn.Module) -> dict[str, tuple[Any, ...]]:
+    named = model.named_parameters(remove_duplicate=False)
+    return {name: (p.shape, p.dtype, p.requires_grad) for name, p in named}

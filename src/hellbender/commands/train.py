@@ -14,7 +14,8 @@ import torch
 from hellbender.commands.trained import pick_device
 from hellbender.config.deepspeed import read_deepspeed_config, zero_stage
 from hellbender.config.schema import ResolvedConfig
-from hellbender.distributed.world import World, process_group
+from hellbender.distributed.parallel import loads_on_rank0_only
+from hellbender.distributed.world import World, process_group, rank_device
 from hellbender.errors import OptionError
 from hellbender.files import write_atomically
 from hellbender.train import checkpoint as ckpt
@@ -108,9 +109,12 @@ def run_train(cfg: ResolvedConfig, *, world: World | None = None) -> TrainResult
         return _train_into(cfg, out, world)
 
 
-def model_to_train(cfg: ResolvedConfig, tokenizer: Any) -> torch.nn.Module:
+def model_to_train(cfg: ResolvedConfig, tokenizer: Any, world: World = World()) -> torch.nn.Module:
     """The model as the loop takes it: seeded, loaded (with its adapter), trainable weights in
-    fp32, on its device, the memory/speed options applied."""
+    fp32, on its device, the memory/speed options applied. With
+    ``fsdp_config.cpu_ram_efficient_loading`` only rank 0 reads the weights; the other ranks build
+    the model on the meta device, and receive their shards from rank 0 once FSDP2 has sharded it
+    (:func:`hellbender.distributed.parallel.wrap_model`)."""
     from hellbender.kernels import apply_optimizations
     from hellbender.models.attention import check_backend_trainable
     from hellbender.models.load import load_model
@@ -118,10 +122,11 @@ def model_to_train(cfg: ResolvedConfig, tokenizer: Any) -> torch.nn.Module:
     # Seed right before the model is built: LoRA initialisation does not depend on how much
     # randomness data preparation consumed (e.g. whether the dataset came from the cache).
     seed_everything(cfg.seed)
-    model = load_model(cfg, tokenizer)
+    empty = loads_on_rank0_only(cfg) and not world.is_main
+    model = load_model(cfg, tokenizer, empty=empty)
     use_fp32_master_weights(model, cfg)
-    device = pick_device(model)
-    if next(model.parameters()).device != device:  # a quantized model is placed while loading
+    device = pick_device(model) if not empty else rank_device(world)
+    if next(model.parameters()).device != device and not empty:  # quantized: placed while loading
         model.to(device)
     check_backend_trainable(cfg.attn_implementation, device)
     # Memory/speed options (checkpointing, kernels, compile): after the adapter, before the
@@ -165,7 +170,7 @@ def _train_into(cfg: ResolvedConfig, out: Path, world: World) -> TrainResult:
     # Data preparation runs once: rank 0 tokenizes and writes the cache, the others then read it.
     with world.main_first("preparing the data"):
         data = prepare_datasets(cfg, tokenizer)
-    model = model_to_train(cfg, tokenizer)
+    model = model_to_train(cfg, tokenizer, world)
     for line in describe(model):
         logger.info("optimization: %s", line)
     if world.distributed:

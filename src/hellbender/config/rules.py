@@ -18,6 +18,7 @@ from hellbender.config.deepspeed import (
     complete,
     offloads,
     read_deepspeed_config,
+    zero_stage,
 )
 from hellbender.config.findings import Finding, quote
 from hellbender.config.hardware import Hardware
@@ -200,21 +201,28 @@ def deepspeed_and_fsdp(cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfig)
 
 
 @rule
-def fsdp2_quantized_base(cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
-    """FSDP2 with a 4-bit/8-bit bitsandbytes base: sharding packed quantized weights (and their
-    quantization state) is not supported yet; refused rather than failing after the model loaded."""
-    if cfg.distributed_strategy in ("fsdp2", "deepspeed") and (cfg.load_in_4bit or cfg.load_in_8bit):
-        key = "load_in_4bit" if cfg.load_in_4bit else "load_in_8bit"
-        name = "FSDP2" if cfg.distributed_strategy == "fsdp2" else "DeepSpeed"
-        return _err(
-            "HB167",
-            f"{key}: a quantized base is not supported yet under {name} (bitsandbytes' packed weights "
-            "cannot be sharded by this release).",
-            f"Train it with DDP (remove the {name} keys: each rank holds the whole quantized base), or "
-            f"remove {key} and shard the 16-bit base with {name}.",
-            key,
-        )
-    return []
+def zero3_quantized_base(cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
+    """DeepSpeed ZeRO-3 with a 4-bit/8-bit bitsandbytes base: ZeRO-3 partitions every weight, frozen
+    ones too, and bitsandbytes' packed weights lose their quantization state when split. (FSDP2 and
+    ZeRO-1/2 keep the frozen quantized weights whole on every rank and shard the rest.)"""
+    quantized = cfg.load_in_4bit or cfg.load_in_8bit
+    if cfg.distributed_strategy != "deepspeed" or not quantized or raw.deepspeed is None:
+        return []
+    try:
+        stage = zero_stage(read_deepspeed_config(raw.deepspeed))
+    except DeepSpeedConfigError:
+        return []  # HB174 says what is wrong with the JSON
+    if stage < 3:
+        return []
+    key = "load_in_4bit" if cfg.load_in_4bit else "load_in_8bit"
+    return _err(
+        "HB167",
+        f"{key}: a quantized base cannot be partitioned by DeepSpeed ZeRO-3 (bitsandbytes' packed "
+        "weights lose their quantization state when split).",
+        "Use ZeRO-2 (zero_optimization.stage: 2) or FSDP2: both keep the frozen 4/8-bit base whole on "
+        f"every rank and shard the adapters; or remove {key} and partition the 16-bit base with ZeRO-3.",
+        key,
+    )
 
 
 @rule
@@ -360,12 +368,12 @@ def distributed_options_without_effect(
             "Remove it, or set offload_params: true.",
             "fsdp_config.cpu_offload_pin_memory",
         )
-    if fsdp.cpu_ram_efficient_loading and strategy == "fsdp2":
+    if fsdp.cpu_ram_efficient_loading and strategy == "fsdp2" and (cfg.load_in_4bit or cfg.load_in_8bit):
         out += _warn(
             "HB170",
-            "fsdp_config.cpu_ram_efficient_loading is not implemented yet: every rank loads the whole "
-            "model into its own memory before it is sharded (peak host memory: one model per rank).",
-            "Remove it, or make sure the machine's RAM holds one copy of the model per rank.",
+            "fsdp_config.cpu_ram_efficient_loading has no effect with a 4/8-bit base: bitsandbytes "
+            "quantizes the weights while they load, so every rank loads its own copy.",
+            "Remove it, or make sure the machine's RAM holds one quantized model per rank.",
             "fsdp_config.cpu_ram_efficient_loading",
         )
     if fsdp.final_state_dict_type == "SHARDED_STATE_DICT":

@@ -131,11 +131,13 @@ class Parallel:
         if self.strategy == "single":
             return None
         if self.engine is not None:
-            return zero.full_weights(self.engine, self.model, self.world, trainable_only)
+            gathered = zero.full_weights(self.engine, self.model, self.world, trainable_only)
+            return _without_tied_copies(self.model, gathered)
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
         state = get_model_state_dict(self.model, options=self._options(trainable_only))
-        return {name: value for name, value in state.items() if isinstance(value, torch.Tensor)}
+        tensors = {name: value for name, value in state.items() if isinstance(value, torch.Tensor)}
+        return _without_tied_copies(self.model, tensors)
 
     def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         """The optimizer state to save: in one process ``optimizer.state_dict()``; spread over
@@ -243,6 +245,20 @@ class Parallel:
         )
 
 
+def _without_tied_copies(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``weights`` without the second name of a tied parameter (``lm_head.weight`` when the head
+    shares the embedding): gathered, the two names hold two equal tensors, which
+    ``save_pretrained`` would write twice; a one-process run writes the first name only."""
+    first: dict[int, str] = {}
+    copies = set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            copies.add(name)
+        else:
+            first[id(param)] = name
+    return {name: value for name, value in weights.items() if name not in copies}
+
+
 def _initialize_state(optimizer: torch.optim.Optimizer) -> None:
     """Give an optimizer that never stepped its state tensors (Adam's moments, its step count), so
     a sharded load has tensors to read into: one step on zero gradients at learning rate 0, which
@@ -342,13 +358,47 @@ def wrap_model(
         wrapped = DistributedDataParallel(loss_module, device_ids=ids, **ddp_options)
         return Parallel(world, "ddp", model, wrapped, trainable_only=trainable_only)
     if strategy == "fsdp2":
+        whole = _rank0_weights(model, world) if loads_on_rank0_only(cfg) else None
         _fully_shard(model, loss_module, cfg)  # shards stay on the device the parameters are on
+        if whole is not None:
+            _shards_from_rank0(model, whole, device)
         sharded = cfg.fsdp_config is not None and cfg.fsdp_config.state_dict_type == "SHARDED_STATE_DICT"
         return Parallel(world, "fsdp2", model, loss_module, sharded, trainable_only)
     if strategy == "deepspeed":
         config = deepspeed_config(cfg, model)
         return Parallel(world, "deepspeed", model, loss_module, True, trainable_only, deepspeed_config=config)
     raise OptionError(f"distributed strategy {strategy!r} is not available in this release")
+
+
+def loads_on_rank0_only(cfg: ResolvedConfig) -> bool:
+    """``fsdp_config.cpu_ram_efficient_loading``: rank 0 alone reads the weights; the other ranks
+    build the model on the meta device and receive their shards once it is sharded, so a machine
+    holds one whole copy of the model at start, not one per rank. A 4/8-bit base is quantized
+    while it loads, which needs real weights: every rank loads its own then (rule HB170 says so)."""
+    fsdp = cfg.fsdp_config
+    quantized = cfg.load_in_4bit or cfg.load_in_8bit
+    efficient = fsdp is not None and fsdp.cpu_ram_efficient_loading
+    return cfg.distributed_strategy == "fsdp2" and efficient and not quantized
+
+
+def _rank0_weights(model: torch.nn.Module, world: World) -> dict[str, Any]:
+    """Rank 0's whole weights, taken before sharding replaces its parameters; ``{}`` elsewhere."""
+    return dict(model.state_dict()) if world.is_main else {}
+
+
+def _shards_from_rank0(model: torch.nn.Module, whole: dict[str, Any], device: torch.device) -> None:
+    """Give every rank its shards of rank 0's weights (a collective). The other ranks' model was
+    built on the meta device: its storage is allocated here, then filled by broadcast from rank 0
+    (each rank keeps its slices); buffers, which FSDP2 does not shard, come whole from rank 0 too
+    (rotary frequencies and other buffers outside the state dict included)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
+        model.to_empty(device=device)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, whole, options=options)
+    for buffer in model.buffers():
+        torch.distributed.broadcast(buffer, src=0)
 
 
 def deepspeed_config(cfg: ResolvedConfig, model: torch.nn.Module) -> dict[str, Any]:
@@ -394,11 +444,23 @@ def _fully_shard(model: torch.nn.Module, root: torch.nn.Module, cfg: ResolvedCon
     mixed = _mixed_precision(cfg)
     blocks = _blocks_to_shard(model, cfg)
     options: dict[str, Any] = {"offload_policy": offload}
+    quantized = _quantized_parameters(model)
+    if quantized:
+        # A 4/8-bit bitsandbytes weight carries its quantization state beside its packed bytes;
+        # FSDP2 would shard the bytes and gather them back as a plain tensor without that state.
+        # Such weights are frozen (no gradient, no optimizer state): every rank keeps them whole,
+        # as DDP would, and FSDP2 shards the rest (the adapters, norms, embeddings).
+        options["ignored_params"] = quantized
     if mixed is not None:
         options["mp_policy"] = mixed
     for block in blocks:
         fully_shard(block, reshard_after_forward=reshard, **options)
     fully_shard(root, reshard_after_forward=reshard, **options)
+
+
+def _quantized_parameters(model: torch.nn.Module) -> set[torch.nn.Parameter]:
+    """The bitsandbytes-quantized weights of ``model`` (QLoRA's 4-bit base, an 8-bit base)."""
+    return {p for p in model.parameters() if type(p).__name__ in ("Params4bit", "Int8Params")}
 
 
 def _blocks_to_shard(model: torch.nn.Module, cfg: ResolvedConfig) -> list[torch.nn.Module]:

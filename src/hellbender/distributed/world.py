@@ -136,3 +136,8 @@ def process_group(timeout_seconds: float) -> Iterator[World]:
         yield World(rank, size, local_rank)
     finally:
         dist.destroy_process_group()
+
+
+def rank_device(world: World) -> torch.device:
+    """The device of this rank: its GPU (``LOCAL_RANK``) on a CUDA machine, else the CPU."""
+    return torch.device("cuda", world.local_rank) if torch.cuda.is_available() else torch.device("cpu")

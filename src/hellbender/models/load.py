@@ -485,7 +485,9 @@ def third_party_notices_hidden() -> Iterator[None]:
             installed.remove(entry)
 
 
-def load_model(cfg: ResolvedConfig, tokenizer: PreTrainedTokenizerBase) -> torch.nn.Module:
+def load_model(
+    cfg: ResolvedConfig, tokenizer: PreTrainedTokenizerBase, *, empty: bool = False
+) -> torch.nn.Module:
     """Load the causal LM described by ``cfg``, sized for ``tokenizer``, with its adapter applied
     (a peft wrapper around the transformers model, or the model itself for full fine-tuning).
 
@@ -494,14 +496,21 @@ def load_model(cfg: ResolvedConfig, tokenizer: PreTrainedTokenizerBase) -> torch
     embeddings if the tokenizer has more tokens than rows → copy pad/eos/bos ids to the config
     and generation config → :func:`hellbender.models.adapters.apply_adapter`.
 
+    ``empty``: build the same model on the meta device, reading no weights (its shapes, dtypes,
+    adapter and ids are the loaded model's; its values are given later: the ranks of an FSDP2 run
+    with ``fsdp_config.cpu_ram_efficient_loading`` receive them from rank 0).
+
     Third-party notices about what hellbender has dealt with are hidden meanwhile
     (:func:`third_party_notices_hidden`), unless ``debug: true``.
     """
     with contextlib.nullcontext() if cfg.debug else third_party_notices_hidden():
-        return _load_model(cfg, tokenizer)
+        if not empty:
+            return _load_model(cfg, tokenizer, empty=False)
+        with torch.device("meta"):
+            return _load_model(cfg, tokenizer, empty=True)
 
 
-def _load_model(cfg: ResolvedConfig, tokenizer: PreTrainedTokenizerBase) -> torch.nn.Module:
+def _load_model(cfg: ResolvedConfig, tokenizer: PreTrainedTokenizerBase, *, empty: bool) -> torch.nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from hellbender.models.adapters import apply_adapter
@@ -559,7 +568,15 @@ def _load_model(cfg: ResolvedConfig, tokenizer: PreTrainedTokenizerBase) -> torc
             # bitsandbytes quantizes while loading, on the device the weights land on.
             kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        if empty:  # the architecture only (the caller's meta device): no weight is read
+            model = AutoModelForCausalLM.from_config(
+                config,
+                dtype=dtype,
+                attn_implementation=kwargs["attn_implementation"],
+                trust_remote_code=cfg.trust_remote_code,
+            )
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as exc:
         if not cfg.allow_pickle_weights and "safetensors" in str(exc).lower():
             raise PickledWeightsError(

@@ -79,7 +79,7 @@ from hellbender.data.errors import EmptyTrainingSetError
 from hellbender.data.packing import BatchSampler, Collator
 from hellbender.data.tokenize import IGNORE_INDEX
 from hellbender.distributed.parallel import Parallel, wrap_model
-from hellbender.distributed.world import World
+from hellbender.distributed.world import World, rank_device
 from hellbender.errors import HellbenderError, OptionError
 from hellbender.kernels import LossFn, activation_offloading, build_loss
 from hellbender.models.attention import model_inputs
@@ -334,8 +334,10 @@ class Forward:
     mask_dtype: torch.dtype
 
     @classmethod
-    def build(cls, cfg: ResolvedConfig, model: torch.nn.Module) -> Forward:
-        device = next(model.parameters()).device
+    def build(
+        cls, cfg: ResolvedConfig, model: torch.nn.Module, device: torch.device | None = None
+    ) -> Forward:
+        device = device or next(model.parameters()).device
         return cls(
             loss_fn=build_loss(cfg.loss_method, num_chunks=cfg.chunked_cross_entropy_num_chunks),
             autocast=autocast_for(cfg, model, device),
@@ -468,7 +470,11 @@ class _Run:
                 f"this run has {world.size} rank(s) but its config was resolved for world_size "
                 f"{cfg.world_size}: load the config in the process that trains (WORLD_SIZE is read then)"
             )
+        # A rank whose model is still on the meta device (rank 0 alone loaded the weights, which
+        # reach this rank when the model is sharded) runs on its own device.
         self.device = next(model.parameters()).device
+        if self.device.type == "meta":
+            self.device = rank_device(world)
         self.samples = Samples(train_data)
         self.eval_samples = Samples(eval_data) if eval_data is not None and len(eval_data) else None
         if cfg.save_strategy == "best" and self.eval_samples is None:
@@ -498,7 +504,7 @@ class _Run:
             if not ckpt.is_sharded(resume_from):
                 # Into the whole model on every rank, before it is spread over them.
                 ckpt.load_model_weights(model, resume_from)
-        self.forward = Forward.build(cfg, model)
+        self.forward = Forward.build(cfg, model, self.device)
         # DDP wraps the model; FSDP2 replaces its parameters by shards: before the optimizer.
         self.parallel: Parallel = wrap_model(model, cfg, world, self.device, self.forward.loss_sum)
         self.params = [p for p in model.parameters() if p.requires_grad]
