@@ -39,6 +39,11 @@ if TYPE_CHECKING:
 # mistake), not a click usage error (exit 2).
 CONFIG = click.argument("config", type=click.Path())
 OVERRIDES = click.argument("overrides", nargs=-1)
+ALLOW_UNKNOWN = click.option(
+    "--allow-unknown",
+    is_flag=True,
+    help="Unknown keys are warnings, not errors (as `strict: false` in the config; for migrating).",
+)
 
 EXIT_USER_ERROR = 1
 EXIT_BUG = 2
@@ -188,14 +193,16 @@ def _reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     return run
 
 
-def _load(config: str, overrides: tuple[str, ...], *, show_findings: bool = True) -> ResolvedConfig:
+def _load(
+    config: str, overrides: tuple[str, ...], *, show_findings: bool = True, allow_unknown: bool = False
+) -> ResolvedConfig:
     """Load a config for a command that runs; print findings (exit 1 on errors); route hellbender's
     log lines to stderr at the config's verbosity."""
     from hellbender.config.findings import ConfigError
     from hellbender.config.load import load_config
 
     try:
-        cfg, findings = load_config(config, list(overrides))
+        cfg, findings = load_config(config, list(overrides), allow_unknown=allow_unknown)
     except ConfigError as exc:
         for finding in exc.findings:
             click.echo(finding.render(), err=True)
@@ -243,15 +250,43 @@ def main() -> None:
     metavar="N",
     help="Check the config for N processes (default: WORLD_SIZE, else 1), without launching any.",
 )
+@click.option(
+    "--target",
+    default=None,
+    metavar="NAME",
+    help="Check the config for another machine: cuda (any CUDA GPU), cpu, or a named GPU such as "
+    "h100-80gb, a100-40gb, l4, t4 (default: this machine).",
+)
+@ALLOW_UNKNOWN
 @_reports_errors
 def validate(
-    config: str, overrides: tuple[str, ...], resolved: bool, fix: bool, world_size: int | None
+    config: str,
+    overrides: tuple[str, ...],
+    resolved: bool,
+    fix: bool,
+    world_size: int | None,
+    target: str | None,
+    allow_unknown: bool,
 ) -> None:
     """Check CONFIG: print findings; exit 0 without errors, 1 with."""
     import yaml
 
     from hellbender.config.findings import ConfigError, has_errors, printable
+    from hellbender.config.hardware import UnknownTarget, target_hardware
     from hellbender.config.load import check_rewritable, load_config
+
+    hardware = None
+    if target is not None:
+        try:
+            hardware = target_hardware(target)
+        except UnknownTarget as exc:
+            raise click.BadParameter(str(exc), param_hint="--target") from None
+    options: dict[str, Any] = {
+        "world_size": world_size,
+        "strict": False,
+        "hardware": hardware,
+        "allow_unknown": allow_unknown,
+    }
 
     if fix and overrides:
         # the fix would be computed from the overridden values and written into the file
@@ -260,7 +295,7 @@ def validate(
     try:
         if fix:  # before reading: a pipe read once would look empty to the fix
             check_rewritable(config)
-        cfg, findings = load_config(config, list(overrides), world_size=world_size, strict=False)
+        cfg, findings = load_config(config, list(overrides), **options)
     except ConfigError as exc:
         for finding in exc.findings:
             click.echo(finding.render())
@@ -270,10 +305,10 @@ def validate(
         from hellbender.config.fix import fix_file
         from hellbender.config.load import read_config
 
-        raw, _ = read_config(config)
+        raw, _ = read_config(config, allow_unknown=allow_unknown)
         for change in fix_file(config, cfg, raw):
             click.echo(f"fixed: {change}")
-        cfg, findings = load_config(config, list(overrides), world_size=world_size, strict=False)
+        cfg, findings = load_config(config, list(overrides), **options)
     for finding in findings:
         click.echo(finding.render())
     errors = sum(f.severity == "error" for f in findings)
@@ -371,6 +406,7 @@ def _log_to_stderr(debug: bool) -> None:
 @click.option("--nnodes", default="1", show_default=True, help="Machines taking part (torchrun's --nnodes).")
 @click.option("--node-rank", type=click.IntRange(0, 65535), default=None, help="This machine's index.")
 @click.option("--rdzv-endpoint", default=None, help="HOST:PORT where the machines meet (several machines).")
+@ALLOW_UNKNOWN
 @_reports_errors
 def train(
     config: str,
@@ -379,6 +415,7 @@ def train(
     nnodes: str,
     node_rank: int | None,
     rdzv_endpoint: str | None,
+    allow_unknown: bool,
 ) -> None:
     """Fine-tune as CONFIG says; outputs (adapter or model, tokenizer, metrics, loss.png) go to output_dir.
 
@@ -388,13 +425,14 @@ def train(
     if nproc_per_node is not None:
         from hellbender.distributed.launch import Launch, launch
 
-        _load(config, overrides, show_findings=False)  # errors once, here; rank 0 shows the rest
+        # errors once, here; rank 0 shows the rest
+        _load(config, overrides, show_findings=False, allow_unknown=allow_unknown)
         spec = Launch(nproc_per_node, nnodes, node_rank, rdzv_endpoint)
-        launch(spec, ["train", config, *overrides])
+        launch(spec, ["train", *(["--allow-unknown"] if allow_unknown else []), config, *overrides])
         return
     from hellbender.commands.train import run_train
 
-    cfg = _load(config, overrides)
+    cfg = _load(config, overrides, allow_unknown=allow_unknown)
     result = run_train(cfg)
     if _secondary_rank():
         return  # rank 0 says how the run went

@@ -217,7 +217,8 @@ def test_union_type_error_inside_a_dataset(tmp_path: Path) -> None:
     findings = load_errors(tmp_path, text)
     assert sorted(f.key or "" for f in findings) == ["datasets.0.data_files", "datasets.0.type"]
     (type_finding,) = [f for f in findings if f.key == "datasets.0.type"]
-    assert "'alpaca'" in type_finding.message and "UserDefinedFormat" in type_finding.message
+    assert "'alpaca'" in type_finding.message and "user-defined format" in type_finding.message
+    assert "Did you mean `alpaca`" in type_finding.message and "UserDefinedFormat" not in type_finding.message
 
 
 def test_nested_type_error_names_the_dataset_path(tmp_path: Path) -> None:

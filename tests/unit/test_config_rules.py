@@ -105,7 +105,7 @@ CASES: list[Case] = [
         A100,
         A100,
     ),
-    ("HB109", "error", {"evals_per_epoch": 4}, {"evals_per_epoch": 4, **EVAL}, CPU, CPU),
+    ("HB109", "warning", {"evals_per_epoch": 4}, {"evals_per_epoch": 4, **EVAL}, CPU, CPU),
     ("HB109", "error", {"eval_steps": 50}, {"eval_steps": 50, **TEST_DS}, CPU, CPU),
     ("HB109", "error", {"eval_strategy": "epoch"}, {"eval_strategy": "epoch", **EVAL}, CPU, CPU),
     ("HB109", "error", {"eval_batch_size": 1}, {"eval_batch_size": 1, **EVAL}, CPU, CPU),

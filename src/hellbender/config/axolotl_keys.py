@@ -16,6 +16,10 @@ Sets:
   accepted but that are gone from the current schema; kept so old configs are still recognised).
   Names of nested blocks (``trl``, ``vllm``, ``fsdp_config``, ``qat``, ``peft``, ...) are listed, the
   keys inside them are not.
+- ``AXOLOTL_CLOUD_KEYS``: keys of Axolotl's cloud-launch config (``axolotl train --cloud FILE``).
+- ``AXOLOTL_PLUGINS``: the plugins bundled with Axolotl, by class name, and the feature each adds.
+- ``AXOLOTL_DATASET_TYPES``: the names of Axolotl's dataset ``type:`` strategies.
+- ``AXOLOTL_ATTN_IMPLEMENTATIONS``: Axolotl's named ``attn_implementation`` values.
 - ``AXOLOTL_DATASET_KEYS``: keys of one entry under ``datasets:`` / ``test_datasets:`` (SFT, DPO, KTO,
   stepwise-supervised and synthetic entries), plus the two keys only ``pretraining_dataset:`` entries
   use (``text_column``, ``skip``), ``train_on_eot`` (documented for ``type: chat_template`` entries but
@@ -130,6 +134,16 @@ AXOLOTL_CORE_KEYS: frozenset[str] = _names(
     """
 )
 
+# Fields added to AxolotlInputConfig and its mixins after the set above was collected (read from
+# the 2026-07 schema: attention and kernel switches, selective checkpointing, per-module LoRA ranks).
+AXOLOTL_NEWER_CORE_KEYS: frozenset[str] = _names(
+    """
+    flash_attn_d512 fp32_norm_classes fp32_norms fused_attn_kernel gc_collect_steps large_head_attention
+    lora_alpha_pattern lora_rank_pattern role_boundaries sdpa_varlen selective_checkpointing
+    torch_compile_options torch_empty_cache_steps
+    """
+)
+
 # Keys contributed by the plugins that ship inside Axolotl (src/axolotl/integrations/*/args.py).
 AXOLOTL_PLUGIN_KEYS: frozenset[str] = _names(
     """
@@ -143,8 +157,38 @@ AXOLOTL_PLUGIN_KEYS: frozenset[str] = _names(
     lm_eval_tasks spectrum_model_name spectrum_top_fraction swanlab_api_host swanlab_api_key
     swanlab_description swanlab_experiment_name swanlab_log_model swanlab_mode swanlab_project
     swanlab_web_host swanlab_workspace use_scattermoe use_sonicmoe use_swanlab
+    dsv4_bf16_all dsv4_fp4_grouped_mode dsv4_fp8_lora_kernel dsv4_fp8_nonexpert_mode
+    dsv4_shared_mlp_lora_kernel expert_backend expert_parallel_backend expert_parallel_fallback_on_unsupported
+    expert_parallel_num_nvl_bytes expert_parallel_num_rdma_bytes expert_parallel_size
+    expert_parallel_token_capacity gemma4_fp8_nonexpert gemma4_nf4_nonexpert hatchery liger_rms_norm_gated
+    moe_bnb_fast moe_dequant_chunk_size moe_grouped_backend mora nemo_gym_auto_clone nemo_gym_auto_start
+    nemo_gym_config_paths nemo_gym_datasets nemo_gym_dir nemo_gym_enabled nemo_gym_head_port
+    nemo_gym_max_turns nemo_gym_model_name nemo_gym_multi_turn nemo_gym_run_timeout nemo_gym_server_timeout
+    nemo_gym_verify_timeout nonexpert_quantization nvfp4_merge_aware nvfp4_merge_aware_start_step
+    swanlab_completion_log_interval swanlab_completion_max_buffer swanlab_lark_secret
+    swanlab_lark_webhook_url swanlab_log_completions use_dsv4_kernels use_glm_dsa_kernels
     """
 )
+
+# The plugins bundled with Axolotl (the class name after ``axolotl.integrations.<module>.``) and the
+# feature each one adds.
+AXOLOTL_PLUGINS: dict[str, str] = {
+    "CutCrossEntropyPlugin": "cut-cross-entropy loss",
+    "DenseMixerPlugin": "DenseMixer MoE routing",
+    "DiffusionPlugin": "diffusion language-model training",
+    "ExpertParallelPlugin": "expert parallelism",
+    "GrokfastPlugin": "Grokfast gradient filtering",
+    "HatcheryPlugin": "Hatchery",
+    "KDPlugin": "knowledge distillation",
+    "KernelsPlugin": "MoE kernels from the hub",
+    "LLMCompressorPlugin": "LLM Compressor sparsity",
+    "LMEvalPlugin": "lm-eval-harness evaluation",
+    "LigerPlugin": "Liger kernels",
+    "MoraPlugin": "MoRA adapters",
+    "NemoGymPlugin": "NeMo Gym environments",
+    "SpectrumPlugin": "Spectrum layer selection",
+    "SwanLabPlugin": "SwanLab logging",
+}
 
 # Keys from earlier Axolotl schemas or documentation that the current schema no longer declares.
 AXOLOTL_LEGACY_KEYS: frozenset[str] = _names(
@@ -153,10 +197,23 @@ AXOLOTL_LEGACY_KEYS: frozenset[str] = _names(
     eval_max_new_tokens eval_table_size flash_attn_fuse_qkv random_init_weights relora_anneal_steps
     relora_steps relora_warmup_steps rpo_alpha unsloth_cross_entropy_loss unsloth_lora_mlp unsloth_lora_o
     unsloth_lora_qkv unsloth_rms_norm unsloth_rope
+    gptq_disable_exllama gptq_groupsize gptq_model_v1 landmark_attention load_4bit
+    sample_packing_seq_len_multiplier torch_dtype xpos_rope
     """
 )
 
-AXOLOTL_TOP_LEVEL_KEYS: frozenset[str] = AXOLOTL_CORE_KEYS | AXOLOTL_PLUGIN_KEYS | AXOLOTL_LEGACY_KEYS
+AXOLOTL_TOP_LEVEL_KEYS: frozenset[str] = (
+    AXOLOTL_CORE_KEYS | AXOLOTL_NEWER_CORE_KEYS | AXOLOTL_PLUGIN_KEYS | AXOLOTL_LEGACY_KEYS
+)
+
+# Keys of Axolotl's cloud-launch config (the file given to `axolotl train --cloud`, read by
+# src/axolotl/cli/cloud/): not training options, but found in its examples/cloud folder.
+AXOLOTL_CLOUD_KEYS: frozenset[str] = _names(
+    """
+    branch docker_tag dockerfile_commands env gpu gpu_count launcher launcher_args memory memory_preprocess
+    node_count project_name provider secrets spawn timeout timeout_preprocess volumes
+    """
+)
 
 # Keys of one entry under `datasets:` / `test_datasets:` (and `pretraining_dataset:`).
 AXOLOTL_DATASET_KEYS: frozenset[str] = _names(
@@ -177,6 +234,26 @@ AXOLOTL_DATASET_TYPE_KEYS: frozenset[str] = _names(
     chosen_format completion_format field field_chosen field_completion field_input field_instruction
     field_label field_output field_prompt field_rejected field_system format no_input_format prompt_format
     rejected_format system_format system_prompt
+    """
+)
+
+# Names of Axolotl's dataset `type:` strategies (its prompt-strategy modules and the older built-in
+# formats). A `type:` is one of these, optionally followed by `.function` or `:style`
+# (`chat_template.default`, `alpaca:chat`); a dotted path may also name the user's own module.
+AXOLOTL_DATASET_TYPES: frozenset[str] = _names(
+    """
+    alpaca alpaca_chat alpaca_instruct alpaca_w_system bradley_terry chat_template chatml completion
+    concisechoice context_qa creative_acr dpo ebft explainchoice gpteacher input_output jeopardy kto
+    llama2_chat llama3 messages metharme oasst orcamini orpo passthrough pretrain pygmalion reflection
+    rwd sharegpt sharegpt_jokes stepwise_supervised summarizetldr user_defined zephyr
+    """
+)
+
+# Values of `attn_implementation` Axolotl accepts besides the ones hellbender has (a value with a
+# `/` names a kernel on the Hugging Face hub).
+AXOLOTL_ATTN_IMPLEMENTATIONS: frozenset[str] = _names(
+    """
+    eager flash_attention_2 flash_attention_3 flex_attention fp8 sage sdpa xformers
     """
 )
 
@@ -205,7 +282,7 @@ _HF4_ONLY_OPTIMIZERS: frozenset[str] = _names(
 AXOLOTL_CUSTOM_OPTIMIZERS: frozenset[str] = _names(
     """
     adopt_adamw ao_adamw_4bit ao_adamw_8bit ao_adamw_fp8 came_pytorch dion flash_adam flash_adamw flash_lion
-    flash_sgd flash_sgdw lion_pytorch muon optimi_adamw q_galore_adamw8bit
+    flash_sgd flash_sgdw lion_pytorch muon optimi_adamw q_galore_adamw8bit sinkgd
     """
 )
 

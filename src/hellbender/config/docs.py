@@ -3,7 +3,8 @@
 Everything on the page is read from the modules it documents, so the page cannot drift from
 them: options (name, type, default, description) come from the pydantic models in
 :mod:`hellbender.config.schema`, grouped by the section comments of that file; finding codes come
-from the ``Finding``/``_err``/``_warn`` calls in ``load.py``, ``normalize.py`` and ``rules.py``
+from the ``Finding``/``_err``/``_warn`` calls in ``load.py``, ``carryover.py``, ``normalize.py`` and
+``rules.py``
 (read with :mod:`ast`, so every message template and fix is shown as written), and each rule's
 purpose from its docstring. A unit test regenerates the page and fails when the committed copy
 differs.
@@ -32,7 +33,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from hellbender.config import load, normalize, rules
+from hellbender.config import carryover, load, normalize, rules
 from hellbender.config.schema import (
     DatasetConfig,
     FSDPConfig,
@@ -230,7 +231,7 @@ def finding_codes() -> dict[str, CodeDoc]:
     """Every finding code in the config modules, with its severities, messages, fixes and purpose."""
     rule_docs = {fn.__name__: inspect.getdoc(fn) or "" for fn in rules.RULES}
     codes: dict[str, CodeDoc] = {}
-    for module in (load, normalize, rules):
+    for module in (load, carryover, normalize, rules):
         for code, site, function in _finding_sites(module):
             doc = codes.setdefault(code, CodeDoc(code))
             doc.sites.append(site)
@@ -326,12 +327,20 @@ def render() -> str:
     out += [
         "## Axolotl options not supported",
         "",
-        "These Axolotl keys are recognised and rejected with this reason (an empty value is accepted "
-        "and ignored):",
+        "These Axolotl keys are recognised and rejected with this reason (a value that asks for nothing "
+        "— empty, false, 0, an empty list — is accepted and ignored, HB010):",
         "",
         "| Key | Reason |",
         "| --- | --- |",
         *(f"| `{k}` | {_cell(v)} |" for k, v in sorted(load.AXOLOTL_KEYS_NOT_SUPPORTED.items())),
+        "",
+        "## Axolotl options that change nothing here",
+        "",
+        "Accepted whatever their value, with an info finding (HB012) saying what hellbender does instead:",
+        "",
+        "| Key | What hellbender does instead |",
+        "| --- | --- |",
+        *(f"| `{k}` | {_cell(v)} |" for k, v in sorted(carryover.AXOLOTL_NO_OP_KEYS.items())),
         "",
         "## Options not implemented yet",
         "",

@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from hellbender.config.carryover import from_sharegpt
 from hellbender.config.findings import has_errors
 from hellbender.config.normalize import (
     LEGACY_ATTN_FLAGS,
@@ -69,6 +70,31 @@ def _replace_keys(data: Any, old_keys: list[str], new_key: str | None, value: An
         slot[2] = CommentToken(
             previous.rstrip("\n") + ("\n" if previous else "") + text.lstrip(" "), CommentMark(0)
         )
+
+
+def _fix_sharegpt(data: Any) -> list[str]:
+    """Dataset entries of Axolotl's retired ``type: sharegpt`` written as the ``chat_template``
+    entries they are read as (:func:`hellbender.config.carryover.from_sharegpt`)."""
+    changes: list[str] = []
+    for list_key in ("datasets", "test_datasets"):
+        entries = data.get(list_key)
+        if not isinstance(entries, list):
+            continue
+        for i, entry in enumerate(entries):
+            kind = entry.get("type") if isinstance(entry, dict) else None
+            if not isinstance(kind, str) or kind.split(":")[0] != "sharegpt":
+                continue
+            mapped = from_sharegpt(dict(entry))
+            if mapped is None:
+                continue  # not read as chat_template: the finding says what to do
+            gone = [k for k in entry if k not in mapped]
+            if gone:
+                _replace_keys(entry, gone, None, None)
+            for key, value in mapped.items():
+                if key not in entry or entry[key] != value:
+                    entry[key] = value
+            changes.append(f"{list_key}.{i}: type {kind} → chat_template (fields of sharegpt turns mapped)")
+    return changes
 
 
 def _fsdp_block(data: Any, after: str | None) -> Any:
@@ -214,9 +240,12 @@ def fix_file(path: str | Path, cfg: HellbenderConfig, raw: HellbenderConfig) -> 
     text = path.read_text(encoding="utf-8")
     yaml = YAML()  # round-trip: comments and order survive
     yaml.preserve_quotes = True
+    yaml.allow_duplicate_keys = True  # a key repeated with the same value is a warning (HB013), read once
     # Write back in the file's own layout, so the only lines that change are the fixed ones:
     # its indentation, `[{path: a}]` kept with braces, and long lines (jinja templates) not folded.
-    _, seq_indent, dash_offset = load_yaml_guess_indent(text)
+    guess = YAML()
+    guess.allow_duplicate_keys = True
+    _, seq_indent, dash_offset = load_yaml_guess_indent(text, yaml=guess)
     if dash_offset is None:  # no block list to learn from: Axolotl's layout
         seq_indent, dash_offset = 4, 2
     yaml.indent(mapping=_mapping_indent(text), sequence=seq_indent, offset=dash_offset)
@@ -256,6 +285,7 @@ def fix_file(path: str | Path, cfg: HellbenderConfig, raw: HellbenderConfig) -> 
             changes.append(f"removed legacy flags {', '.join(legacy)}")
 
     changes += _fix_fsdp(data, raw)
+    changes += _fix_sharegpt(data)
 
     if changes:
 

@@ -6,7 +6,13 @@ Three kinds of mistakes get three kinds of messages:
 * Unknown keys name the key path, its line, and a "did you mean" from the known keys. Keys that
   Axolotl has but hellbender does not support yet are named as such, so an Axolotl user learns
   exactly which of their keys are the problem rather than being told they misspelled them.
-* Type errors name the key path, the value given and the type expected.
+* Type errors name the key path, the value given and the type expected (and a "did you mean"
+  for a misspelled word among the allowed ones).
+
+What an Axolotl config says that hellbender reads its own way (spellings, "off" values, plugins,
+legacy keys, dataset types) is settled first, by :mod:`hellbender.config.carryover`. A config
+that fails here is still judged by the rules, without the keys in error, so that every layer's
+findings come in one round. ``strict: false`` (or ``allow_unknown``) makes unknown keys warnings.
 
 Command-line overrides are ``key=value`` with dotted paths (``datasets.0.path=x.jsonl``); the value
 is parsed as YAML, so ``lora_r=16`` is an int and ``bf16=auto`` a string.
@@ -14,8 +20,10 @@ is parsed as YAML, so ``lora_r=16`` is an int and ``bf16=auto`` a string.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import functools
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol, cast, get_args
@@ -25,12 +33,15 @@ from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
 from hellbender.config.axolotl_keys import (
+    AXOLOTL_CLOUD_KEYS,
     AXOLOTL_DATASET_KEYS,
+    AXOLOTL_DATASET_TYPE_KEYS,
     AXOLOTL_LR_SCHEDULERS,
     AXOLOTL_OPTIMIZERS,
     AXOLOTL_PLUGIN_KEYS,
     AXOLOTL_TOP_LEVEL_KEYS,
 )
+from hellbender.config.carryover import carry_over
 from hellbender.config.findings import QUOTE_LIMIT, ConfigError, Finding, clip, has_errors, quote
 from hellbender.config.hardware import Hardware, detect_hardware
 from hellbender.config.normalize import normalize
@@ -56,7 +67,6 @@ AXOLOTL_KEYS_NOT_SUPPORTED: dict[str, str] = {
     "hub_model_id": "pushing to the hub is not supported (hellbender works offline-first)",
     "hub_strategy": "pushing to the hub is not supported",
     "push_dataset_to_hub": "pushing to the hub is not supported",
-    "hf_use_auth_token": "hub authentication is taken from the environment (HF_TOKEN)",
     "unfrozen_parameters": "partial freezing by parameter pattern is not supported yet",
     "relora_steps": "ReLoRA is not supported yet",
     "relora_warmup_steps": "ReLoRA is not supported yet",
@@ -68,10 +78,6 @@ AXOLOTL_KEYS_NOT_SUPPORTED: dict[str, str] = {
     "neftune_noise_alpha": "NEFTune is not supported yet",
     "noisy_embedding_alpha": "NEFTune is not supported yet",
     "s2_attention": "shifted-sparse attention is not supported",
-    "flash_attn_cross_entropy": "use chunked_cross_entropy or cut_cross_entropy",
-    "flash_attn_rms_norm": "use liger_rms_norm",
-    "flash_attn_fuse_qkv": "use lora_qkv_kernel",
-    "flash_attn_fuse_mlp": "use lora_mlp_kernel",
     "plugins": "Axolotl plugins do not apply to hellbender; its kernels are config keys",
     "lr_quadratic_warmup": "quadratic warm-up is not supported yet",
     "auto_find_batch_size": "use `hellbender plan` to find a batch size that fits",
@@ -79,7 +85,6 @@ AXOLOTL_KEYS_NOT_SUPPORTED: dict[str, str] = {
     "lora_on_cpu": "not needed: the adapter lives where the model lives",
     "multipack_real_batches": "the packer always builds real batches",
     "chat_template_jinja": "put the jinja string in `chat_template`",
-    "evaluation_strategy": "use eval_strategy",
     "local_rank": "set by the launcher (torchrun), not in the config",
     "loss_watchdog_patience": "the loss watchdog's patience is not supported yet",
     "eval_table_size": "prediction tables in W&B are not supported yet",
@@ -182,36 +187,51 @@ def _mark(event: yaml.Event | None) -> Any:
 
 
 class _StrictConstructor(yaml.constructor.SafeConstructor):
-    """PyYAML's safe constructor, except that a key given twice in one mapping is an error, and a
-    scalar Python cannot build (an int of more than 4,300 digits, the date 2001-13-45) is a YAML
-    error at its position rather than a ValueError from deep inside PyYAML.
+    """PyYAML's safe constructor, except that a key given twice in one mapping with different
+    values is an error (with the same value, a warning: HB013), and a scalar Python cannot build
+    (an int of more than 4,300 digits, the date 2001-13-45) is a YAML error at its position rather
+    than a ValueError from deep inside PyYAML.
 
     Plain PyYAML keeps the last value of a repeated key silently; a config that says
-    ``learning_rate`` twice is a mistake the user should see (and ruamel, used by ``--fix``,
-    refuses such files anyway).
+    ``learning_rate`` twice, differently, is a mistake the user should see.
     """
+
+    repeated: list[tuple[str, int, int]]  # (key, first line, repeated line): same value twice
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         # merge keys (`<<: *anchor`) may legitimately be overridden; complex keys are rare enough
         # to leave to PyYAML
-        own = [key for key, _ in node.value if isinstance(key, yaml.ScalarNode) and key.tag != _MERGE]
+        own = [
+            (key, value)
+            for key, value in node.value
+            if isinstance(key, yaml.ScalarNode) and key.tag != _MERGE
+        ]
         merges = len(own) < len(node.value)
         mapping = super().construct_mapping(node, deep=deep)
         if not merges and len(mapping) == len(own):
             return mapping  # as many keys as entries: none was given twice
-        seen: dict[Any, yaml.Node] = {}
-        for key_node in own:
+        seen: dict[Any, tuple[yaml.Node, yaml.Node]] = {}
+        for key_node, value_node in own:
             key = self.construct_object(key_node, deep=True)
             first = seen.get(key)
             if first is not None:
+                again = self.construct_object(value_node, deep=True)
+                # the same value again is redundant, not contradictory: a warning (HB013)
+                if self.construct_object(first[1], deep=True) == again:
+                    if not hasattr(self, "repeated"):
+                        self.repeated = []
+                    line = first[0].start_mark.line + 1
+                    self.repeated.append((_key_text(key), line, key_node.start_mark.line + 1))
+                    continue
                 raise yaml.constructor.ConstructorError(
                     f"while constructing a mapping "
-                    f"(key {quote(key)} first given on line {first.start_mark.line + 1})",
+                    f"(key {quote(key)} first given on line {first[0].start_mark.line + 1})",
                     node.start_mark,
-                    f"found the key {quote(key)} a second time",
+                    f"found the key {quote(key)} a second time (first given on line "
+                    f"{first[0].start_mark.line + 1}), with a different value",
                     key_node.start_mark,
                 )
-            seen[key] = key_node
+            seen[key] = (key_node, value_node)
         return mapping
 
 
@@ -328,8 +348,9 @@ def _yaml_error(exc: yaml.YAMLError | RecursionError, source: str) -> ConfigErro
     )
 
 
-def _compose(text: str, source: str) -> tuple[Any, yaml.Node | None]:
-    """Parse YAML text into Python data and its node graph, within the limits above."""
+def _compose(text: str, source: str) -> tuple[Any, yaml.Node | None, list[Finding]]:
+    """Parse YAML text into Python data, its node graph and the warnings of reading it (a key
+    given twice with the same value, HB013), within the limits above."""
     try:
         loader = _loader(text)  # PyYAML's reader checks every character here
     except yaml.reader.ReaderError as exc:
@@ -337,13 +358,23 @@ def _compose(text: str, source: str) -> tuple[Any, yaml.Node | None]:
     try:
         root = loader.get_single_node()
         data = loader.construct_document(root) if root is not None else None
+        repeated = [
+            Finding(
+                "HB013",
+                "warning",
+                f"{source}: `{clip(key)}` is given twice (lines {first} and {again}) with the same value.",
+                fix=f"Remove the second `{clip(key)}` (line {again}).",
+                key=key,
+            )
+            for key, first, again in getattr(loader, "repeated", [])
+        ]
     except yaml.reader.ReaderError as exc:
         raise _yaml_error(_reader_error(exc, text), source) from None
     except (yaml.YAMLError, RecursionError) as exc:
         raise _yaml_error(exc, source) from None
     finally:
         loader.dispose()
-    return data, root
+    return data, root, repeated
 
 
 def _reader_error(exc: yaml.reader.ReaderError, text: str) -> yaml.MarkedYAMLError:
@@ -388,10 +419,10 @@ def _key_lines(root: yaml.Node | None) -> dict[str, int]:
     return lines
 
 
-def _parse_config(text: str, source: str) -> tuple[dict[str, Any], yaml.Node | None]:
-    data, root = _compose(text, source)
+def _parse_config(text: str, source: str) -> tuple[dict[str, Any], yaml.Node | None, list[Finding]]:
+    data, root, repeated = _compose(text, source)
     if data is None:
-        return {}, root
+        return {}, root, repeated
     if not isinstance(data, dict):
         raise ConfigError(
             [
@@ -402,7 +433,7 @@ def _parse_config(text: str, source: str) -> tuple[dict[str, Any], yaml.Node | N
                 )
             ]
         )
-    return data, root
+    return data, root, repeated
 
 
 def parse_yaml(text: str, source: str = "<config>") -> dict[str, Any]:
@@ -613,7 +644,12 @@ def _axolotl_reason(key: str, model: type[BaseModel]) -> str | None:
             return " (it belongs to an Axolotl plugin)"
         if key in AXOLOTL_TOP_LEVEL_KEYS:
             return ""
-    elif model is DatasetConfig and key in AXOLOTL_DATASET_KEYS:
+        if key in AXOLOTL_CLOUD_KEYS:
+            return (
+                ": it belongs to Axolotl's cloud-launch config (`axolotl train --cloud`), not to a "
+                "training config"
+            )
+    elif model is DatasetConfig and (key in AXOLOTL_DATASET_KEYS or key in AXOLOTL_DATASET_TYPE_KEYS):
         return " in a dataset entry"
     return None
 
@@ -733,14 +769,21 @@ def _type_findings(exc: ValidationError, data: dict[str, Any], lines: dict[str, 
             continue
         shown = clip(path, 2 * QUOTE_LIMIT)
         allowed = _allowed_range(parts)
+        # a misspelled word among the allowed ones gets a suggestion, as a misspelled key does
+        words = re.findall(r"'([^']*)'", " ".join(messages)) if isinstance(given, str) else []
+        close = difflib.get_close_matches(given, list(dict.fromkeys(words)), n=1, cutoff=0.6) if words else []
         findings.append(
             Finding(
                 "HB008",
                 "error",
                 f"`{shown}`{_line(lines, path)} = {quote(given)} ({type(given).__name__}): "
-                f"{_expected(messages)}." + (f" Allowed: {allowed}." if allowed else ""),
+                f"{_expected(messages)}."
+                + (f" Allowed: {allowed}." if allowed else "")
+                + (f" Did you mean '{close[0]}'?" if close else ""),
                 fix=f"Give `{shown}` a value with {allowed}."
                 if allowed
+                else f"Write `{shown.rsplit('.', 1)[-1]}: {close[0]}`."
+                if close
                 else f"Give `{shown}` a value of the expected type.",
                 key=path,
             )
@@ -795,22 +838,49 @@ def _without_paths(data: dict[str, Any], paths: list[tuple[Any, ...]]) -> dict[s
     return cast(dict[str, Any], copies[()])
 
 
-def validate_mapping(
-    data: dict[str, Any],
-    source: str = "<config>",
-    text: str | None = None,
-    *,
-    root: yaml.Node | None = None,
-) -> HellbenderConfig:
-    """Turn a parsed mapping into a config object (not yet normalized); raises ConfigError.
+def _error_paths(exc: ValidationError, data: dict[str, Any]) -> list[tuple[Any, ...]] | None:
+    """Where in ``data`` each type error is (the data's own keys and indices), or None when a
+    required key is missing (then no config can be built without it)."""
+    paths: list[tuple[Any, ...]] = []
+    for err in exc.errors():
+        if err["type"] == "missing":
+            return None
+        node: Any = data
+        path: list[Any] = []
+        in_list: list[bool] = []
+        for part in err["loc"]:
+            if isinstance(node, dict) and part in node:
+                in_list.append(False)
+            elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+                in_list.append(True)
+            else:
+                continue  # a union member's tag
+            node = node[part]
+            path.append(part)
+        while path and in_list[-1]:  # an item of a list: the whole list goes (indices must not shift)
+            path.pop()
+            in_list.pop()
+        if not path:
+            return None
+        paths.append(tuple(path))
+    # the outermost of nested paths: removing it removes the rest
+    kept: list[tuple[Any, ...]] = []
+    for where in sorted(set(paths), key=len):
+        if not any(where[: len(k)] == k for k in kept):
+            kept.append(where)
+    return kept
 
-    ``root`` (or ``text``, parsed again) gives the line of each key for the messages."""
-    if root is None and text:
-        try:
-            root = _compose(text, source)[1]
-        except ConfigError:
-            root = None
-    lines = _key_lines(root)
+
+def _validated(
+    data: dict[str, Any], lines: dict[str, int], *, allow_unknown: bool = False
+) -> tuple[HellbenderConfig | None, HellbenderConfig | None, list[Finding]]:
+    """``(config, readable, findings)``: the config (None when there is an error), the config
+    without the keys in error when the rest is readable (so the rules can judge it in the same
+    round), and every finding of loading.
+
+    Unknown keys are warnings with ``allow_unknown`` or ``strict: false`` in the config.
+    """
+    allow_unknown = allow_unknown or data.get("strict") is False
     data = _drop_unset_nulls(data, HellbenderConfig)
     for list_key in ("datasets", "test_datasets"):
         if isinstance(data.get(list_key), list):
@@ -819,20 +889,57 @@ def validate_mapping(
             ]
     if isinstance(data.get("fsdp_config"), dict):  # Axolotl's FSDP options take null as "unset" too
         data["fsdp_config"] = _drop_unset_nulls(data["fsdp_config"], FSDPConfig)
-    findings, located = _unknown_keys(data, lines)
-    if findings:
-        # Report the known keys' type errors too, so a config gets fixed in one round, not two.
-        # (Only type errors: "required" findings would repeat a misspelled key's suggestion.)
-        rest = _without_paths(data, located)
-        try:
-            HellbenderConfig.model_validate(rest)
-        except ValidationError as exc:
-            findings += [f for f in _type_findings(exc, rest, lines) if f.code == "HB008"]
-        raise ConfigError(findings)
+    data, findings = carry_over(data, lines, frozenset(AXOLOTL_KEYS_NOT_SUPPORTED))
+    key_findings, located = _unknown_keys(data, lines)
+    if allow_unknown:
+        key_findings = [
+            dataclasses.replace(f, severity="warning", fix=f"{f.fix} (strict: false makes this a warning.)")
+            if f.code == "HB004"
+            else f
+            for f in key_findings
+        ]
+    findings += key_findings
+    rest = _without_paths(data, located) if located else data
     try:
-        return HellbenderConfig.model_validate(data)
+        cfg = HellbenderConfig.model_validate(rest)
     except ValidationError as exc:
-        raise ConfigError(_type_findings(exc, data, lines)) from None
+        typed = _type_findings(exc, rest, lines)
+        if has_errors(key_findings):
+            # only type errors: "required" findings would repeat a misspelled key's suggestion
+            typed = [f for f in typed if f.code == "HB008"]
+        findings += typed
+        paths = _error_paths(exc, rest)
+        readable = None
+        if paths:
+            try:
+                readable = HellbenderConfig.model_validate(_without_paths(rest, paths))
+            except ValidationError:
+                readable = None
+        return None, readable, findings
+    return (None if has_errors(findings) else cfg), cfg, findings
+
+
+def validate_mapping(
+    data: dict[str, Any],
+    source: str = "<config>",
+    text: str | None = None,
+    *,
+    root: yaml.Node | None = None,
+    allow_unknown: bool = False,
+) -> HellbenderConfig:
+    """Turn a parsed mapping into a config object (not yet normalized); raises ConfigError with
+    the error findings.
+
+    ``root`` (or ``text``, parsed again) gives the line of each key for the messages."""
+    if root is None and text:
+        try:
+            root = _compose(text, source)[1]
+        except ConfigError:
+            root = None
+    cfg, _, findings = _validated(data, _key_lines(root), allow_unknown=allow_unknown)
+    if cfg is None:
+        raise ConfigError([f for f in findings if f.severity == "error"])
+    return cfg
 
 
 def _read_text(path: Path) -> str:
@@ -893,15 +1000,27 @@ def check_rewritable(path: str | Path) -> None:
         )
 
 
-def read_config(
-    path: str | Path, overrides: list[str] | None = None
-) -> tuple[HellbenderConfig, dict[str, Any]]:
-    """Read a YAML file and overrides into an un-normalized config and the raw mapping."""
+def _read(
+    path: str | Path, overrides: list[str] | None, allow_unknown: bool
+) -> tuple[HellbenderConfig | None, HellbenderConfig | None, dict[str, Any], list[Finding]]:
+    """Read a YAML file and overrides: ``(config or None, readable part or None, raw mapping,
+    findings)`` (see :func:`_validated`)."""
     path = Path(path)
     text = _read_text(path)
-    data, root = _parse_config(text, str(path))
+    data, root, repeated = _parse_config(text, str(path))
     data = apply_overrides(data, list(overrides or []))
-    return validate_mapping(data, str(path), root=root), data
+    cfg, readable, findings = _validated(data, _key_lines(root), allow_unknown=allow_unknown)
+    return cfg, readable, data, repeated + findings
+
+
+def read_config(
+    path: str | Path, overrides: list[str] | None = None, *, allow_unknown: bool = False
+) -> tuple[HellbenderConfig, dict[str, Any]]:
+    """Read a YAML file and overrides into an un-normalized config and the raw mapping."""
+    cfg, _, data, findings = _read(path, overrides, allow_unknown)
+    if cfg is None:
+        raise ConfigError([f for f in findings if f.severity == "error"])
+    return cfg, data
 
 
 def load_config(
@@ -911,15 +1030,31 @@ def load_config(
     world_size: int | None = None,
     hardware: Hardware | None = None,
     strict: bool = True,
+    allow_unknown: bool = False,
 ) -> tuple[ResolvedConfig, list[Finding]]:
     """Read, normalize and check a config: the one entry point every command uses.
 
-    With ``strict`` a config that has error findings raises :class:`ConfigError`.
+    With ``strict`` a config that has error findings raises :class:`ConfigError`. A config that
+    cannot be loaded raises it either way, with the findings of every layer that could judge it:
+    an unknown key does not hide what the rules say about the rest (errors and warnings; only
+    errors with ``strict``). ``allow_unknown`` (or ``strict: false`` in the config) makes unknown
+    keys warnings.
     """
-    raw, _ = read_config(path, overrides)
+    raw, readable, _, findings = _read(path, overrides, allow_unknown)
     hw = hardware if hardware is not None else detect_hardware()
-    cfg, findings = normalize(raw, world_size=world_size, hardware=hw)
-    findings += check(cfg, hw, raw)
+    shown = ("error",) if strict else ("error", "warning")
+    judged = raw if raw is not None else readable
+    if judged is None:
+        raise ConfigError([f for f in findings if f.severity in shown])
+    cfg, more = normalize(judged, world_size=world_size, hardware=hw)
+    more += check(cfg, hw, judged)
+    # What follows only from a refused feature is not news: a pretraining_dataset refused leaves
+    # `datasets:` empty.
+    refused = {f.key for f in findings if f.code == "HB005"}
+    more = [f for f in more if not (f.code == "HB137" and "pretraining_dataset" in refused)]
+    findings += more
+    if raw is None:
+        raise ConfigError([f for f in findings if f.severity in shown])
     if strict and has_errors(findings):
         raise ConfigError([f for f in findings if f.severity == "error"])
     return cfg, findings

@@ -166,6 +166,14 @@ def eval_without_data(cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfig) 
         asked.append("eval_strategy")
     if raw.eval_batch_size is not None:
         asked.append("eval_batch_size")
+    if asked == ["evals_per_epoch"] and not has_eval_data:
+        # as in Axolotl: a schedule of evaluations with nothing to evaluate is a no-op, not a mistake
+        return _warn(
+            "HB109",
+            "evals_per_epoch set but there is no evaluation data: no evaluation will run.",
+            "Set val_set_size (a fraction or a row count) or test_datasets, or remove evals_per_epoch.",
+            "evals_per_epoch",
+        )
     if asked and not has_eval_data:
         return _err(
             "HB109",
@@ -522,6 +530,14 @@ def cut_cross_entropy_installed(cfg: ResolvedConfig, hw: Hardware, raw: Hellbend
         from importlib.util import find_spec
 
         if find_spec("cut_cross_entropy") is None:
+            if not hw.local:  # checked for another machine: what is installed here says nothing
+                return _warn(
+                    "HB119",
+                    "cut_cross_entropy: true needs the cut-cross-entropy package (not installed on this "
+                    f"machine; the target, {hw.description}, needs it).",
+                    "pip install 'hellbender[gpu]' on the machine that trains.",
+                    "cut_cross_entropy",
+                )
             return _err(
                 "HB119",
                 "cut_cross_entropy: true needs the cut-cross-entropy package, which is not installed.",
@@ -721,6 +737,14 @@ def adamw_8bit_needs_bnb(cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfi
         from importlib.util import find_spec
 
         if find_spec("bitsandbytes") is None:
+            if not hw.local:  # checked for another machine: what is installed here says nothing
+                return _warn(
+                    "HB144",
+                    "this config needs bitsandbytes (adamw_8bit or a 4/8-bit base), not installed on this "
+                    f"machine; the target, {hw.description}, needs it.",
+                    "pip install 'hellbender[quant]' on the machine that trains.",
+                    "optimizer" if cfg.optimizer == "adamw_8bit" else "load_in_4bit",
+                )
             return _err(
                 "HB144",
                 "this config needs bitsandbytes (adamw_8bit or a 4/8-bit base), which is not installed.",

@@ -710,7 +710,11 @@ class HellbenderConfig(_Strict):
     mlflow_run_name: str | None = Field(None, description="MLflow run name.")
 
     # ---------------------------------------------------------------- misc
-    strict: bool = Field(False, description="Accepted for compatibility; hellbender is always strict.")
+    strict: bool = Field(
+        True,
+        description="false: unknown keys are warnings, not errors (a migration aid, as "
+        "`--allow-unknown`). Keys of Axolotl features hellbender lacks stay errors.",
+    )
     debug: bool = Field(False, description="Verbose logging.")
     special_tokens_fix: bool = Field(True, description="Correct GGUF-converted special tokens from metadata.")
 
