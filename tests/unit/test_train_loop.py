@@ -375,3 +375,17 @@ def test_max_steps_alone_beyond_the_epoch_cap_is_refused_quickly(tmp_path: Path)
         plan_steps(sampler, cfg)
     # At the cap itself the plan still holds: 1000 epochs of 11 steps.
     assert plan_steps(sampler, make_cfg(tmp_path, max_steps=11_000)).total == 11_000
+
+
+@pytest.mark.parametrize(("logging_steps", "logged"), [(0.25, [2, 4, 6, 8]), (0.5, [4, 8]), (3, [3, 6, 8])])
+def test_logging_steps_below_one_is_a_fraction_of_the_run(
+    tmp_path: Path, logging_steps: float, logged: list[int]
+) -> None:
+    """As in the HF Trainer: logging_steps 0.25 logs every quarter of the run (8 steps: every 2);
+    1 or more is a count. The last step is always logged."""
+    from hellbender.train.metrics import read_metrics
+
+    cfg = make_cfg(tmp_path, max_steps=8, logging_steps=logging_steps)
+    train(cfg, build_tiny_model(seed=0), make_samples(8, seed=3), None, pad_token_id=PAD)
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records if "loss" in r] == logged

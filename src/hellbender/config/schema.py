@@ -690,7 +690,9 @@ class HellbenderConfig(_Strict):
     auto_resume_from_checkpoints: bool = Field(
         False, description="Resume from the newest checkpoint in output_dir."
     )
-    logging_steps: int = Field(1, ge=1, le=MAX_COUNT, description="Log every N optimizer steps.")
+    logging_steps: int | float = Field(
+        1, gt=0, le=MAX_COUNT, description="Log every N optimizer steps (below 1: a fraction of the steps)."
+    )
     loss_watchdog_threshold: float | None = Field(
         None, gt=0, le=1e6, description="Stop when the loss exceeds this."
     )

@@ -277,6 +277,12 @@ def plan_steps(sampler: BatchSampler, cfg: ResolvedConfig) -> StepPlan:
     return StepPlan(steps_per_epoch, epoch_lengths)
 
 
+def step_interval(every: float, total: int) -> int:
+    """Steps between two events given as ``*_steps``: a count, or below 1 a fraction of the run's
+    ``total`` steps (as in the HF Trainer, whose configs use both)."""
+    return max(1, math.ceil(every * total) if every < 1 else int(every))
+
+
 def scheduled_steps(
     plan: StepPlan,
     *,
@@ -295,7 +301,7 @@ def scheduled_steps(
     if strategy == "no":
         return frozenset()
     if strategy != "epoch" and every is not None:
-        interval = max(1, math.ceil(every * plan.total) if every < 1 else int(every))
+        interval = step_interval(every, plan.total)
         return frozenset(range(interval, plan.total + 1, interval))
     due: set[int] = set()
     before = 0  # global steps of the earlier epochs
@@ -651,7 +657,7 @@ def train(
             result.global_step, result.losses[step] = step, loss
             result.trained_tokens += int(trained)
             window.add(loss, trained, tokens, time.perf_counter() - t0)
-            if step % cfg.logging_steps == 0 or step == run.plan.total:
+            if step % step_interval(cfg.logging_steps, run.plan.total) == 0 or step == run.plan.total:
                 _log_train(run.log, window, step, item.epoch_progress(group), lr, grad_norm)
                 window = _LogWindow()
             if step in run.eval_at:
