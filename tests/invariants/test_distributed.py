@@ -276,10 +276,11 @@ def test_the_memory_kernels_run_under_each_strategy(runs: Runs, project: Path, s
     assert_same_run(got, runs.done[name])
 
 
-def test_regional_torch_compile_runs_under_fsdp2(runs: Runs) -> None:
-    """torch_compile (each decoder layer compiled, then sharded by FSDP2) trains the eager run's
-    steps: the same comparison as above, against the eager one-process run."""
-    assert_same_run(runs.ranks("fsdp2", "lora", 2, torch_compile=True), runs.single("lora"))
+@pytest.mark.parametrize("strategy", ["fsdp2", "zero3"])
+def test_regional_torch_compile_runs_under_sharding(runs: Runs, strategy: str) -> None:
+    """torch_compile (each decoder layer compiled, then sharded by FSDP2 or partitioned by ZeRO-3)
+    trains the eager run's steps: the same comparison as above, against the eager one-process run."""
+    assert_same_run(runs.ranks(strategy, "lora", 2, torch_compile=True), runs.single("lora"))
 
 
 def test_a_deepspeed_checkpoint_resumes_on_its_world_size(runs: Runs, project: Path) -> None:
