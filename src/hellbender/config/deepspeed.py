@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hellbender.config.schema import ResolvedConfig
+
 AUTO = "auto"
 # Keys whose explicit value must equal hellbender's: the batch and the clipping are the loop's.
 MUST_AGREE = (
@@ -60,6 +62,19 @@ class LoopValues:
     max_grad_norm: float | None
     compute_dtype: str  # bfloat16 | float16 | float32
     hidden_size: int | None = None
+
+
+def loop_values(cfg: ResolvedConfig, hidden_size: Any) -> LoopValues:
+    """The values of ``cfg`` (and the model's ``hidden_size``, when known) that fill "auto"."""
+    known = isinstance(hidden_size, int) and not isinstance(hidden_size, bool)
+    return LoopValues(
+        micro_batch_size=cfg.micro_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        data_parallel_size=cfg.data_parallel_size,
+        max_grad_norm=cfg.max_grad_norm,
+        compute_dtype=cfg.compute_dtype,
+        hidden_size=hidden_size if known else None,
+    )
 
 
 @dataclass

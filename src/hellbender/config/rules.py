@@ -14,8 +14,8 @@ from collections.abc import Callable
 
 from hellbender.config.deepspeed import (
     DeepSpeedConfigError,
-    LoopValues,
     complete,
+    loop_values,
     offloads,
     read_deepspeed_config,
     zero_stage,
@@ -273,15 +273,7 @@ def deepspeed_json(cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfig) -> 
     if raw.deepspeed is None:
         return []
     model_cfg = read_model_config(cfg.base_model_config or cfg.base_model) or {}
-    hidden = model_cfg.get("hidden_size")
-    values = LoopValues(
-        micro_batch_size=cfg.micro_batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        data_parallel_size=cfg.data_parallel_size,
-        max_grad_norm=cfg.max_grad_norm,
-        compute_dtype=cfg.compute_dtype,
-        hidden_size=hidden if isinstance(hidden, int) else None,
-    )
+    values = loop_values(cfg, model_cfg.get("hidden_size"))
     try:
         completed = complete(read_deepspeed_config(raw.deepspeed), values)
     except DeepSpeedConfigError as exc:

@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from hellbender.config.deepspeed import DeepSpeedConfigError, LoopValues, complete, read_deepspeed_config
+from hellbender.config.deepspeed import DeepSpeedConfigError, complete, loop_values, read_deepspeed_config
 from hellbender.config.schema import ResolvedConfig
 from hellbender.distributed import zero
 from hellbender.distributed.world import World
@@ -404,14 +404,7 @@ def _shards_from_rank0(model: torch.nn.Module, whole: dict[str, Any], device: to
 def deepspeed_config(cfg: ResolvedConfig, model: torch.nn.Module) -> dict[str, Any]:
     """The ``deepspeed:`` JSON with its ``"auto"`` values filled from ``cfg`` and the model."""
     assert cfg.deepspeed is not None
-    values = LoopValues(
-        micro_batch_size=cfg.micro_batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        data_parallel_size=cfg.data_parallel_size,
-        max_grad_norm=cfg.max_grad_norm,
-        compute_dtype=cfg.compute_dtype,
-        hidden_size=getattr(getattr(model, "config", None), "hidden_size", None),
-    )
+    values = loop_values(cfg, getattr(getattr(model, "config", None), "hidden_size", None))
     try:
         return complete(read_deepspeed_config(cfg.deepspeed), values).config
     except DeepSpeedConfigError as exc:  # the config rules report it before a run; kept for API users
