@@ -107,8 +107,8 @@ def test_a_real_typo_still_gets_a_suggestion(tmp_path: Path) -> None:
         "use_kernels: false",
         "cosine_constant_lr_ratio: 0",
         "tokenizer_use_mistral_common: false",
-        "dataloader_pin_memory: true",
-        "eot_tokens: []",
+        "pretrain_multipack_attn: true",
+        "fix_untrained_tokens: []",
         "rl: ''",
         "plugins: []",
     ],
@@ -124,8 +124,8 @@ def test_an_axolotl_option_set_to_off_is_accepted(tmp_path: Path, line: str) -> 
     [
         "use_kernels: true",
         "cosine_constant_lr_ratio: 0.1",
-        "eot_tokens: ['<|x|>']",
-        "dataloader_pin_memory: false",
+        "fix_untrained_tokens: [1]",
+        "pretrain_multipack_attn: false",
     ],
 )
 def test_an_axolotl_option_that_asks_for_something_is_refused_naming_it(tmp_path: Path, line: str) -> None:
@@ -136,8 +136,8 @@ def test_an_axolotl_option_that_asks_for_something_is_refused_naming_it(tmp_path
 def test_is_off() -> None:
     assert all(is_off("k", v) for v in (None, False, 0, 0.0, "", [], {}))
     assert not any(is_off("k", v) for v in (True, 1, 0.5, "x", [0], {"a": 1}))
-    assert is_off("dataloader_pin_memory", True) and not is_off("use_kernels", True)
-    assert not is_off("dataloader_pin_memory", False)  # Axolotl's default is true: false asks
+    assert is_off("pretrain_multipack_attn", True) and not is_off("use_kernels", True)
+    assert not is_off("pretrain_multipack_attn", False)  # Axolotl's default is true: false asks
 
 
 def test_an_off_value_in_a_dataset_entry_is_accepted(tmp_path: Path) -> None:
@@ -385,7 +385,7 @@ def test_a_key_repeated_with_the_same_value_is_a_warning(tmp_path: Path) -> None
 
 
 def test_strict_false_makes_unknown_keys_warnings(tmp_path: Path) -> None:
-    text = GOOD_CONFIG + "lora_rr: 4\nloss_watchdog_patience: 3\n"
+    text = GOOD_CONFIG + "lora_rr: 4\nneftune_noise_alpha: 5\n"
     assert codes(findings_of(tmp_path, text), "error") == {"HB004", "HB005"}
     found = findings_of(tmp_path, text + "strict: false\n")
     assert codes(found, "warning") >= {"HB004"} and codes(found, "error") == {"HB005"}

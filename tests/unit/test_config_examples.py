@@ -80,7 +80,7 @@ def test_axolotl_scientific_notation_learning_rate(tmp_path: Path) -> None:
 
 
 def test_unsupported_axolotl_keys_fail_naming_exactly_those_keys(tmp_path: Path) -> None:
-    added = {"hub_model_id": "me/model", "neftune_noise_alpha": 5, "rl": "dpo", "loss_watchdog_patience": 3}
+    added = {"relora_steps": 100, "neftune_noise_alpha": 5, "rl": "dpo", "lisa_n_layers": 3}
     assert set(added) <= set(AXOLOTL_KEYS_NOT_SUPPORTED)
     path = tmp_path / "axolotl.yaml"
     path.write_text(LORA.read_text() + "".join(f"{k}: {json.dumps(v)}\n" for k, v in added.items()))

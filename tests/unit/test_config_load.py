@@ -134,18 +134,18 @@ def test_axolotl_only_key_is_named_as_unsupported(tmp_path: Path, key: str) -> N
 @pytest.mark.parametrize(
     ("text", "key", "says"),
     [
-        ("load_best_model_at_end: true\n", "load_best_model_at_end", "does not support yet."),
-        ("dataloader_num_workers: 2\n", "dataloader_num_workers", "does not support yet."),
+        ("greater_is_better: true\n", "greater_is_better", "does not support yet."),
+        ("dataloader_drop_last: true\n", "dataloader_drop_last", "does not support yet."),
         ("kd_alpha: 0.5\n", "kd_alpha", "Axolotl plugin"),
         ("optimizer: paged_adamw_8bit\n", "optimizer", "adamw_torch"),
-        ("lr_scheduler: one_cycle\n", "lr_scheduler", "cosine"),
+        ("lr_scheduler: reduce_lr_on_plateau\n", "lr_scheduler", "cosine"),
     ],
 )
 def test_any_axolotl_key_or_value_is_named_as_unsupported_not_misspelled(
     tmp_path: Path, text: str, key: str, says: str
 ) -> None:
     """Axolotl's whole option list (hellbender.config.axolotl_keys), not just the keys with a
-    hand-written reason: `load_best_model_at_end` must not be told "did you mean lora_model_dir"."""
+    hand-written reason: `greater_is_better` must not be told "did you mean" a hellbender key."""
     (finding,) = load_errors(tmp_path, GOOD_CONFIG + text)
     assert finding.code == "HB005" and finding.key == key, finding.render()
     assert says in finding.message + (finding.fix or "") and "Did you mean" not in finding.message

@@ -227,6 +227,47 @@ CASES: list[Case] = [
         CPU,
         CPU,
     ),
+    (
+        "HB124",
+        "error",
+        {"unfrozen_parameters": ["lm_head"], "adapter": "lora", "lora_target_linear": True},
+        {"unfrozen_parameters": ["lm_head"]},
+        CPU,
+        CPU,
+    ),
+    (
+        "HB125",
+        "error",
+        {"unfrozen_parameters": ["lm_head", "model.layers.(0"]},
+        {"unfrozen_parameters": ["lm_head", "model.layers.(0)"]},
+        CPU,
+        CPU,
+    ),
+    (
+        "HB125",
+        "error",
+        {"unfrozen_parameters": ["^model.embed_tokens.weight$[:32000]"]},
+        {"unfrozen_parameters": ["^model.embed_tokens.weight$"]},
+        CPU,
+        CPU,
+    ),
+    ("HB126", "error", {"early_stopping_patience": 2}, {"early_stopping_patience": 2, **EVAL}, CPU, CPU),
+    (
+        "HB127",
+        "warning",
+        {"group_by_length": True, "sample_packing": True},
+        {"group_by_length": True},
+        CPU,
+        CPU,
+    ),
+    (
+        "HB126",
+        "error",
+        {"load_best_model_at_end": True, **EVAL, "eval_strategy": "no"},
+        {"load_best_model_at_end": True, **EVAL},
+        CPU,
+        CPU,
+    ),
 ]
 
 

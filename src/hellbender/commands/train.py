@@ -19,6 +19,7 @@ from hellbender.distributed.world import World, process_group, rank_device
 from hellbender.errors import OptionError
 from hellbender.files import write_atomically
 from hellbender.train import checkpoint as ckpt
+from hellbender.train import hub
 from hellbender.train import output_dir as outdir
 from hellbender.train.loop import TrainResult, train
 from hellbender.train.metrics import LOSS_PLOT, METRICS_FILE, plot_losses
@@ -170,6 +171,8 @@ def _train_into(cfg: ResolvedConfig, out: Path, world: World) -> TrainResult:
     # Data preparation runs once: rank 0 tokenizes and writes the cache, the others then read it.
     with world.main_first("preparing the data"):
         data = prepare_datasets(cfg, tokenizer)
+        if world.is_main:
+            hub.push_dataset(cfg, data.cache_dir)
     model = model_to_train(cfg, tokenizer, world)
     for line in describe(model):
         logger.info("optimization: %s", line)
@@ -185,7 +188,7 @@ def _train_into(cfg: ResolvedConfig, out: Path, world: World) -> TrainResult:
     try:
         result = train(
             cfg, model, data.train, data.eval, pad_token_id=tokenizer.pad_token_id,
-            output_dir=out, resume_from=resume, world=world,
+            output_dir=out, resume_from=resume, world=world, tokenizer=tokenizer,
         )
     except BaseException:
         # A stopped run (NaN/inf loss, the loss watchdog, Ctrl-C, an error) gets its plot too: the
@@ -212,6 +215,8 @@ def _train_into(cfg: ResolvedConfig, out: Path, world: World) -> TrainResult:
                 raise
             raise outdir.ForeignFileError(f"{exc} This run's outputs were kept in {kept}.") from exc
         plot_losses(out / METRICS_FILE, out / LOSS_PLOT)
+        if hub.pushes_model(cfg):
+            hub.ModelPusher(cfg).final(out)
     return result
 
 

@@ -82,7 +82,6 @@ ACCEPTED_PLUGINS: dict[str, str] = {
 # Axolotl-only keys whose Axolotl default is not an "empty" value: set to that default, they ask
 # for nothing either.
 AXOLOTL_OFF_DEFAULTS: dict[str, Any] = {
-    "dataloader_pin_memory": True,
     "pretrain_multipack_attn": True,
 }
 
@@ -117,7 +116,7 @@ def is_off(key: str, value: Any) -> bool:
     if value is None:
         return True
     default = AXOLOTL_OFF_DEFAULTS.get(key, _NOTHING)
-    if default is not _NOTHING:  # `dataloader_pin_memory: false` asks for something
+    if default is not _NOTHING:  # `pretrain_multipack_attn: false` asks for something
         return type(default) is type(value) and default == value
     if value is False or value == "" or (isinstance(value, list | dict) and not value):
         return True

@@ -64,10 +64,6 @@ AXOLOTL_KEYS_NOT_SUPPORTED: dict[str, str] = {
     "process_reward_model": "reward-model training is not supported yet",
     "pretraining_dataset": "streaming pre-training datasets are not supported yet",
     "streaming": "streaming datasets are not supported yet",
-    "hub_model_id": "pushing to the hub is not supported (hellbender works offline-first)",
-    "hub_strategy": "pushing to the hub is not supported",
-    "push_dataset_to_hub": "pushing to the hub is not supported",
-    "unfrozen_parameters": "partial freezing by parameter pattern is not supported yet",
     "relora_steps": "ReLoRA is not supported yet",
     "relora_warmup_steps": "ReLoRA is not supported yet",
     "relora_cpu_offload": "ReLoRA is not supported yet",
@@ -86,9 +82,6 @@ AXOLOTL_KEYS_NOT_SUPPORTED: dict[str, str] = {
     "multipack_real_batches": "the packer always builds real batches",
     "chat_template_jinja": "put the jinja string in `chat_template`",
     "local_rank": "set by the launcher (torchrun), not in the config",
-    "loss_watchdog_patience": "the loss watchdog's patience is not supported yet",
-    "eval_table_size": "prediction tables in W&B are not supported yet",
-    "eval_max_new_tokens": "generation during evaluation is not supported yet",
     "save_first_step": "saving a checkpoint after the first step is not supported yet",
 }
 

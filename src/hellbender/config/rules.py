@@ -24,6 +24,7 @@ from hellbender.config.findings import Finding, quote
 from hellbender.config.hardware import Hardware
 from hellbender.config.normalize import fsdp_requested
 from hellbender.config.schema import GPU_ONLY_BACKENDS, LOSS_REPLACEMENTS, HellbenderConfig, ResolvedConfig
+from hellbender.config.unfrozen import UnfrozenPatternError, unfrozen_pattern
 from hellbender.model_files import read_model_config
 
 Rule = Callable[[ResolvedConfig, Hardware, HellbenderConfig], list[Finding]]
@@ -41,8 +42,6 @@ NOT_YET_IMPLEMENTED: dict[str, str] = {
     "sequence_parallel_degree": "context parallelism",
     "dp_shard_size": "N-D parallelism",
     "dp_replicate_size": "N-D parallelism",
-    "group_by_length": "length-grouped batching",
-    "early_stopping_patience": "early stopping",
     "skip_prepare_dataset": "lazy dataset preparation",
     "save_safetensors": "pickled (.bin) weight files; outputs are always safetensors",
     "wandb_watch": "W&B gradient watching",
@@ -743,6 +742,147 @@ def adamw_8bit_needs_bnb(cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfi
                 "pip install 'hellbender[quant]'",
                 "optimizer" if cfg.optimizer == "adamw_8bit" else "load_in_4bit",
             )
+    return []
+
+
+@rule
+def prefetch_without_workers(cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
+    """dataloader_prefetch_factor is how far each worker collates ahead: without workers, nothing."""
+    if cfg.dataloader_prefetch_factor is not None and cfg.dataloader_num_workers == 0:
+        return _warn(
+            "HB180",
+            "dataloader_prefetch_factor has no effect without dataloader_num_workers (batches are "
+            "collated in the training process).",
+            "Set dataloader_num_workers, or remove dataloader_prefetch_factor.",
+            "dataloader_prefetch_factor",
+        )
+    return []
+
+
+@rule
+def pin_memory_without_cuda(cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
+    """Page-locked batches only speed up copies to a CUDA device; on CPU the key does nothing."""
+    if "dataloader_pin_memory" in raw.model_fields_set and cfg.dataloader_pin_memory and not hw.cuda:
+        return [
+            Finding(
+                "HB181",
+                "info",
+                f"dataloader_pin_memory has no effect on {hw.description}: batches stay where they are "
+                "collated (pinning only speeds up copies to a CUDA GPU).",
+                "Nothing to do; it applies when the run has a CUDA GPU.",
+                "dataloader_pin_memory",
+            )
+        ]
+    return []
+
+
+@rule
+def eval_samples_sharded(cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
+    """eval_table_size generates on rank 0 alone: a model sharded over the ranks (FSDP2, DeepSpeed)
+    cannot run a forward on one rank."""
+    if cfg.eval_table_size and cfg.distributed_strategy in ("fsdp2", "deepspeed"):
+        return _err(
+            "HB182",
+            f"eval_table_size (sample generations at evaluation) is not supported with "
+            f"{cfg.distributed_strategy}: rank 0 generates alone, and its model is sharded over the ranks.",
+            "Remove eval_table_size, or train with DDP or one process.",
+            "eval_table_size",
+        )
+    return []
+
+
+@rule
+def unfrozen_parameters_full_finetune(
+    cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfig
+) -> list[Finding]:
+    """unfrozen_parameters picks what a full fine-tune trains; an adapter already trains only its own
+    weights, so the two together would freeze the adapter or train base weights by surprise."""
+    if cfg.unfrozen_parameters and cfg.adapter is not None:
+        return _err(
+            "HB124",
+            f"unfrozen_parameters selects what a full fine-tune trains; with adapter: {cfg.adapter} the "
+            "adapter's weights are what trains.",
+            "Remove unfrozen_parameters, or remove adapter for a partial full fine-tune "
+            "(lora_modules_to_save trains whole modules next to an adapter).",
+            "unfrozen_parameters",
+        )
+    return []
+
+
+@rule
+def unfrozen_parameters_patterns(cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
+    """Each unfrozen_parameters entry must be a regex; Axolotl's row ranges (`name$[:32000]`, a
+    gradient mask on part of a tensor) are not supported."""
+    out: list[Finding] = []
+    for index, pattern in enumerate(cfg.unfrozen_parameters or []):
+        try:
+            unfrozen_pattern(pattern)
+        except UnfrozenPatternError as exc:
+            out += _err(
+                "HB125",
+                f"unfrozen_parameters[{index}] {quote(pattern)}: {exc}.",
+                "Write a regex over parameter names, e.g. `^model.layers.1[0-9]+.mlp.` or `lm_head`.",
+                "unfrozen_parameters",
+            )
+    return out
+
+
+@rule
+def group_by_length_with_packing(cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
+    """With sample_packing the packer fills rows by length already; group_by_length only orders
+    unpacked samples (as in Axolotl, whose multipack sampler ignores it)."""
+    if cfg.group_by_length and cfg.sample_packing:
+        return _warn(
+            "HB127",
+            "group_by_length has no effect with sample_packing: packed rows are already filled by length.",
+            "Remove group_by_length, or set sample_packing: false to batch samples of similar length.",
+            "group_by_length",
+        )
+    return []
+
+
+@rule
+def best_model_needs_evaluation(cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
+    """early_stopping_patience and load_best_model_at_end decide on evaluation losses: without
+    evaluations they would silently do nothing."""
+    has_evaluations = (cfg.val_set_size > 0 or bool(cfg.test_datasets)) and cfg.eval_strategy != "no"
+    asked = [k for k in ("early_stopping_patience", "load_best_model_at_end") if getattr(cfg, k)]
+    if asked and not has_evaluations:
+        return _err(
+            "HB126",
+            f"{' and '.join(asked)} compare evaluation losses, but this config never evaluates.",
+            "Set val_set_size or test_datasets (and eval_steps / evals_per_epoch), or remove "
+            f"{', '.join(asked)}.",
+            asked[0],
+        )
+    return []
+
+
+@rule
+def eval_samples_without_data(cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
+    """eval_table_size generates for evaluation prompts: without evaluation data, never."""
+    if cfg.eval_table_size and not (cfg.val_set_size > 0 or cfg.test_datasets):
+        return _warn(
+            "HB184",
+            "eval_table_size set but there is no evaluation data: no sample generations will be written.",
+            "Set val_set_size or test_datasets, or remove eval_table_size.",
+            "eval_table_size",
+        )
+    return []
+
+
+@rule
+def hub_options_without_repo(cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
+    """hub_strategy, push_to_hub and hub_private_repo say how to push to hub_model_id: without it,
+    nothing is pushed."""
+    given = [k for k in ("hub_strategy", "push_to_hub", "hub_private_repo") if k in raw.model_fields_set]
+    if given and cfg.hub_model_id is None and not (given == ["hub_private_repo"] and cfg.push_dataset_to_hub):
+        return _warn(
+            "HB183",
+            f"{', '.join(given)} without hub_model_id: no model is pushed to the Hub.",
+            "Set hub_model_id to the repository to push to, or remove them.",
+            given[0],
+        )
     return []
 
 

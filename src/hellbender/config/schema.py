@@ -29,7 +29,19 @@ AttnImplementation = Literal[
 DatasetType = Literal["alpaca", "completion", "input_output", "chat_template", "user_defined"]
 # "adamw_bnb_8bit" is the Hugging Face / Axolotl spelling of adamw_8bit; normalize maps it.
 Optimizer = Literal["adamw_torch", "adamw_torch_fused", "adamw_8bit", "adamw_bnb_8bit", "sgd"]
-Scheduler = Literal["cosine", "linear", "constant"]
+Scheduler = Literal[
+    "cosine",
+    "linear",
+    "constant",
+    "constant_with_warmup",
+    "cosine_with_min_lr",
+    "cosine_warmup_with_min_lr",
+    "cosine_with_restarts",
+    "polynomial",
+    "inverse_sqrt",
+    "rex",
+    "one_cycle",
+]
 ComputeDtype = Literal["bfloat16", "float16", "float32"]
 LossMethod = Literal["plain", "chunked", "cut", "liger", "liger_fused_linear"]
 DistributedStrategy = Literal["single", "ddp", "fsdp2", "deepspeed"]
@@ -435,6 +447,11 @@ class HellbenderConfig(_Strict):
         "or a jinja string.",
     )
     default_system_message: str | None = Field(None, description="System message for chat templates.")
+    eot_tokens: list[str] | None = Field(
+        None,
+        description="`chat_template`: the tokens that end a turn (each a single token), trained per "
+        "train_on_eos; default: any special token right after a content.",
+    )
     resize_token_embeddings_to_32x: bool = Field(False, description="Pad the vocabulary to a multiple of 32.")
 
     # ---------------------------------------------------------------- quantized bases
@@ -466,6 +483,11 @@ class HellbenderConfig(_Strict):
     lora_mlp_kernel: bool = Field(False, description="Fused LoRA MLP forward/backward.")
     lora_qkv_kernel: bool = Field(False, description="Fused LoRA q/k/v forward/backward.")
     lora_o_kernel: bool = Field(False, description="Fused LoRA output-projection forward/backward.")
+    unfrozen_parameters: list[str] | None = Field(
+        None,
+        description="Full fine-tuning of only the parameters whose name matches one of these regexes "
+        "(Axolotl's reading: matched from the start, `.` literal); the rest stay frozen.",
+    )
 
     # ---------------------------------------------------------------- data
     datasets: list[DatasetConfig] | None = Field(None, description="Training datasets.")
@@ -515,7 +537,10 @@ class HellbenderConfig(_Strict):
     sample_packing_group_size: int = Field(
         100000, ge=1, le=MAX_COUNT, description="Accepted for compatibility; the packer is exact."
     )
-    group_by_length: bool = Field(False, description="Batch samples of similar length together.")
+    group_by_length: bool = Field(
+        False,
+        description="Batch samples of similar length together (HF's grouping; without sample_packing).",
+    )
 
     # ---------------------------------------------------------------- batch and schedule
     micro_batch_size: int = Field(1, ge=1, le=MAX_WIDTH, description="Rows per forward pass on one device.")
@@ -538,8 +563,12 @@ class HellbenderConfig(_Strict):
     )
     learning_rate: float = Field(2e-5, gt=0, le=MAX_LEARNING_RATE, description="Peak learning rate.")
     optimizer: Optimizer = Field("adamw_torch", description="Optimizer.")
-    lr_scheduler: Scheduler = Field("cosine", description="Learning-rate schedule after warm-up.")
-    cosine_min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Cosine floor as a fraction of the peak.")
+    lr_scheduler: Scheduler = Field(
+        "cosine", description="Learning-rate schedule (HF/Axolotl names; see docs/axolotl.md)."
+    )
+    cosine_min_lr_ratio: float = Field(
+        0.0, ge=0, le=1, description="Floor of cosine, cosine_with_min_lr and rex as a fraction of the peak."
+    )
     warmup_steps: int | None = Field(None, ge=0, le=MAX_COUNT, description="Linear warm-up steps.")
     warmup_ratio: float | None = Field(None, ge=0, lt=1, description="Warm-up as a fraction of all steps.")
     weight_decay: float = Field(0.0, ge=0, le=10, description="Decoupled weight decay.")
@@ -667,6 +696,25 @@ class HellbenderConfig(_Strict):
     save_total_limit: int | None = Field(
         None, ge=1, le=MAX_COUNT, description="Keep at most this many checkpoints."
     )
+    eval_table_size: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_COUNT,
+        description="At each evaluation, generate for this many eval prompts and write them to "
+        "output_dir/eval_samples_step<N>.jsonl (0 or none: off).",
+    )
+    eval_max_new_tokens: int = Field(
+        128, ge=1, le=MAX_COUNT, description="New tokens generated per eval_table_size prompt (greedy)."
+    )
+    dataloader_num_workers: int = Field(
+        0, ge=0, le=64, description="Worker processes that collate the training batches (0: in-process)."
+    )
+    dataloader_pin_memory: bool = Field(
+        True, description="Collated batches in page-locked memory (CUDA only; no effect on CPU)."
+    )
+    dataloader_prefetch_factor: int | None = Field(
+        None, ge=1, le=MAX_COUNT, description="Steps each worker collates ahead (dataloader_num_workers > 0)."
+    )
 
     @field_validator("peft_layers_to_transform")
     @classmethod
@@ -696,8 +744,27 @@ class HellbenderConfig(_Strict):
     loss_watchdog_threshold: float | None = Field(
         None, gt=0, le=1e6, description="Stop when the loss exceeds this."
     )
+    loss_watchdog_patience: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_COUNT,
+        description="Steps in a row above loss_watchdog_threshold before the run stops (default 1: the "
+        "first; Axolotl's default is 3).",
+    )
     early_stopping_patience: int | None = Field(
-        None, ge=1, le=MAX_COUNT, description="Stop after N evals without improvement."
+        None,
+        ge=1,
+        le=MAX_COUNT,
+        description="Stop after N evaluations in a row without a lower eval_loss (final outputs are "
+        "still written).",
+    )
+    load_best_model_at_end: bool = Field(
+        False, description="The final outputs are the weights of the evaluation with the best metric."
+    )
+    metric_for_best_model: Literal["eval_loss", "loss"] = Field(
+        "eval_loss",
+        description="What load_best_model_at_end compares, lower is better (`loss`: HF's other name "
+        "for eval_loss).",
     )
     use_tensorboard: bool | None = Field(None, description="Log to TensorBoard (default: when installed).")
     wandb_project: str | None = Field(None, description="Weights & Biases project (enables W&B).")
@@ -707,6 +774,19 @@ class HellbenderConfig(_Strict):
     wandb_mode: str | None = Field(None, description="W&B mode (online, offline, disabled).")
     wandb_watch: str | None = Field(None, description="W&B gradient watching.")
     wandb_log_model: str | None = Field(None, description="W&B model logging.")
+    hub_model_id: str | None = Field(
+        None, description="Push the run to this Hugging Face Hub model repository (HF_ENDPOINT)."
+    )
+    hub_strategy: Literal["end", "every_save", "checkpoint", "all_checkpoints"] = Field(
+        "every_save",
+        description="What goes up: end (final outputs), every_save (+ weights at each save), checkpoint "
+        "(+ latest checkpoint in last-checkpoint/), all_checkpoints (+ every checkpoint).",
+    )
+    push_to_hub: bool | None = Field(None, description="false: do not push even with hub_model_id.")
+    hub_private_repo: bool = Field(True, description="Create the hub repositories private.")
+    push_dataset_to_hub: str | None = Field(
+        None, description="Upload the prepared dataset to this Hub dataset repository."
+    )
     mlflow_tracking_uri: str | None = Field(None, description="MLflow tracking URI (enables MLflow).")
     mlflow_experiment_name: str | None = Field(None, description="MLflow experiment.")
     mlflow_run_name: str | None = Field(None, description="MLflow run name.")

@@ -153,6 +153,29 @@ def best_fit_decreasing(
     return bins
 
 
+def group_by_length(order: list[int], lengths: Sequence[int], batch_size: int) -> list[int]:
+    """``order`` (a random permutation) regrouped so that consecutive ``batch_size`` samples have
+    similar lengths: the HF Trainer's ``group_by_length`` (its ``get_length_grouped_indices``).
+
+    The permutation is cut into mega-batches of ``min(n // (4 × batch_size), 50)`` (at least 1)
+    batches, each sorted longest first (stable), and the longest sample of all is swapped to the
+    front so that a run that does not fit in memory fails on its first step. Still a permutation:
+    every sample once per epoch, and as deterministic as ``order``.
+    """
+    mega_batch_mult = max(1, min(len(order) // (batch_size * 4), 50))
+    size = mega_batch_mult * batch_size
+    megabatches = [
+        sorted(order[i : i + size], key=lambda index: lengths[index], reverse=True)
+        for i in range(0, len(order), size)
+    ]
+    if not megabatches:
+        return []
+    maxima = [lengths[megabatch[0]] for megabatch in megabatches]
+    longest = maxima.index(max(maxima))  # the first of equal maxima, as torch.argmax
+    megabatches[0][0], megabatches[longest][0] = megabatches[longest][0], megabatches[0][0]
+    return [index for megabatch in megabatches for index in megabatch]
+
+
 class BatchSampler:
     """Yields micro-batches (``list`` of rows, a row = ``list`` of sample indices) for one epoch.
 
@@ -175,6 +198,7 @@ class BatchSampler:
         seed: int,
         shuffle: bool = True,
         drop_last: bool = False,
+        length_group: int = 0,
     ) -> None:
         if sequence_len <= 0:
             raise ValueError(f"sequence_len must be positive, got {sequence_len}")
@@ -196,6 +220,8 @@ class BatchSampler:
         self.seed = seed
         self.shuffle = shuffle
         self.drop_last = drop_last
+        # group_by_length: samples per optimizer step (0: off); shuffled samples only
+        self.length_group = length_group
         self._epoch = 0
         # (epoch, micro-batches): the plan is computed once per epoch and shared by len()/iter().
         self._plan: tuple[int, list[list[list[int]]]] | None = None
@@ -223,6 +249,8 @@ class BatchSampler:
                 rows = [rows[i] for i in rng.permutation(len(rows)).tolist()]
             return rows
         order = rng.permutation(len(self._lengths)) if rng is not None else np.arange(len(self._lengths))
+        if rng is not None and self.length_group:
+            return [[i] for i in group_by_length(order.tolist(), self._lengths.tolist(), self.length_group)]
         return [[i] for i in order.tolist()]
 
     def micro_batches(self) -> list[list[list[int]]]:

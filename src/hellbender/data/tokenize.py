@@ -9,11 +9,12 @@ otherwise have empty offsets and never be trained). Tokens the tokenizer adds it
 empty offsets and are never trained. With a cumulative sum over a per-character mask, every
 token is decided in O(1), so a sample costs O(characters + tokens).
 
-**End of turn.** For each ``(after, limit)`` in ``Rendered.eot`` the first special token starting
-in ``[after, limit)`` — with only whitespace tokens before it — is trained, together with that
-whitespace. That token is what the model must emit to end its turn. A sample that asks for
-end-of-turn tokens and gets none is flagged (``_no_eot``): its template's end-of-turn marker is
-plain text to this tokenizer, and preparation warns about it instead of silently training none.
+**End of turn.** For each ``(after, limit)`` in ``Rendered.eot`` the first special token (with
+``eot_tokens``: the first of those tokens or the EOS) starting in ``[after, limit)`` — with only
+whitespace tokens before it — is trained, together with that whitespace. That token is what the
+model must emit to end its turn. A sample that asks for end-of-turn tokens and gets none is flagged
+(``_no_eot``): its template's end-of-turn marker is plain text to this tokenizer, and preparation
+warns about it instead of silently training none.
 
 **Labels are not shifted**: ``labels[i]`` is ``input_ids[i]`` or -100; the loss shifts.
 
@@ -258,7 +259,7 @@ def tokenize_batch(
             rendered_idx.append(idx)
         except BadRow as exc:
             failures[idx] = exc
-    encoded = dict(zip(rendered_idx, encode_checked(rendered, tokenizer), strict=True))
+    encoded = dict(zip(rendered_idx, encode_checked(rendered, tokenizer, fmt.eot_ids), strict=True))
     by_idx = dict(zip(rendered_idx, rendered, strict=True))
     for idx in indices:
         if idx in failures:

@@ -93,6 +93,8 @@ class TrainState:
     micro_batches_done: int = 0
     total_steps: int = 0
     best_eval_loss: float | None = None
+    best_step: int | None = None  # the step of best_eval_loss (load_best_model_at_end)
+    evals_without_improvement: int = 0  # in a row, for early_stopping_patience
     plan: dict[str, Any] = field(default_factory=dict)
     has_optimizer: bool = True
 

@@ -12,10 +12,12 @@ One optimizer step::
                     lists of the sampler, collated
     n_step        = trained tokens of the whole step, summed over the ranks
     for each micro-batch:  (loss_fn(micro-batch) * world_size / n_step).backward()
-    stop if the loss is NaN/inf (or above loss_watchdog_threshold) — before the update
+    stop if the loss is NaN/inf (or above loss_watchdog_threshold for loss_watchdog_patience
+    steps in a row) — before the update
     clip the gradient norm, optimizer.step(), scheduler.step()
     watch for a dead or exploding run (see :class:`_Watchdog`): warn once, remember why
-    log; evaluate / checkpoint when the schedule says so
+    log; evaluate / checkpoint when the schedule says so; after early_stopping_patience
+    evaluations without a lower eval_loss, end the run as if it were its last step
 
 Token-exact loss. The quantity trained on is the mean cross-entropy over **every trained token of
 one optimizer step**: the same number whether the step is one big batch or many micro-batches,
@@ -84,16 +86,18 @@ from hellbender.errors import HellbenderError, OptionError
 from hellbender.kernels import LossFn, activation_offloading, build_loss
 from hellbender.models.attention import model_inputs
 from hellbender.train import checkpoint as ckpt
+from hellbender.train.hub import ModelPusher, pushes_model
 from hellbender.train.metrics import METRICS_FILE, RunLogger, peak_memory_bytes
-from hellbender.train.optim import build_optimizer, build_scheduler
+from hellbender.train.optim import build_optimizer, build_scheduler, freeze_except
 from hellbender.train.run_config import check_resume_config, resolved_config_text
+from hellbender.train.samples import eval_prompts, generate, write_samples
 
 Autocast = Callable[[], AbstractContextManager[Any]]
 
 logger = logging.getLogger(__name__)
 
-# Consecutive steps a sign of divergence must last before the watchdog reports it. Axolotl's
-# loss_watchdog_patience (default 3) is the same idea; until the schema has that key, a constant.
+# Consecutive steps a sign of divergence must last before the watchdog reports it (the same idea
+# as loss_watchdog_patience, which counts steps above the user's loss_watchdog_threshold).
 WATCHDOG_PATIENCE = 3
 # A loss this many times its first value (at least EXPLOSION_FACTOR × 0.1) has exploded.
 EXPLOSION_FACTOR = 100.0
@@ -113,6 +117,8 @@ class TrainResult:
     resumed_from: Path | None = None
     trained_tokens: int = 0  # tokens that contributed to the loss, in the steps this call ran
     diverged: str | None = None  # why the watchdog thinks the run diverged (it ran on), else None
+    stopped_early: int | None = None  # the step early_stopping_patience ended the run at, else None
+    best_step: int | None = None  # the step whose weights are the final ones (load_best_model_at_end)
     # A run spread over ranks: its final weights gathered whole on rank 0 (what to save; {} on
     # the other ranks). None in one process, where the model's own tensors are whole.
     final_weights: dict[str, torch.Tensor] | None = None
@@ -175,6 +181,12 @@ def batching(
         sample_packing=cfg.eval_sample_packing if evaluation else cfg.sample_packing,
         seed=cfg.seed,
         shuffle=not evaluation,
+        # HF groups the samples of one optimizer step (all ranks: every rank draws from this sampler)
+        length_group=(
+            cfg.micro_batch_size * cfg.gradient_accumulation_steps * cfg.data_parallel_size
+            if cfg.group_by_length and not evaluation
+            else 0
+        ),
     )
     collate = Collator(
         pad_token_id,
@@ -434,6 +446,54 @@ def _remaining_steps(
             yield _Step(epoch, first, micro_batches[first : first + accumulation], plan.epoch_lengths[epoch])
 
 
+class _StepData(torch.utils.data.Dataset[list[dict[str, Any]]]):
+    """Step ``i`` → this rank's collated micro-batches of ``steps[i]``, on the CPU (what a
+    DataLoader worker builds)."""
+
+    def __init__(self, steps: list[_Step], samples: Samples, collate: Collator, world: World) -> None:
+        self.steps, self.samples, self.collate, self.world = steps, samples, collate, world
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def __getitem__(self, index: int) -> list[dict[str, Any]]:
+        group = self.steps[index].micro_batches
+        return rank_batches(group, self.samples, self.collate, self.world, torch.device("cpu"))
+
+
+def _as_is(item: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return item
+
+
+def _step_batches(run: _Run, group: int) -> Iterator[tuple[_Step, list[dict[str, Any]]]]:
+    """Each remaining step with this rank's collated micro-batches, on the run's device.
+
+    ``dataloader_num_workers`` 0: collated here, when the step runs. Otherwise a torch DataLoader
+    collates the steps in worker processes, ``dataloader_prefetch_factor`` steps ahead per worker,
+    into page-locked memory when ``dataloader_pin_memory`` and the run is on CUDA (elsewhere
+    pinning does nothing). The loader only maps step i to its batches, in order: the steps, their
+    micro-batches and hence the losses are the same with or without workers.
+    """
+    cfg = run.cfg
+    steps = _remaining_steps(run.sampler, run.plan, group, run.state)
+    if cfg.dataloader_num_workers == 0:
+        for item in steps:
+            yield item, rank_batches(item.micro_batches, run.samples, run.collate, run.world, run.device)
+        return
+    items = list(steps)
+    loader = torch.utils.data.DataLoader(
+        _StepData(items, run.samples, run.collate, run.world),
+        batch_size=None,
+        shuffle=False,
+        collate_fn=_as_is,
+        num_workers=cfg.dataloader_num_workers,
+        pin_memory=cfg.dataloader_pin_memory and run.device.type == "cuda",
+        prefetch_factor=cfg.dataloader_prefetch_factor,
+    )
+    for item, batches in zip(items, loader, strict=True):
+        yield item, [_to(batch, run.device) for batch in batches]
+
+
 @dataclass
 class _LogWindow:
     """What accumulates between two log lines (``logging_steps`` optimizer steps)."""
@@ -469,8 +529,12 @@ class _Run:
         out: Path,
         resume_from: Path | None,
         world: World,
+        tokenizer: Any | None = None,
     ) -> None:
         self.cfg, self.model, self.out, self.pad_token_id, self.world = cfg, model, out, pad_token_id, world
+        self.tokenizer = tokenizer
+        # The hub repository is created before the first step: a run that cannot push fails now.
+        self.hub = ModelPusher(cfg) if pushes_model(cfg) and world.is_main else None
         if world.size != cfg.world_size:
             raise OptionError(
                 f"this run has {world.size} rank(s) but its config was resolved for world_size "
@@ -585,6 +649,8 @@ class _Run:
                     optimizer_state=optimizer_state,
                     sharded=self.parallel.shards_checkpoint(optimizer is not None),
                 )
+                if self.hub is not None:
+                    self.hub.checkpoint_saved(path, self.state.global_step)
         return path
 
     def evaluate(self, step: int) -> dict[str, float]:
@@ -601,7 +667,26 @@ class _Run:
         self.log.progress.message(
             f"eval step {step}: loss {metrics['eval_loss']:.4f} ppl {metrics['eval_ppl']:.2f}"
         )
+        if self.cfg.eval_table_size and self.eval_samples is not None and self.world.is_main:
+            self.write_eval_samples(step, self.eval_samples, self.cfg.eval_table_size)
         return metrics
+
+    def write_eval_samples(self, step: int, samples: Samples, count: int) -> Path:
+        """Greedy generations for the first ``count`` eval prompts (main rank only: the model is
+        whole there, rule HB182), written next to the metrics."""
+        rows = (samples.rows([[i]])[0][0] for i in range(len(samples)))
+        prompts = eval_prompts(rows, count)
+        completions = generate(
+            self.model,
+            prompts,
+            max_new_tokens=self.cfg.eval_max_new_tokens,
+            pad_token_id=self.pad_token_id,
+            eos_token_id=getattr(self.tokenizer, "eos_token_id", None),
+            autocast=self.forward.autocast(),
+        )
+        path = write_samples(self.out, step, prompts, completions, self.tokenizer)
+        self.log.progress.message(f"eval step {step}: {len(prompts)} sample generations in {path.name}")
+        return path
 
 
 def train(
@@ -614,15 +699,23 @@ def train(
     output_dir: Path | None = None,
     resume_from: Path | None = None,
     world: World = World(),
+    tokenizer: Any | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on ``train_data`` (tokenized rows) and return what happened.
 
     Checkpoints go to ``output_dir`` (default ``cfg.output_dir``); ``resume_from`` is a checkpoint
-    folder to continue from exactly. Memory options that patch the model (checkpointing, kernels)
+    folder to continue from exactly; ``tokenizer`` (optional) decodes the ``eval_table_size``
+    generations into text. Memory options that patch the model (checkpointing, kernels)
     are applied by the caller (:func:`hellbender.kernels.apply_optimizations`); final outputs are
     written by :func:`hellbender.commands.train.run_train`.
     """
     out = Path(output_dir or cfg.output_dir)
+    if cfg.unfrozen_parameters:
+        # Before the model is wrapped and the optimizer built: both see only what trains.
+        unfrozen = freeze_except(model, cfg.unfrozen_parameters)
+        if world.is_main:
+            tensors = sum(1 for _ in model.parameters())
+            logger.info("unfrozen_parameters: %d of %d parameter tensors train", len(unfrozen), tensors)
     run = _Run(
         cfg,
         model,
@@ -632,19 +725,22 @@ def train(
         out=out,
         resume_from=resume_from,
         world=world,
+        tokenizer=tokenizer,
     )
     result = TrainResult(run.state.global_step, run.plan.total, resumed_from=resume_from)
     group = cfg.gradient_accumulation_steps * cfg.data_parallel_size  # micro-batches per step, all ranks
     window = _LogWindow()
     watchdog = _Watchdog(trainable=bool(run.params))
+    high_loss_steps = 0  # in a row above loss_watchdog_threshold
+    best = _BestWeights(run, resume_from) if cfg.load_best_model_at_end else None
     model.train()
     try:
-        for item in _remaining_steps(run.sampler, run.plan, group, run.state):
+        for item, batches in _step_batches(run, group):
             t0 = time.perf_counter()
-            batches = rank_batches(item.micro_batches, run.samples, run.collate, world, run.device)
             loss, trained, tokens = _accumulate_gradients(run.parallel, batches, cfg, run.scaler)
             step = run.state.global_step + 1
-            _stop_if_diverged(cfg, loss, step, run.log)  # before the update: the weights stay good
+            # before the update: the weights stay good
+            high_loss_steps = _stop_if_diverged(cfg, loss, step, run.log, high_loss_steps)
             lr = float(run.scheduler.get_last_lr()[0])  # typed float | Tensor; our schedules give floats
             grad_norm = _optimizer_step(run, step, loss)
             run.scheduler.step()
@@ -660,16 +756,30 @@ def train(
             if step % step_interval(cfg.logging_steps, run.plan.total) == 0 or step == run.plan.total:
                 _log_train(run.log, window, step, item.epoch_progress(group), lr, grad_norm)
                 window = _LogWindow()
+            stop_early = False
             if step in run.eval_at:
                 metrics = result.evals[step] = run.evaluate(step)
-                best = run.state.best_eval_loss
-                if best is None or metrics["eval_loss"] < best:
-                    run.state.best_eval_loss = metrics["eval_loss"]
+                best_loss = run.state.best_eval_loss
+                if best_loss is None or metrics["eval_loss"] < best_loss:
+                    run.state.best_eval_loss, run.state.best_step = metrics["eval_loss"], step
+                    run.state.evals_without_improvement = 0
+                    if best is not None:
+                        best.keep(step)
                     if cfg.save_strategy == "best":
                         _keep(result, run.save())
+                else:
+                    run.state.evals_without_improvement += 1
+                stop_early = _early_stop(run, step)
             if step in run.save_at:
                 _keep(result, run.save())
+            if stop_early:
+                if window.seconds > 0:  # steps since the last log line: logged, not lost
+                    _log_train(run.log, window, step, item.epoch_progress(group), lr, grad_norm)
+                result.stopped_early = step
+                break
         result.final_weights = run.parallel.full_weights(trainable_only=run.parallel.trainable_only)
+        if best is not None:
+            result.best_step = best.restore(result)
     finally:
         run.log.close()
     return result
@@ -818,19 +928,99 @@ def _stop(log: RunLogger, step: int, reason: str, *, compute_dtype: str) -> None
     raise TrainingStopped(message)
 
 
-def _stop_if_diverged(cfg: ResolvedConfig, loss: float, step: int, log: RunLogger) -> None:
+def _stop_if_diverged(cfg: ResolvedConfig, loss: float, step: int, log: RunLogger, high_steps: int) -> int:
+    """Stop on a NaN/inf loss, or once the loss has exceeded ``loss_watchdog_threshold`` for
+    ``loss_watchdog_patience`` steps in a row (default 1: the first); return that run of steps."""
     if not math.isfinite(loss):
         log.log(step, {"loss": loss})
         _stop(log, step, f"the loss is {loss} at step {step}", compute_dtype=cfg.compute_dtype)
     threshold = cfg.loss_watchdog_threshold
-    if threshold is not None and loss > threshold:
+    if threshold is None or loss <= threshold:
+        return 0
+    high_steps += 1
+    patience = cfg.loss_watchdog_patience or 1
+    if high_steps >= patience:
         log.log(step, {"loss": loss})
+        in_a_row = f" for {high_steps} steps in a row" if patience > 1 else ""
         _stop(
             log,
             step,
-            f"the loss {loss:.4f} at step {step} exceeds loss_watchdog_threshold {threshold}",
+            f"the loss {loss:.4f} at step {step} exceeds loss_watchdog_threshold {threshold}{in_a_row}",
             compute_dtype=cfg.compute_dtype,
         )
+    return high_steps
+
+
+def _early_stop(run: _Run, step: int) -> bool:
+    """True once ``early_stopping_patience`` evaluations in a row have not lowered eval_loss (the
+    HF EarlyStoppingCallback's rule, threshold 0); said on the log and in metrics.jsonl."""
+    patience = run.cfg.early_stopping_patience
+    if patience is None or run.state.evals_without_improvement < patience:
+        return False
+    run.log.log(step, {"early_stopped": 1.0})
+    run.log.progress.message(
+        f"early stopping at step {step}: eval_loss has not improved on {run.state.best_eval_loss:.4f} "
+        f"(step {run.state.best_step}) for {patience} evaluation(s)"
+    )
+    return True
+
+
+class _BestWeights:
+    """The trained weights of the best evaluation so far (``load_best_model_at_end``), in host
+    memory: the trainable tensors in one process (the frozen ones never change), the gathered
+    weights on rank 0 of a run spread over ranks. A run resumed past its best step takes them from
+    that step's checkpoint when it is still on disk."""
+
+    def __init__(self, run: _Run, resume_from: Path | None) -> None:
+        self.run = run
+        # where the best step's checkpoint may be: this run's folder, or the resumed run's
+        self.folders = [run.out] + ([resume_from.parent] if resume_from is not None else [])
+        self.step: int | None = None
+        self.weights: dict[str, torch.Tensor] | None = None
+        self.in_model = True  # restored into the model (one process), else as the final weights
+
+    def keep(self, step: int) -> None:
+        parallel = self.run.parallel
+        # A collective spread over ranks (every rank evaluates, so every rank is here); None in
+        # one process, where the model's own tensors are whole.
+        gathered = parallel.full_weights(trainable_only=parallel.trainable_only)
+        self.in_model = gathered is None
+        if gathered is None:
+            named = self.run.model.named_parameters()
+            gathered = {n: p for n, p in named if p.requires_grad}
+        self.weights = {n: t.detach().to("cpu", copy=True) for n, t in gathered.items()}
+        self.step = step
+
+    def restore(self, result: TrainResult) -> int | None:
+        """Make the best weights the run's final ones; return their step (None: no evaluation)."""
+        state = self.run.state
+        if state.best_step is None or state.best_step == state.global_step:
+            return state.best_step  # the last weights are the best ones
+        if self.weights is None or self.step != state.best_step:  # resumed after the best step
+            self._from_checkpoint(state.best_step)
+        elif self.in_model:
+            with torch.no_grad():
+                for name, param in self.run.model.named_parameters():
+                    if name in self.weights:
+                        param.copy_(self.weights[name])
+        else:
+            result.final_weights = self.weights
+        self.run.log.progress.message(
+            f"load_best_model_at_end: the final weights are those of step {state.best_step} "
+            f"(eval_loss {state.best_eval_loss:.4f})"
+        )
+        return state.best_step
+
+    def _from_checkpoint(self, step: int) -> None:
+        found = [f / f"{ckpt.CHECKPOINT_PREFIX}{step}" for f in self.folders]
+        found = [f for f in found if f.is_dir() and not ckpt.is_sharded(f)]
+        if self.run.world.size > 1 or not found:
+            raise OptionError(
+                f"load_best_model_at_end: the best weights (step {step}) were evaluated before this "
+                f"run resumed, and no checkpoint-{step} in {', '.join(map(str, self.folders))} holds "
+                "them whole to load in one process; the last checkpoint is intact"
+            )
+        ckpt.load_model_weights(self.run.model, found[0])
 
 
 class _Watchdog:

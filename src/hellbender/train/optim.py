@@ -19,6 +19,7 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from hellbender.config.schema import ResolvedConfig
+from hellbender.config.unfrozen import unfrozen_pattern
 from hellbender.errors import OptionError, UnavailableError
 
 
@@ -43,6 +44,26 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
             decay.append(param)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
+
+
+def freeze_except(model: torch.nn.Module, patterns: list[str]) -> list[str]:
+    """Train only the parameters whose name matches one of ``patterns`` (``unfrozen_parameters``);
+    freeze the rest, so the optimizer (built after) never holds them. Returns the trained names.
+
+    Names are those of ``model.named_parameters()`` before any wrapping (``model.layers.0…``).
+    """
+    compiled = [unfrozen_pattern(p) for p in patterns]
+    trained: list[str] = []
+    for name, param in model.named_parameters():
+        param.requires_grad_(any(c.match(name) for c in compiled))
+        if param.requires_grad:
+            trained.append(name)
+    if not trained:
+        raise OptionError(
+            f"unfrozen_parameters {patterns} matches no parameter of the model, so nothing would train "
+            f"(its names look like {next(iter(dict(model.named_parameters())), '?')!r})"
+        )
+    return trained
 
 
 def build_optimizer(cfg: ResolvedConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -83,24 +104,87 @@ def warmup_steps(cfg: ResolvedConfig, total_steps: int) -> int:
     return 0
 
 
+# polynomial decays towards this learning rate, not to 0 (HF's ``lr_end`` default).
+POLYNOMIAL_LR_END = 1e-7
+# inverse_sqrt without warm-up decays on this timescale (HF's default).
+INVERSE_SQRT_TIMESCALE = 10_000
+# one_cycle starts at peak / ONE_CYCLE_DIV and ends at that / ONE_CYCLE_FINAL_DIV (torch's
+# OneCycleLR defaults, which Axolotl keeps).
+ONE_CYCLE_DIV = 25.0
+ONE_CYCLE_FINAL_DIV = 1e4
+
+
 def lr_multiplier(
-    step: int, *, kind: str, total_steps: int, warmup: int, min_lr_ratio: float = 0.0
+    step: int,
+    *,
+    kind: str,
+    total_steps: int,
+    warmup: int,
+    min_lr_ratio: float = 0.0,
+    peak_lr: float = 1.0,
 ) -> float:
     """The factor on the peak learning rate after ``step`` scheduler steps (HF's definition).
 
-    Linear warm-up from 0, then cosine (down to ``min_lr_ratio``), linear (down to 0) or constant.
+    Every schedule but ``one_cycle`` and ``cosine_warmup_with_min_lr`` warms up linearly from 0 over
+    ``warmup`` steps, then: ``constant``/``constant_with_warmup`` hold the peak; ``linear`` decays to
+    0; ``cosine``/``cosine_with_min_lr`` follow half a cosine down to ``min_lr_ratio``;
+    ``cosine_with_restarts`` is HF's hard-restart cosine with its default single cycle (0 after the
+    end); ``polynomial`` decays linearly (power 1) to :data:`POLYNOMIAL_LR_END`; ``inverse_sqrt``
+    decays as 1/sqrt(step / warmup); ``rex`` is Axolotl's REX curve z / (0.1 + 0.9 z) down to
+    ``min_lr_ratio``. ``one_cycle`` is torch's ``OneCycleLR`` learning rate (cosine up over the
+    warm-up from peak / 25, then cosine down to peak / 2.5e5); ``cosine_warmup_with_min_lr`` is HF's
+    variant whose step count starts at 1.
     """
+    if kind == "one_cycle":
+        return _one_cycle(step, total_steps=total_steps, warmup=warmup)
+    if kind == "cosine_warmup_with_min_lr":
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        progress = (step - warmup + 1) / max(1, total_steps - warmup)
+        return max(0.0, _half_cosine(progress) * (1.0 - min_lr_ratio) + min_lr_ratio)
     if step < warmup:
         return step / max(1, warmup)
-    if kind == "constant":
+    if kind in ("constant", "constant_with_warmup"):
         return 1.0
     progress = (step - warmup) / max(1, total_steps - warmup)
     if kind == "linear":
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
-    if kind == "cosine":
-        factor = 0.5 * (1.0 + math.cos(math.pi * progress))
-        return max(0.0, factor * (1.0 - min_lr_ratio) + min_lr_ratio)
+    if kind in ("cosine", "cosine_with_min_lr"):
+        return max(0.0, _half_cosine(progress) * (1.0 - min_lr_ratio) + min_lr_ratio)
+    if kind == "cosine_with_restarts":
+        return 0.0 if progress >= 1.0 else _half_cosine(progress % 1.0)
+    if kind == "polynomial":
+        if step > total_steps:
+            return POLYNOMIAL_LR_END / peak_lr
+        return ((peak_lr - POLYNOMIAL_LR_END) * (1.0 - progress) + POLYNOMIAL_LR_END) / peak_lr
+    if kind == "inverse_sqrt":
+        timescale = warmup or INVERSE_SQRT_TIMESCALE
+        return 1.0 / math.sqrt((step + timescale - warmup) / timescale)
+    if kind == "rex":
+        if step >= total_steps:
+            return min_lr_ratio
+        z = (total_steps - step) / max(1, total_steps - warmup)
+        return min_lr_ratio + (1.0 - min_lr_ratio) * z / (0.1 + 0.9 * z)
     raise ValueError(f"unknown lr_scheduler {kind!r}")
+
+
+def _half_cosine(progress: float) -> float:
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _one_cycle(step: int, *, total_steps: int, warmup: int) -> float:
+    """torch ``OneCycleLR``'s learning rate over the peak (cosine annealing, two phases, the
+    warm-up as ``pct_start``), as Axolotl configures it. Its momentum cycling is not applied:
+    ``adam_beta1`` stays what the config says."""
+    start, end = 1.0 / ONE_CYCLE_DIV, 1.0 / (ONE_CYCLE_DIV * ONE_CYCLE_FINAL_DIV)
+    peak_step = float(warmup) - 1.0  # OneCycleLR: pct_start × total − 1
+    last = float(total_steps) - 1.0
+    if step <= peak_step:
+        lo, hi, pct = start, 1.0, step / peak_step if peak_step > 0 else 1.0
+    else:
+        lo, hi = 1.0, end
+        pct = min(1.0, (step - peak_step) / (last - peak_step)) if last > peak_step else 1.0
+    return hi + (lo - hi) / 2.0 * (math.cos(math.pi * pct) + 1.0)
 
 
 def build_scheduler(cfg: ResolvedConfig, optimizer: torch.optim.Optimizer, total_steps: int) -> LambdaLR:
@@ -115,5 +199,6 @@ def build_scheduler(cfg: ResolvedConfig, optimizer: torch.optim.Optimizer, total
         total_steps=total_steps,
         warmup=warmup_steps(cfg, total_steps),
         min_lr_ratio=cfg.cosine_min_lr_ratio,
+        peak_lr=cfg.learning_rate,
     )
     return LambdaLR(optimizer, fn)

@@ -50,7 +50,7 @@ RESUME_POLICY: dict[str, tuple[Policy, str]] = {
         datasets val_set_size shuffle_merged_datasets dataset_exact_deduplication sequence_len
         min_sample_len excess_length_strategy train_on_inputs sample_packing group_by_length
         chat_template default_system_message tokenizer_config tokenizer_use_fast special_tokens tokens
-        special_tokens_fix seed"""),
+        special_tokens_fix seed eot_tokens"""),
     **_keys("refuse", "changes the steps of the run and so its schedule", """
         micro_batch_size batch_size num_epochs max_steps epochs_given context_parallel_size
         sequence_parallel_degree tensor_parallel_size dp_shard_size dp_replicate_size"""),
@@ -70,7 +70,7 @@ RESUME_POLICY: dict[str, tuple[Policy, str]] = {
         resize_token_embeddings_to_32x load_in_8bit load_in_4bit bnb_4bit_quant_type
         bnb_4bit_use_double_quant gptq qat adapter lora_model_dir lora_r lora_alpha lora_dropout
         lora_target_modules lora_target_linear lora_modules_to_save lora_fan_in_fan_out peft_use_dora
-        peft_use_rslora peft_layers_to_transform"""),
+        peft_use_rslora peft_layers_to_transform unfrozen_parameters"""),
     **_keys("refuse", "the checkpoint's optimizer and scheduler state would override the new value", """
         learning_rate optimizer lr_scheduler cosine_min_lr_ratio warmup_steps warmup_ratio weight_decay
         adam_beta1 adam_beta2 adam_epsilon"""),
@@ -84,6 +84,7 @@ RESUME_POLICY: dict[str, tuple[Policy, str]] = {
         liger_fused_linear_cross_entropy tiled_mlp tiled_mlp_num_shards torch_compile
         torch_compile_backend lora_mlp_kernel lora_qkv_kernel lora_o_kernel loss_method
         pad_to_sequence_len sample_packing_bin_size sample_packing_group_size
+        dataloader_num_workers dataloader_pin_memory dataloader_prefetch_factor
         bf16 fp16"""),  # bf16/fp16 take effect through compute_dtype, compared on its own
     **_keys("accept", "only how the model and data are found", """
         model_type tokenizer_type trust_remote_code allow_pickle_weights model_cache_dir
@@ -91,9 +92,12 @@ RESUME_POLICY: dict[str, tuple[Policy, str]] = {
     **_keys("accept", "evaluation, saving or logging only", """
         test_datasets eval_sample_packing eval_batch_size eval_steps evals_per_epoch eval_strategy
         save_steps saves_per_epoch save_strategy save_total_limit save_safetensors save_only_model
-        output_dir logging_steps loss_watchdog_threshold early_stopping_patience use_tensorboard
+        output_dir logging_steps loss_watchdog_threshold loss_watchdog_patience early_stopping_patience
+        load_best_model_at_end metric_for_best_model use_tensorboard
         wandb_project wandb_entity wandb_name wandb_run_id wandb_mode wandb_watch wandb_log_model
-        mlflow_tracking_uri mlflow_experiment_name mlflow_run_name strict debug"""),
+        mlflow_tracking_uri mlflow_experiment_name mlflow_run_name strict debug
+        eval_table_size eval_max_new_tokens hub_model_id hub_strategy push_to_hub hub_private_repo
+        push_dataset_to_hub"""),
     **_keys("ignore", "how this run finds its checkpoint", """
         resume_from_checkpoint auto_resume_from_checkpoints"""),
 }  # fmt: skip

@@ -40,6 +40,7 @@ def build_format(ds: DatasetConfig, cfg: ResolvedConfig, tokenizer: Any) -> Prom
             chat_template=cfg.chat_template,
             default_system_message=cfg.default_system_message,
             train_on_inputs=train_on_inputs,
+            eot_tokens=cfg.eot_tokens,
         )
     # The schema's Literal makes this unreachable for validated configs.
     raise ValueError(f"unknown dataset type {ds.type!r}")

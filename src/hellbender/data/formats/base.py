@@ -47,6 +47,8 @@ class PromptFormat(ABC):
     """Base class: turn raw rows into :class:`Rendered` texts. Subclasses must stay picklable."""
 
     name: ClassVar[str]
+    # The token ids that may close a turn (``Rendered.eot``); None: any special token.
+    eot_ids: frozenset[int] | None = None
 
     @abstractmethod
     def features(self) -> Any:

@@ -22,6 +22,11 @@ else when its role is in ``roles_to_train``. The end-of-turn token (``<|im_end|>
 ``</s>``…) is whatever special token the template writes right after a content; ``train_on_eos``
 decides after which messages it is trained: ``turn`` (after trained messages), ``all``, ``last``
 (after the last message only), ``none``.
+
+``eot_tokens`` (Axolotl's key, for templates whose end-of-turn marker is not the EOS or not a special
+token, e.g. Mistral's ``[/INST]``): the tokens that close a turn are then exactly those, plus the
+EOS, each of which must be a single token of the tokenizer; other special tokens after a content
+are no longer taken for one. They follow ``train_on_eos`` too (Axolotl's ``train_on_eot`` default).
 """
 
 from __future__ import annotations
@@ -135,6 +140,23 @@ def _check_template_tokens(name: str, tokenizer: Any) -> None:
             "not have them. Use the tokenizer's own template (chat_template: tokenizer_default), or add "
             "the tokens (`tokens:` / `special_tokens:`)."
         )
+
+
+def eot_token_ids(eot_tokens: Sequence[str], tokenizer: Any) -> frozenset[int]:
+    """The ids of ``eot_tokens`` and of the EOS: each must be one token, or a turn's end cannot be
+    found exactly (Axolotl requires the same)."""
+    ids = set()
+    for tok in eot_tokens:
+        encoded = tokenizer(tok, add_special_tokens=False)["input_ids"]
+        if len(encoded) != 1:
+            raise DataError(
+                f"eot_tokens: {tok!r} is {len(encoded)} tokens for this tokenizer, not one. Add it as a "
+                "token (`tokens:` or `special_tokens:`), or remove it from eot_tokens."
+            )
+        ids.add(int(encoded[0]))
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return frozenset(ids)
 
 
 def render_template(template: str, messages: Sequence[Mapping[str, Any]], kwargs: Mapping[str, Any]) -> str:
@@ -270,10 +292,12 @@ class ChatTemplateFormat(PromptFormat):
         chat_template: str | None,
         default_system_message: str | None,
         train_on_inputs: bool,
+        eot_tokens: Sequence[str] | None = None,
     ) -> None:
         self.template, self.template_label = resolve_chat_template(
             ds.chat_template or chat_template, tokenizer
         )
+        self.eot_ids = eot_token_ids(eot_tokens, tokenizer) if eot_tokens else None
         # What apply_chat_template passes to the template besides the messages.
         self.template_kwargs = {k: str(v) for k, v in tokenizer.special_tokens_map.items() if v is not None}
         self.field_messages = ds.field_messages
@@ -369,4 +393,5 @@ class ChatTemplateFormat(PromptFormat):
             "train_on_eos": self.train_on_eos,
             "default_system_message": self.default_system_message,
             "train_on_inputs": self.train_on_inputs,
+            "eot_ids": None if self.eot_ids is None else sorted(self.eot_ids),
         }
