@@ -200,7 +200,9 @@ def test_unknown_key_findings_name_the_first_keys_and_count_the_rest() -> None:
 
 
 def test_a_file_with_many_unknown_keys_costs_linear_time(tmp_path: Path) -> None:
-    """Ten times the keys, about ten times the time (a ratio, so a busy machine does not matter)."""
+    """Ten times the keys, about ten times the time (a ratio, so a busy machine does not matter;
+    the best of two runs of each size, so one run slowed by the machine does not either: measured
+    ×12 idle, ×43 once under CI load with single runs, and quadratic work would be ×100)."""
 
     def seconds(count: int) -> float:
         text = GOOD_CONFIG + "".join(f"k{i}: 1\n" for i in range(count))
@@ -211,7 +213,8 @@ def test_a_file_with_many_unknown_keys_costs_linear_time(tmp_path: Path) -> None
         return elapsed
 
     small = min(seconds(2_000) for _ in range(2))
-    assert seconds(20_000) < 25 * small + 0.5
+    large = min(seconds(20_000) for _ in range(2))
+    assert large < 25 * small + 0.5
 
 
 def test_a_long_key_with_many_children_stays_cheap(tmp_path: Path) -> None:
