@@ -449,6 +449,117 @@ def train(
 @main.command()
 @CONFIG
 @OVERRIDES
+@click.option(
+    "--device",
+    default=None,
+    metavar="DEVICE",
+    help="Plan for: cpu (this machine's RAM, the default), cuda, cuda:80GB, or a named GPU such as "
+    "h100-80gb, a100-40gb, l4, t4.",
+)
+@click.option(
+    "--world-size",
+    "--nproc-per-node",
+    "world_size",
+    type=click.IntRange(1, 65_536),
+    default=None,
+    metavar="N",
+    help="Plan for N ranks (sharding per the config's strategy); default WORLD_SIZE, else 1.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the breakdown as JSON (bytes).")
+@click.option(
+    "--fit", "budget", default=None, metavar="SIZE", help="The cheapest change that fits SIZE (e.g. 16GiB)."
+)
+@click.option("--write", is_flag=True, help="With --fit: apply the change to CONFIG (comments kept).")
+@click.option(
+    "--allow-quantized-base",
+    is_flag=True,
+    help="With --fit: may also propose LoRA on a 4-bit base (QLoRA), which changes what is learned.",
+)
+@ALLOW_UNKNOWN
+@_reports_errors
+def plan(
+    config: str,
+    overrides: tuple[str, ...],
+    device: str | None,
+    world_size: int | None,
+    as_json: bool,
+    budget: str | None,
+    write: bool,
+    allow_quantized_base: bool,
+    allow_unknown: bool,
+) -> None:
+    """Predict the peak memory per rank of training CONFIG, from its config and the model's
+    config.json (or GGUF header) alone; with --fit, change the config until it fits."""
+    import yaml
+
+    from hellbender.commands.plan import device_target, parse_size, plan_for, render
+    from hellbender.config.findings import ConfigError
+    from hellbender.config.load import load_config
+    from hellbender.plan.fit import fit
+
+    if write and (budget is None or overrides):
+        click.echo("ERROR: --write needs --fit, and cannot be combined with key=value overrides.", err=True)
+        sys.exit(EXIT_USER_ERROR)
+    target, hardware, memory = device_target(device)
+    limit = parse_size(budget) if budget is not None else memory
+    options: dict[str, Any] = {"world_size": world_size, "hardware": hardware, "allow_unknown": allow_unknown}
+    try:
+        cfg, _ = load_config(config, list(overrides), **options)
+    except ConfigError as exc:
+        for finding in exc.findings:
+            click.echo(finding.render(), err=True)
+        sys.exit(EXIT_USER_ERROR)
+    shape, prediction = plan_for(cfg, target)
+    if budget is None:
+        if as_json:
+            click.echo(json.dumps({**prediction.as_json(), "device_memory_bytes": memory}, indent=2))
+        else:
+            click.echo("\n".join(render(shape, prediction, cfg, memory)))
+        return
+    assert limit is not None
+    found = fit(shape, cfg, limit, target=target, allow_quantized_base=allow_quantized_base)
+    if found is None:
+        message = f"no combination of the memory options fits {budget} (the least predicted needs more)"
+        click.echo(json.dumps({"fits": False, "budget_bytes": limit}) if as_json else f"ERROR: {message}")
+        sys.exit(EXIT_USER_ERROR)
+    # The winner goes through the ordinary loader: every rule sees the changed config.
+    changed = [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip()}" for k, v in found.changes.items()]
+    try:
+        checked, findings = load_config(config, [*overrides, *changed], **options)
+    except ConfigError as exc:
+        for finding in exc.findings:
+            click.echo(finding.render(), err=True)
+        sys.exit(EXIT_USER_ERROR)
+    _, final = plan_for(checked, target)
+    if as_json:
+        click.echo(json.dumps({"fits": True, "budget_bytes": limit, "changes": found.changes,
+                               "slowdown_factor": found.factor, "changes_learning": found.changes_learning,
+                               "before": prediction.as_json(), "after": final.as_json()}, indent=2))
+    else:
+        click.echo(f"before: peak {prediction.peak_bytes / 2**30:.2f} GiB; budget {limit / 2**30:.2f} GiB")
+        if not found.changes:
+            click.echo("fits as it is: no change needed")
+        for key, value in found.changes.items():
+            old = getattr(cfg, key, None)
+            click.echo(f"- {key}: {yaml.safe_dump(old, default_flow_style=True).strip()}")
+            click.echo(f"+ {key}: {yaml.safe_dump(value, default_flow_style=True).strip()}")
+        click.echo(f"after: peak {final.peak_bytes / 2**30:.2f} GiB in the {final.peak_phase} phase; "
+                   f"predicted slowdown ×{found.factor:.2f}")
+        if found.changes_learning:
+            click.echo("NOTE: LoRA on a 4-bit base (QLoRA) changes what is learned (--allow-quantized-base).")
+        for finding in findings:
+            if finding.severity != "info":
+                click.echo(finding.render())
+    if write and found.changes:
+        from hellbender.config.fix import set_keys
+
+        set_keys(config, found.changes)
+        click.echo(f"wrote {len(found.changes)} change(s) to {config}")
+
+
+@main.command()
+@CONFIG
+@OVERRIDES
 @_reports_errors
 def evaluate(config: str, overrides: tuple[str, ...]) -> None:
     """Evaluate the trained model of CONFIG (or the base model before training) on the eval split."""

@@ -30,14 +30,17 @@ _GGUF_SCALARS = {
 }
 
 
-def read_gguf_metadata(path: Path) -> dict[str, Any]:
-    """``general.architecture`` and the ``*.context_length`` keys from a GGUF header.
+def read_gguf_metadata(path: Path, *, everything: bool = False) -> dict[str, Any]:
+    """Scalars from a GGUF header: ``general.architecture`` and the ``*.context_length`` keys, or
+    with ``everything`` every scalar and string of the architecture's own keys, the vocabulary
+    size (``tokenizer.ggml.tokens``' length, under ``tokenizer.ggml.tokens.count``) and the tensor
+    names (under ``tensors``; the planner reads shapes and whether the head is tied from them).
 
-    Reads the key/value section sequentially and stops as soon as both are known, skipping
-    vocabulary arrays by their lengths. The gguf library's reader parses every field (a 49k-token
-    vocabulary becomes tens of thousands of numpy views), which costs seconds; validation needs
-    two scalars from the start of the header. Tensor data is never touched. Raises ValueError on
-    anything that is not a well-formed little-endian GGUF v2/v3 header.
+    Reads the key/value section sequentially, skipping vocabulary arrays by their lengths, and
+    without ``everything`` stops as soon as the two keys are known. The gguf library's reader
+    parses every field (a 49k-token vocabulary becomes tens of thousands of numpy views), which
+    costs seconds; validation needs two scalars from the start of the header. Tensor data is never
+    touched. Raises ValueError on anything that is not a well-formed little-endian GGUF v2/v3 header.
     """
     found: dict[str, Any] = {}
     with path.open("rb") as fh:
@@ -71,24 +74,76 @@ def read_gguf_metadata(path: Path) -> dict[str, Any]:
                 else:
                     for _ in range(count):
                         read_value(item_type, False)
-                return None
+                return _ArrayLength(count)
             raise ValueError(f"unknown GGUF value type {vtype}")
 
         if fh.read(4) != b"GGUF":
             raise ValueError("not a GGUF file")
         if read("<I") not in (2, 3):
             raise ValueError("unsupported GGUF version")
-        read("<Q")  # tensor count
+        tensor_count = read("<Q")
         for _ in range(read("<Q")):
             key = read_string(True) or ""
-            keep = key == "general.architecture" or key.endswith(".context_length")
-            value = read_value(read("<I"), keep)
-            if keep:
-                found[key] = value
             arch = found.get("general.architecture")
-            if arch is not None and f"{arch}.context_length" in found:
+            wanted = key == "general.architecture" or key.endswith(".context_length")
+            if everything:
+                own = arch is not None and key.startswith(f"{arch}.")
+                wanted = wanted or own or key == "tokenizer.ggml.tokens"
+            value = read_value(read("<I"), wanted)
+            if isinstance(value, _ArrayLength):
+                if wanted:
+                    found[f"{key}.count"] = int(value)
+            elif wanted:
+                found[key] = value
+            if not everything and arch is not None and f"{arch}.context_length" in found:
                 break
+        if everything:
+            names = []
+            for _ in range(min(tensor_count, 1 << 20)):
+                names.append(read_string(True) or "")
+                dims = read("<I")
+                fh.seek(8 * dims + 4 + 8, 1)  # dimensions, type, offset
+            found["tensors"] = names
     return found
+
+
+class _ArrayLength(int):
+    """The length of a GGUF array whose items were skipped."""
+
+
+# GGUF architecture keys → the Hugging Face config keys the planner reads.
+_GGUF_TO_HF = {
+    "embedding_length": "hidden_size",
+    "feed_forward_length": "intermediate_size",
+    "block_count": "num_hidden_layers",
+    "attention.head_count": "num_attention_heads",
+    "attention.head_count_kv": "num_key_value_heads",
+    "vocab_size": "vocab_size",
+    "context_length": "max_position_embeddings",
+    "attention.key_length": "head_dim",
+}
+
+
+def gguf_model_config(meta: dict[str, Any]) -> dict[str, Any] | None:
+    """A Hugging Face-shaped config dict from :func:`read_gguf_metadata` (``everything=True``)."""
+    arch = meta.get("general.architecture")
+    if not isinstance(arch, str):
+        return None
+    out: dict[str, Any] = {"model_type": arch}
+    for gguf_key, hf_key in _GGUF_TO_HF.items():
+        value = meta.get(f"{arch}.{gguf_key}")
+        if isinstance(value, int):
+            out[hf_key] = value
+    if "vocab_size" not in out and isinstance(meta.get("tokenizer.ggml.tokens.count"), int):
+        out["vocab_size"] = meta["tokenizer.ggml.tokens.count"]
+    tensors = meta.get("tensors")
+    if isinstance(tensors, list):
+        # llama.cpp writes no output.weight when the head shares the embedding matrix
+        out["tie_word_embeddings"] = "output.weight" not in tensors
+        out["attention_bias"] = "blk.0.attn_q.bias" in tensors
+        if "blk.0.attn_q_norm.weight" in tensors:
+            out["qk_norm"] = True
+    return out
 
 
 def read_model_config(base_model: str) -> dict[str, Any] | None:
@@ -103,15 +158,7 @@ def read_model_config(base_model: str) -> dict[str, Any] | None:
             loaded = json.loads((path / "config.json").read_text(encoding="utf-8"))
             return loaded if isinstance(loaded, dict) else None
         if path.is_file() and path.suffix == ".gguf":
-            meta = read_gguf_metadata(path)
-            arch = meta.get("general.architecture")
-            if not isinstance(arch, str):
-                return None
-            out: dict[str, Any] = {"model_type": arch}
-            ctx = meta.get(f"{arch}.context_length")
-            if isinstance(ctx, int):
-                out["max_position_embeddings"] = ctx
-            return out
+            return gguf_model_config(read_gguf_metadata(path, everything=True))
     except (OSError, ValueError, RuntimeError, RecursionError, struct.error):
         # RuntimeError: "~user" with no such user; OSError: e.g. a name too long for the OS.
         return None

@@ -1,6 +1,6 @@
 """The package's import graph follows the pipeline: no cycle, and no stage imports a later one.
 
-Stages, earliest first: config → data → models → kernels → train → commands → cli. The modules at
+Stages, earliest first: config → plan → data → models → quant → kernels → train → commands → cli. The modules at
 the package root (files, hub, model_files) sit below every stage and import none of them;
 ``hellbender.testing`` (fixtures for tests and benchmarks) may import anything and is imported by
 nothing in the package. Every import counts, including the ones inside functions (a lazy import
@@ -15,7 +15,7 @@ from pathlib import Path
 import hellbender
 
 ROOT = Path(hellbender.__file__).parent
-STAGES = ["config", "data", "models", "kernels", "distributed", "train", "commands", "cli"]
+STAGES = ["config", "plan", "data", "models", "quant", "kernels", "distributed", "train", "commands", "cli"]
 
 
 def module_name(path: Path) -> str:

@@ -224,19 +224,12 @@ def _mapping_indent(text: str) -> int:
     return 2
 
 
-def fix_file(path: str | Path, cfg: HellbenderConfig, raw: HellbenderConfig) -> list[str]:
-    """Rewrite ``path`` in place. Returns what was changed.
-
-    ``cfg`` is the normalized config and ``raw`` the validated one before normalization, both of
-    the file alone (no command-line overrides: a fix computed from overridden values would write
-    values the file never asked for). Truth values come from ``raw``, never from ruamel: ruamel reads
-    YAML 1.2, where ``off`` and ``no`` are strings (truthy), while the config is read as YAML 1.1,
-    where they are false.
-    """
+def _round_trip(path: Path) -> tuple[Any, Any]:
+    """The YAML document of ``path`` loaded for a rewrite that keeps its comments, key order and
+    layout, and the ruamel instance that writes it back the same way."""
     from ruamel.yaml import YAML
     from ruamel.yaml.util import load_yaml_guess_indent
 
-    path = Path(path).resolve()  # a symlinked config: rewrite its target, keep the link
     text = path.read_text(encoding="utf-8")
     yaml = YAML()  # round-trip: comments and order survive
     yaml.preserve_quotes = True
@@ -251,7 +244,41 @@ def fix_file(path: str | Path, cfg: HellbenderConfig, raw: HellbenderConfig) -> 
     yaml.indent(mapping=_mapping_indent(text), sequence=seq_indent, offset=dash_offset)
     yaml.brace_single_entry_mapping_in_flow_sequence = True
     yaml.width = 1 << 16
-    data = yaml.load(text)
+    return yaml.load(text), yaml
+
+
+def _write_back(path: Path, yaml: Any, data: Any) -> None:
+    def write(tmp: Path) -> None:
+        with tmp.open("w", encoding="utf-8") as fh:
+            yaml.dump(data, fh)
+        shutil.copymode(path, tmp)  # keep the file's permissions (a 600 config stays 600)
+
+    write_atomically(path, write)  # a crash never leaves a half-written config
+
+
+def set_keys(path: str | Path, values: dict[str, Any]) -> None:
+    """Set top-level keys of the YAML file ``path`` in place (``hellbender plan --fit --write``):
+    existing keys keep their place and comments, new ones are appended."""
+    resolved = Path(path).resolve()
+    data, yaml = _round_trip(resolved)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: not a YAML mapping")
+    for key, value in values.items():
+        data[key] = value
+    _write_back(resolved, yaml, data)
+
+
+def fix_file(path: str | Path, cfg: HellbenderConfig, raw: HellbenderConfig) -> list[str]:
+    """Rewrite ``path`` in place. Returns what was changed.
+
+    ``cfg`` is the normalized config and ``raw`` the validated one before normalization, both of
+    the file alone (no command-line overrides: a fix computed from overridden values would write
+    values the file never asked for). Truth values come from ``raw``, never from ruamel: ruamel reads
+    YAML 1.2, where ``off`` and ``no`` are strings (truthy), while the config is read as YAML 1.1,
+    where they are false.
+    """
+    path = Path(path).resolve()  # a symlinked config: rewrite its target, keep the link
+    data, yaml = _round_trip(path)
     changes: list[str] = []
     if not isinstance(data, dict):
         return changes  # nothing mechanical to do (the findings already say what is wrong)
@@ -288,11 +315,5 @@ def fix_file(path: str | Path, cfg: HellbenderConfig, raw: HellbenderConfig) -> 
     changes += _fix_sharegpt(data)
 
     if changes:
-
-        def write(tmp: Path) -> None:
-            with tmp.open("w", encoding="utf-8") as fh:
-                yaml.dump(data, fh)
-            shutil.copymode(path, tmp)  # keep the file's permissions (a 600 config stays 600)
-
-        write_atomically(path, write)  # a crash never leaves a half-written config
+        _write_back(path, yaml, data)
     return changes

@@ -85,6 +85,7 @@ from hellbender.distributed.world import World, rank_device
 from hellbender.errors import HellbenderError, OptionError
 from hellbender.kernels import LossFn, activation_offloading, build_loss
 from hellbender.models.attention import model_inputs
+from hellbender.plan.estimate import predicted_peak_bytes
 from hellbender.train import checkpoint as ckpt
 from hellbender.train.hub import ModelPusher, pushes_model
 from hellbender.train.metrics import METRICS_FILE, RunLogger, peak_memory_bytes
@@ -754,7 +755,8 @@ def train(
             result.trained_tokens += int(trained)
             window.add(loss, trained, tokens, time.perf_counter() - t0)
             if step % step_interval(cfg.logging_steps, run.plan.total) == 0 or step == run.plan.total:
-                _log_train(run.log, window, step, item.epoch_progress(group), lr, grad_norm)
+                memory = _memory_check(cfg, model) if step == run.plan.total else None
+                _log_train(run.log, window, step, item.epoch_progress(group), lr, grad_norm, memory)
                 window = _LogWindow()
             stop_early = False
             if step in run.eval_at:
@@ -774,7 +776,8 @@ def train(
                 _keep(result, run.save())
             if stop_early:
                 if window.seconds > 0:  # steps since the last log line: logged, not lost
-                    _log_train(run.log, window, step, item.epoch_progress(group), lr, grad_norm)
+                    memory = _memory_check(cfg, model)
+                    _log_train(run.log, window, step, item.epoch_progress(group), lr, grad_norm, memory)
                 result.stopped_early = step
                 break
         result.final_weights = run.parallel.full_weights(trainable_only=run.parallel.trainable_only)
@@ -1072,8 +1075,34 @@ def _warn_diverged(log: RunLogger, step: int, reason: str) -> None:
         log.log(step, {"diverged": 1.0})
 
 
+def _memory_check(cfg: ResolvedConfig, model: torch.nn.Module) -> dict[str, float]:
+    """Every run checks the memory planner: the predicted and the measured peak side by side, in
+    the log and in the last metrics.jsonl record (``hellbender plan`` makes the same prediction
+    before launch)."""
+    measured = peak_memory_bytes()
+    config = getattr(getattr(model, "config", None), "to_dict", None)
+    on_gpu = torch.cuda.is_available()
+    predicted = predicted_peak_bytes(cfg, config() if config is not None else {}, on_gpu=on_gpu)
+    if predicted is None:
+        logger.info("memory: measured peak %.0f MiB (not a model hellbender plan models)", measured / 2**20)
+        return {"measured_peak_bytes": measured}
+    logger.info(
+        "memory: predicted peak %.0f MiB, measured %.0f MiB (%+.1f%%)",
+        predicted / 2**20,
+        measured / 2**20,
+        100 * (predicted - measured) / max(measured, 1),
+    )
+    return {"predicted_peak_bytes": predicted, "measured_peak_bytes": measured}
+
+
 def _log_train(
-    log: RunLogger, window: _LogWindow, step: int, epoch: float, lr: float, grad_norm: float
+    log: RunLogger,
+    window: _LogWindow,
+    step: int,
+    epoch: float,
+    lr: float,
+    grad_norm: float,
+    memory: Mapping[str, float] | None = None,
 ) -> None:
     seconds = max(window.seconds, 1e-9)
     metrics = {
@@ -1084,6 +1113,7 @@ def _log_train(
         "trained_tokens_per_s": window.trained / seconds,
         "tokens_per_s": window.tokens / seconds,
         "peak_memory_mb": peak_memory_bytes() / 2**20,
+        **(memory or {}),
     }
     log.log(step, metrics)
     log.progress.update(
