@@ -17,6 +17,7 @@ fill ``sequence_len``.
     OMP_NUM_THREADS=1 .venv/bin/python bench/plan_accuracy.py              # the whole matrix (~40 min)
     OMP_NUM_THREADS=1 .venv/bin/python bench/plan_accuracy.py --only s-full-512,mini-lora-1024
     .venv/bin/python bench/plan_accuracy.py --list
+    OMP_NUM_THREADS=1 .venv/bin/python bench/plan_accuracy.py --fit s-full-512-mb2-pack:3GiB  # fit, train
 """
 
 from __future__ import annotations
@@ -171,6 +172,30 @@ def run(name: str, work: Path, data: Path, steps: int) -> dict[str, Any]:
     }
 
 
+def fit_check(name: str, budget: str, work: Path, data: Path, steps: int) -> dict[str, Any]:
+    """``hellbender plan --fit BUDGET`` on a configuration, then a real run of the proposed one."""
+    path = config_for(name, work, data, steps)
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    command = [*HB, "plan", str(path), "--fit", budget, "--json"]
+    fitted = subprocess.run(command, capture_output=True, text=True, env=env)
+    if fitted.returncode:
+        raise SystemExit(f"{name}: plan --fit {budget} failed\n{fitted.stdout}\n{fitted.stderr}")
+    proposal = json.loads(fitted.stdout)
+    out = work / "out" / f"{name}-fit-{budget}"
+    overrides = [f"{k}={json.dumps(v)}" for k, v in proposal["changes"].items()] + [f"output_dir={out}"]
+    trained = subprocess.run([*HB, "train", str(path), *overrides], capture_output=True, text=True, env=env)
+    if trained.returncode:
+        raise SystemExit(f"{name}: the fitted run failed\n{trained.stdout[-3000:]}\n{trained.stderr[-3000:]}")
+    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    return {
+        "name": name,
+        "budget": proposal["budget_bytes"],
+        "changes": proposal["changes"],
+        "predicted": proposal["after"]["peak_bytes"],
+        "measured": last["measured_peak_bytes"],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -179,6 +204,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--list", action="store_true")
     parser.add_argument("--work", default=None, help="folder for models, data and runs (default: a temp dir)")
+    parser.add_argument(
+        "--fit",
+        default=None,
+        metavar="NAME:BUDGET,...",
+        help="instead of the matrix: plan --fit each BUDGET for configuration NAME, train the proposal",
+    )
     args = parser.parse_args()
     if args.list:
         print("\n".join(MATRIX))
@@ -189,6 +220,17 @@ def main() -> None:
     data = work / "data.jsonl"
     if not data.exists():
         write_data(data)
+    if args.fit:
+        print("| config | budget | change | predicted MiB | measured MiB | under budget |")
+        print("|---|---|---|---|---|---|")
+        for item in args.fit.split(","):
+            name, budget = item.split(":")
+            r = fit_check(name, budget, work, data, args.steps)
+            change = ", ".join(f"{k}: {v}" for k, v in r["changes"].items())
+            under = "yes" if r["measured"] <= r["budget"] else "NO"
+            sizes = f"{r['predicted'] / 2**20:.0f} | {r['measured'] / 2**20:.0f}"
+            print(f"| {name} | {budget} | {change} | {sizes} | {under} |", flush=True)
+        return
     rows = []
     print(f"{'config':34s} {'predicted':>10s} {'measured':>10s} {'error':>7s}  phase      s", flush=True)
     for name in names:

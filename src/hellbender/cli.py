@@ -523,7 +523,10 @@ def plan(
         click.echo(json.dumps({"fits": False, "budget_bytes": limit}) if as_json else f"ERROR: {message}")
         sys.exit(EXIT_USER_ERROR)
     # The winner goes through the ordinary loader: every rule sees the changed config.
-    changed = [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip()}" for k, v in found.changes.items()]
+    def flow(value: Any) -> str:  # one line of YAML, without the document-end marker of scalars
+        return str(yaml.safe_dump(value, default_flow_style=True)).removesuffix("...\n").strip()
+
+    changed = [f"{k}={flow(v)}" for k, v in found.changes.items()]
     try:
         checked, findings = load_config(config, [*overrides, *changed], **options)
     except ConfigError as exc:
@@ -541,8 +544,8 @@ def plan(
             click.echo("fits as it is: no change needed")
         for key, value in found.changes.items():
             old = getattr(cfg, key, None)
-            click.echo(f"- {key}: {yaml.safe_dump(old, default_flow_style=True).strip()}")
-            click.echo(f"+ {key}: {yaml.safe_dump(value, default_flow_style=True).strip()}")
+            click.echo(f"- {key}: {flow(old)}")
+            click.echo(f"+ {key}: {flow(value)}")
         click.echo(f"after: peak {final.peak_bytes / 2**30:.2f} GiB in the {final.peak_phase} phase; "
                    f"predicted slowdown ×{found.factor:.2f}")
         if found.changes_learning:

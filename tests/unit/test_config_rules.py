@@ -427,9 +427,24 @@ def test_read_model_config_from_real_gguf_matches_gguf_library() -> None:
     reader = GGUFReader(str(path))
     arch_field = reader.fields["general.architecture"]
     arch = bytes(arch_field.parts[arch_field.data[0]]).decode()
-    ctx_field = reader.fields[f"{arch}.context_length"]
-    ctx = int(ctx_field.parts[ctx_field.data[0]][0])
-    assert got == {"model_type": arch, "max_position_embeddings": ctx}
+
+    def scalar(key: str) -> int:
+        field = reader.fields[f"{arch}.{key}"]
+        return int(field.parts[field.data[0]][0])
+
+    names = [t.name for t in reader.tensors]
+    assert got == {
+        "model_type": arch,
+        "max_position_embeddings": scalar("context_length"),
+        "hidden_size": scalar("embedding_length"),
+        "intermediate_size": scalar("feed_forward_length"),
+        "num_hidden_layers": scalar("block_count"),
+        "num_attention_heads": scalar("attention.head_count"),
+        "num_key_value_heads": scalar("attention.head_count_kv"),
+        "vocab_size": scalar("vocab_size"),
+        "tie_word_embeddings": "output.weight" not in names,
+        "attention_bias": "blk.0.attn_q.bias" in names,
+    }
 
 
 def test_gguf_context_length_drives_hb145(tmp_path: Path) -> None:
@@ -494,7 +509,13 @@ def _write_gguf(path: Path, arch: str, context_length: int | None) -> None:
 def test_read_model_config_from_written_gguf(tmp_path: Path, context_length: int | None) -> None:
     path = tmp_path / "synthetic.gguf"
     _write_gguf(path, "qwen2", context_length)
-    expected: dict[str, Any] = {"model_type": "qwen2"}
+    # the token list's length is the vocabulary; no output.weight tensor: a tied head
+    expected: dict[str, Any] = {
+        "model_type": "qwen2",
+        "vocab_size": 3000,
+        "tie_word_embeddings": True,
+        "attention_bias": False,
+    }
     if context_length is not None:
         expected["max_position_embeddings"] = context_length
     assert read_model_config(str(path)) == expected

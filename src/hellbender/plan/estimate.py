@@ -35,6 +35,7 @@ from hellbender.config.schema import ResolvedConfig
 from hellbender.plan.shapes import LINEAR_NAMES, ModelShape, PlanModelError, model_shape
 
 Phase = Literal["load", "forward", "backward", "optimizer"]
+ALL_BUT_LOAD: tuple[Phase, ...] = ("forward", "backward", "optimizer")
 MiB = 2**20
 GiB = 2**30
 
@@ -43,6 +44,12 @@ GiB = 2**30
 CPU_RUNTIME_BYTES = 520 * MiB
 # A tokenizer's vocabulary costs resident memory in the fast tokenizer and its Python views.
 CPU_RUNTIME_PER_VOCAB_ENTRY = 0
+# What the first training step adds for good, whatever the model's size (the same ~220 MiB for a
+# 23M and a 135M model, measured): oneDNN/MKL kernels and their caches, autograd's threads,
+# per-thread scratch buffers.
+CPU_FIRST_STEP_BYTES = 220 * MiB
+# glibc keeps the temporaries a LoRA forward frees (see predict): × the adapted outputs' bytes.
+LORA_HEAP_RETENTION = 1.5
 # glibc keeps freed small blocks in its heap; what training frees is not all returned at once.
 CPU_SLACK = 1.0
 # torch.distributed + gloo per rank, DeepSpeed's import on top of it.
@@ -176,9 +183,18 @@ def _weight_bytes(shape: ModelShape, cfg: ResolvedConfig, frozen_bytes: int) -> 
 
 
 def layer_activation_bytes(
-    shape: ModelShape, cfg: ResolvedConfig, bf16: bool, tokens: int, lora: bool
+    shape: ModelShape,
+    cfg: ResolvedConfig,
+    bf16: bool,
+    tokens: int,
+    lora: bool,
+    *,
+    dense_mask: bool | None = None,
 ) -> int:
-    """What autograd keeps for one decoder layer's backward over ``tokens`` tokens, no checkpointing."""
+    """What autograd keeps for one decoder layer's backward over ``tokens`` tokens, no checkpointing.
+
+    ``dense_mask``: whether attention gets a dense (B, 1, L, L) mask (default: with SDPA, as
+    hellbender's document-isolating inputs always give it)."""
     h, i, kv, n = shape.hidden, shape.intermediate, shape.kv_width, shape.heads
     if bf16:  # autocast: matmul outputs in bf16, norms and softmax statistics in fp32
         per_token = 30 * h + 8 * i + 4 * kv + 4 * n + 8
@@ -205,6 +221,10 @@ def layer_activation_bytes(
         # repeated k/v heads and the (heads × keys) probabilities per query
         extra = 2 * (shape.q_width - kv) + n * cfg.sequence_len
         per_token += extra * (2 if bf16 else 4)
+    elif dense_mask if dense_mask is not None else cfg.attn_implementation == "sdpa":
+        # SDPA given hellbender's (B, 1, L, L) document mask: transformers repeats the k/v heads
+        # (no enable_gqa with a mask) and the kernel keeps a float copy of the mask per layer
+        per_token += 2 * (shape.q_width - kv) * (2 if bf16 else 4) + cfg.sequence_len * (2 if bf16 else 4)
     return tokens * per_token
 
 
@@ -236,6 +256,9 @@ def predict(shape: ModelShape, cfg: ResolvedConfig, *, target: str = "cpu", bf16
                 "python, torch, tokenizer, data",
             )
         )
+        plan.components.append(
+            Component("torch kernels and workspaces", CPU_FIRST_STEP_BYTES, ALL_BUT_LOAD)
+        )
 
     # Weights, trainable parameters, gradients, optimizer state
     everything: tuple[Phase, ...] = ("load", "forward", "backward", "optimizer")
@@ -262,7 +285,12 @@ def predict(shape: ModelShape, cfg: ResolvedConfig, *, target: str = "cpu", bf16
             )
         )
     grads = 4 * trainable // split.gradients
-    plan.components.append(Component("gradients", grads, ("optimizer",), "fp32"))
+    # With checkpointing the backward ends holding every gradient besides the last recompute;
+    # without, the activations it frees make room for them.
+    grad_phases: tuple[Phase, ...] = ("optimizer",)
+    if cfg.gradient_checkpointing:
+        grad_phases = ("backward", "optimizer")
+    plan.components.append(Component("gradients", grads, grad_phases, "fp32"))
     if split.grad_buckets:
         plan.components.append(Component("DDP gradient buckets", 4 * trainable, ("backward", "optimizer")))
     state_per_param = OPTIMIZER_STATE_BYTES.get(cfg.optimizer, 8.0)
@@ -307,6 +335,27 @@ def predict(shape: ModelShape, cfg: ResolvedConfig, *, target: str = "cpu", bf16
                 "activations", shape.layers * per_layer, ("forward", "backward"), f"{shape.layers} layers"
             )
         )
+    # The backward of a layer holds the gradients of its intermediates (the same sizes as what it
+    # saved) before it frees them.
+    plan.components.append(Component("backward workspace (one layer)", per_layer, ("backward",)))
+    if lora and not gpu:
+        # glibc keeps in its heap what each adapted linear frees in the forward (the frozen
+        # layer's output, the adapter's output and its scaled copy): fitted on the LoRA rows of
+        # bench/plan_accuracy.py, ×LORA_HEAP_RETENTION of the adapted outputs, for every layer —
+        # with checkpointing too: the forward makes the same temporaries whether or not autograd
+        # keeps anything (measured: 1,024 × 4 tokens, checkpointed, +3.2 GiB)
+        shapes = shape.linear_shapes()
+        outs = sum(shapes[name][1] for name in lora_targets(cfg))
+        retained = int(LORA_HEAP_RETENTION * 4 * tokens * outs * shape.layers)
+        plan.components.append(
+            Component("heap retention (LoRA temporaries)", retained, ("forward", "backward"), "glibc, fitted")
+        )
+        if cfg.load_in_4bit or cfg.load_in_8bit:
+            # bitsandbytes' CPU path dequantizes each weight to the compute dtype for every matmul;
+            # glibc keeps those blocks too (measured: QLoRA 512 × 2 tokens, +0.5 GiB)
+            dequantized = shape.layers * shape.layer_linear_params() * (2 if bf16 else 4)
+            name = "heap retention (dequantized weights)"
+            plan.components.append(Component(name, dequantized, ("forward", "backward"), "glibc"))
     if bf16 and not lora:
         # autocast casts each fp32 weight to bf16 once per forward and keeps the copy for the backward
         copies = (
@@ -331,11 +380,16 @@ def predict(shape: ModelShape, cfg: ResolvedConfig, *, target: str = "cpu", bf16
         chunks = max(1, cfg.chunked_cross_entropy_num_chunks) if cfg.loss_method == "chunked" else 8
         loss = 3 * 4 * vocab_tokens // chunks
         how = f"{cfg.loss_method}: one chunk of logits at a time"
+        if not lora:  # each chunk's head-weight gradient, before it is added to the running sum
+            loss += shape.vocab * shape.hidden * 4 // split.gradients
     else:
         # fp32 logits, their shifted copy and the saved log-softmax (bf16 logits add a bf16 copy)
         loss = (3 * 4 + (2 if bf16 else 0)) * vocab_tokens
         how = "full logits, shifted copy, log-softmax"
-    plan.components.append(Component("logits and loss", loss, ("forward", "backward"), how))
+    # The loss peaks at the end of the forward and the start of the backward, before the layers'
+    # gradients exist; with checkpointing the backward's own peak comes later, with every gradient.
+    loss_phases: tuple[Phase, ...] = ("forward",) if cfg.gradient_checkpointing else ("forward", "backward")
+    plan.components.append(Component("logits and loss", loss, loss_phases, how))
     if not lora:
         head = shape.vocab * shape.hidden * 4 // split.gradients
         plan.components.append(Component("first gradients (head)", head, ("backward",)))

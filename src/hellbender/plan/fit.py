@@ -34,7 +34,9 @@ from hellbender.config.schema import ResolvedConfig
 from hellbender.plan.estimate import Plan, predict
 from hellbender.plan.shapes import ModelShape
 
-EIGHT_BIT = {"cpu": "adamw_torch_8bit", "cuda": "adamw_8bit"}
+# bitsandbytes' block-wise 8-bit AdamW (CPU and CUDA); torchao's is warned about with trained
+# embeddings (HB194), which a full fine-tune has.
+EIGHT_BIT = {"cpu": "adamw_8bit", "cuda": "adamw_8bit"}
 
 
 @dataclass(frozen=True)
