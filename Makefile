@@ -10,7 +10,7 @@ TORCH_SPEC  ?= torch==2.13.0
 # Python is the CPU build on disk). On an ordinary Linux machine PyPI's torch is the CUDA build; use
 # `make test TORCH_INDEX=https://download.pytorch.org/whl/cpu` there to keep the CPU wheel.
 TORCH_INDEX ?=
-EXTRAS      ?= dev,gguf,quant,kernels-cpu,deepspeed
+EXTRAS      ?= dev,gguf,quant,torchao,kernels-cpu,deepspeed
 STAMP       := $(VENV)/.hellbender-installed
 
 .PHONY: venv demo test lint bench clean-venv

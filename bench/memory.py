@@ -20,6 +20,13 @@ Full fine-tune configurations are compared with ``plain``; LoRA ones with ``lora
     OMP_NUM_THREADS=1 python bench/memory.py --seq 1024 --steps 2 --configs plain,ckpt,chunked_ce
     OMP_NUM_THREADS=1 python bench/memory.py --loss-only --seq 2048   # head + loss alone
     python bench/memory.py --list                                 # the configuration names
+    OMP_NUM_THREADS=2 python bench/memory.py --optimizers         # optimizer state bytes per parameter
+
+``--optimizers`` (a separate table): for each optimizer, a fresh process loads SmolLM2-135M for a
+full fine-tune, runs one training step on 64 tokens, and divides the bytes of the optimizer's state
+tensors as stored (:func:`hellbender.train.optim.state_bytes`: quantized codes, block scales and
+code books; shared tensors once) by the trainable parameters, next to the theoretical value
+(:data:`hellbender.train.optim.STATE_BYTES_PER_PARAM`).
 """
 
 from __future__ import annotations
@@ -142,6 +149,79 @@ def loss_worker(kind: str, tokens: int, vocab: int, hidden: int, chunks: int) ->
             "step_s": elapsed, "loss": loss.item() / tokens}
 
 
+OPTIMIZERS = [
+    "adamw_torch",
+    "adamw_torch_fused",
+    "adamw_8bit",
+    "paged_adamw_8bit",
+    "paged_adamw_32bit",
+    "adamw_torch_8bit",
+    "adamw_torch_4bit",
+    "adamw_torch_fp8",
+    "sgd",
+]
+
+
+def optimizer_worker(name: str, folder: str) -> dict[str, Any]:
+    """One optimizer, in this (fresh) process: its state bytes per trainable parameter after one
+    step of a full fine-tune of the model in ``folder``."""
+    import warnings
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from hellbender.testing.configs import loss_sum, resolved_config
+    from hellbender.train.optim import STATE_BYTES_PER_PARAM, build_optimizer, state_bytes
+
+    warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa")
+    model.config.use_cache = False
+    model.train()
+    cfg = resolved_config(base_model=folder, optimizer=name)
+    optimizer = build_optimizer(cfg, model)
+    ids = torch.randint(0, model.config.vocab_size, (1, 64), generator=torch.Generator().manual_seed(0))
+    loss = loss_sum(model, {"input_ids": ids}, ids, cfg) / ids.numel()
+    loss.backward()
+    t0 = time.perf_counter()
+    optimizer.step()
+    step_s = time.perf_counter() - t0
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {
+        "name": name,
+        "class": f"{type(optimizer).__module__.split('.')[0]}.{type(optimizer).__name__}",
+        "params": trainable,
+        "state_bytes": state_bytes(optimizer),
+        "measured": state_bytes(optimizer) / trainable,
+        "theory": STATE_BYTES_PER_PARAM[cfg.optimizer],
+        "step_s": step_s,
+    }
+
+
+def run_optimizer(name: str, folder: str) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--optimizer-worker", name, "--folder", folder]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        return {"name": name, "error": (proc.stderr or proc.stdout).strip().splitlines()[-1:]}
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+OPTIMIZER_HEADER = (
+    "| optimizer | class | state MiB | bytes / param, measured | theoretical | first step s |\n"
+    "|---|---|---|---|---|---|"
+)
+
+
+def _optimizer_row(r: dict[str, Any]) -> str:
+    if "error" in r:
+        return f"| {r['name']} | failed: {' '.join(r['error'])} | | | | |"
+    return (
+        f"| {r['name']} | {r['class']} | {r['state_bytes'] / 2**20:.0f} | {r['measured']:.3f} "
+        f"| {r['theory']:.3f} | {r['step_s']:.1f} |"
+    )
+
+
 def run_one(name: str, seq: int, steps: int, folder: str) -> dict[str, Any]:
     cmd = [
         sys.executable,
@@ -193,6 +273,9 @@ def main() -> None:
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--loss-only", action="store_true",
                     help="measure only the head + loss (naive vs chunked) at vocab 49152, hidden 576")
+    ap.add_argument("--optimizers", nargs="?", const=",".join(OPTIMIZERS),
+                    help="measure optimizer state bytes per parameter instead (optionally: a comma list)")
+    ap.add_argument("--optimizer-worker", help=argparse.SUPPRESS)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--loss-worker", help=argparse.SUPPRESS)
     ap.add_argument("--folder", help=argparse.SUPPRESS)
@@ -201,6 +284,9 @@ def main() -> None:
     if args.list:
         for name, (options, base) in CONFIGS.items():
             print(f"{name:22s} vs {base:6s} {options}")
+        return
+    if args.optimizer_worker:
+        print("RESULT " + json.dumps(optimizer_worker(args.optimizer_worker, args.folder)), flush=True)
         return
     if args.worker:
         print("RESULT " + json.dumps(worker(args.worker, args.seq[0], args.steps, args.folder)), flush=True)
@@ -221,6 +307,13 @@ def main() -> None:
     from hellbender.models.load import find_smollm2_gguf
 
     folder = str(ensure_hf_folder(find_smollm2_gguf()))  # converted once, cached
+    if args.optimizers:
+        print("SmolLM2-135M fp32 full fine-tune, optimizer state after one step "
+              f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})")
+        print(OPTIMIZER_HEADER, flush=True)
+        for name in [n.strip() for n in args.optimizers.split(",") if n.strip()]:
+            print(_optimizer_row(run_optimizer(name, folder)), flush=True)
+        return
     names = [n.strip() for n in args.configs.split(",") if n.strip()]
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:

@@ -194,15 +194,23 @@ def _reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _load(
-    config: str, overrides: tuple[str, ...], *, show_findings: bool = True, allow_unknown: bool = False
+    config: str,
+    overrides: tuple[str, ...],
+    *,
+    show_findings: bool = True,
+    allow_unknown: bool = False,
+    world_size: int | None = None,
 ) -> ResolvedConfig:
     """Load a config for a command that runs; print findings (exit 1 on errors); route hellbender's
-    log lines to stderr at the config's verbosity."""
+    log lines to stderr at the config's verbosity. ``world_size``: the ranks about to be launched
+    (default: this process's ``WORLD_SIZE``)."""
     from hellbender.config.findings import ConfigError
     from hellbender.config.load import load_config
 
     try:
-        cfg, findings = load_config(config, list(overrides), allow_unknown=allow_unknown)
+        cfg, findings = load_config(
+            config, list(overrides), allow_unknown=allow_unknown, world_size=world_size
+        )
     except ConfigError as exc:
         for finding in exc.findings:
             click.echo(finding.render(), err=True)
@@ -425,8 +433,10 @@ def train(
     if nproc_per_node is not None:
         from hellbender.distributed.launch import Launch, launch
 
-        # errors once, here; rank 0 shows the rest
-        _load(config, overrides, show_findings=False, allow_unknown=allow_unknown)
+        # errors once, here, for the ranks about to start (the fewest an elastic --nnodes allows);
+        # rank 0 shows the rest
+        world = nproc_per_node * int(nnodes.split(":")[0]) if nnodes.split(":")[0].isdigit() else None
+        _load(config, overrides, show_findings=False, allow_unknown=allow_unknown, world_size=world)
         spec = Launch(nproc_per_node, nnodes, node_rank, rdzv_endpoint)
         launch(spec, ["train", *(["--allow-unknown"] if allow_unknown else []), config, *overrides])
         return

@@ -95,11 +95,11 @@ def test_unsupported_axolotl_keys_fail_naming_exactly_those_keys(tmp_path: Path)
 
 def test_axolotl_value_hellbender_lacks_names_key_and_value(tmp_path: Path) -> None:
     path = tmp_path / "axolotl.yaml"
-    path.write_text(LORA.read_text().replace("optimizer: adamw_8bit", "optimizer: paged_adamw_32bit"))
+    path.write_text(LORA.read_text().replace("optimizer: adamw_8bit", "optimizer: lion_32bit"))
     with pytest.raises(ConfigError) as info:
         load_config(path, world_size=1, hardware=A100)
     (finding,) = info.value.findings
-    assert finding.key == "optimizer" and "paged_adamw_32bit" in finding.message
+    assert finding.key == "optimizer" and "lion_32bit" in finding.message
 
 
 def test_local_model_folder_substituted_by_override(tmp_path: Path) -> None:

@@ -137,7 +137,7 @@ def test_axolotl_only_key_is_named_as_unsupported(tmp_path: Path, key: str) -> N
         ("greater_is_better: true\n", "greater_is_better", "does not support yet."),
         ("dataloader_drop_last: true\n", "dataloader_drop_last", "does not support yet."),
         ("kd_alpha: 0.5\n", "kd_alpha", "Axolotl plugin"),
-        ("optimizer: paged_adamw_8bit\n", "optimizer", "adamw_torch"),
+        ("optimizer: lion_8bit\n", "optimizer", "adamw_torch"),
         ("lr_scheduler: reduce_lr_on_plateau\n", "lr_scheduler", "cosine"),
     ],
 )

@@ -1,7 +1,7 @@
 """The package's import graph follows the pipeline: no cycle, and no stage imports a later one.
 
-Stages, earliest first: config → plan → data → models → quant → kernels → train → commands → cli. The modules at
-the package root (files, hub, model_files) sit below every stage and import none of them;
+Stages, earliest first: config → plan → data → models → quant → kernels → train → commands → cli.
+The modules at the package root (files, hub, model_files) sit below every stage and import none of them;
 ``hellbender.testing`` (fixtures for tests and benchmarks) may import anything and is imported by
 nothing in the package. Every import counts, including the ones inside functions (a lazy import
 from a later stage is still a dependency on it).

@@ -14,6 +14,7 @@ import torch
 from hellbender.commands.trained import pick_device
 from hellbender.config.deepspeed import read_deepspeed_config, zero_stage
 from hellbender.config.schema import ResolvedConfig
+from hellbender.distributed.context_parallel import use_context_parallel_attention
 from hellbender.distributed.parallel import loads_on_rank0_only
 from hellbender.distributed.world import World, process_group, rank_device
 from hellbender.errors import OptionError
@@ -96,7 +97,7 @@ def run_train(cfg: ResolvedConfig, *, world: World | None = None) -> TrainResult
     if world is None:
         # Under torchrun: join the other ranks for the whole run (gloo on CPU, NCCL on CUDA);
         # every collective times out after ddp_timeout seconds instead of hanging.
-        with process_group(cfg.ddp_timeout) as joined:
+        with process_group(cfg.ddp_timeout, cfg.context_parallel_size) as joined:
             return run_train(cfg, world=joined)
     out = Path(cfg.output_dir).expanduser()
     outdir.check_not_a_source(cfg, out)  # before mkdir: not even an empty folder inside the model
@@ -130,6 +131,8 @@ def model_to_train(cfg: ResolvedConfig, tokenizer: Any, world: World = World()) 
     if next(model.parameters()).device != device and not empty:  # quantized: placed while loading
         model.to(device)
     check_backend_trainable(cfg.attn_implementation, device)
+    if cfg.context_parallel_size > 1:  # every layer attends through the CP ring/Ulysses function
+        use_context_parallel_attention(model)
     # Memory/speed options (checkpointing, kernels, compile): after the adapter, before the
     # optimizer sees the parameters. None of them changes the numbers (tested in kernels/).
     apply_optimizations(model, cfg)
@@ -182,6 +185,11 @@ def _train_into(cfg: ResolvedConfig, out: Path, world: World) -> TrainResult:
             strategy += f" ZeRO-{zero_stage(read_deepspeed_config(cfg.deepspeed))}"
         backend = torch.distributed.get_backend()
         logger.info("distributed: %s over %d ranks (%s)", strategy, world.size, backend)
+        if world.cp_size > 1:
+            logger.info(
+                "context parallelism: %s over groups of %d ranks, %d data-parallel rank(s)",
+                cfg.context_parallel_strategy, world.cp_size, world.dp_size,
+            )  # fmt: skip
     if resume is not None:
         logger.info("resuming from %s", resume)
 

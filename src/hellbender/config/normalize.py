@@ -19,6 +19,7 @@ from hellbender.config.hardware import Hardware, detect_hardware
 from hellbender.config.schema import (
     FSDP1_ONLY_OPTIONS,
     LOSS_REPLACEMENTS,
+    OPTIMIZER_ALIASES,
     AttnImplementation,
     ComputeDtype,
     DatasetConfig,
@@ -508,8 +509,8 @@ def normalize(
         "loss_method": _loss_method(cfg),
         "attn_implementation": _resolve_attention(cfg, findings),
     }
-    if cfg.optimizer == "adamw_bnb_8bit":
-        update["optimizer"] = "adamw_8bit"
+    if cfg.optimizer in OPTIMIZER_ALIASES:  # Axolotl's other names of the same optimizers
+        update["optimizer"] = OPTIMIZER_ALIASES[cfg.optimizer]
 
     fsdp, fsdp_findings = resolve_fsdp(cfg)
     findings += fsdp_findings

@@ -23,7 +23,14 @@ from hellbender.config.deepspeed import (
 from hellbender.config.findings import Finding, quote
 from hellbender.config.hardware import Hardware
 from hellbender.config.normalize import fsdp_requested
-from hellbender.config.schema import GPU_ONLY_BACKENDS, LOSS_REPLACEMENTS, HellbenderConfig, ResolvedConfig
+from hellbender.config.schema import (
+    BNB_OPTIMIZERS,
+    GPU_ONLY_BACKENDS,
+    LOSS_REPLACEMENTS,
+    TORCHAO_OPTIMIZERS,
+    HellbenderConfig,
+    ResolvedConfig,
+)
 from hellbender.config.unfrozen import UnfrozenPatternError, unfrozen_pattern
 from hellbender.model_files import read_model_config
 
@@ -36,10 +43,8 @@ RULES: list[Rule] = []
 NOT_YET_IMPLEMENTED: dict[str, str] = {
     "gptq": "GPTQ bases",
     "qat": "quantization-aware training",
-    "fp8": "FP8 training",
+    "fp8_enable_fsdp_float8_all_gather": "fp8 all-gather of FSDP2-sharded weights",
     "tensor_parallel_size": "tensor parallelism",
-    "context_parallel_size": "context parallelism",
-    "sequence_parallel_degree": "context parallelism",
     "dp_shard_size": "N-D parallelism",
     "dp_replicate_size": "N-D parallelism",
     "skip_prepare_dataset": "lazy dataset preparation",
@@ -97,8 +102,9 @@ def fp8_without_compile(cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfig
 
 @rule
 def fp8_hardware(cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
-    """fp8 on hardware without fp8 tensor cores (compute capability below 8.9) cannot run."""
-    if cfg.fp8 and not hw.cuda_fp8:
+    """fp8 on a CUDA GPU without fp8 tensor cores (compute capability below 8.9) cannot run: torch's
+    fp8 matmul (``torch._scaled_mm``) needs them. A CPU runs it (torch's CPU ``_scaled_mm``)."""
+    if cfg.fp8 and hw.cuda and not hw.cuda_fp8:
         return _err(
             "HB105",
             f"fp8 needs a GPU with fp8 tensor cores (compute capability ≥ 8.9); "
@@ -107,6 +113,37 @@ def fp8_hardware(cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfig) -> li
             "fp8",
         )
     return []
+
+
+@rule
+def fp8_unsupported_with(cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
+    """fp8 swaps the model's linear layers for torchao's Float8Linear; refused where that cannot
+    work: a quantized base (its linear layers are bitsandbytes/GPTQ layers, not float weights),
+    DeepSpeed (its engine wraps the modules its own way), FSDP2 (torchao's float8 with FSDP2 sharding
+    is not wired in hellbender yet), and the fused LoRA kernels (they bypass the layers' forward, so
+    fp8 would silently not apply)."""
+    if not cfg.fp8:
+        return []
+    reasons = []
+    for key in ("load_in_4bit", "load_in_8bit", "gptq"):
+        if getattr(cfg, key):
+            reasons.append(f"{key} (a quantized base has no float linear weights to cast)")
+    if cfg.distributed_strategy == "deepspeed":
+        reasons.append("deepspeed (not supported together)")
+    if cfg.distributed_strategy == "fsdp2":
+        reasons.append("FSDP2 (torchao float8 with FSDP2 sharding is not supported by hellbender yet)")
+    for key in ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel"):
+        if getattr(cfg, key):
+            reasons.append(f"{key} (the fused kernel bypasses the Float8Linear layers)")
+    if not reasons:
+        return []
+    return _err(
+        "HB198",
+        f"fp8 cannot be combined with {'; '.join(reasons)}.",
+        "Remove fp8 (train in bf16), or remove what it is combined with (single process or DDP, a "
+        "16-bit base, no fused LoRA kernels).",
+        "fp8",
+    )
 
 
 @rule
@@ -234,18 +271,109 @@ def zero3_quantized_base(cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfi
 
 @rule
 def fsdp2_bnb_optimizer(cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
-    """FSDP2 with bitsandbytes' 8-bit AdamW: its CUDA kernels do not take FSDP2's sharded (DTensor)
-    parameters (Axolotl refuses the pair for the same reason)."""
-    if cfg.distributed_strategy in ("fsdp2", "deepspeed") and cfg.optimizer == "adamw_8bit":
+    """FSDP2 or DeepSpeed with a bitsandbytes optimizer (adamw_8bit, paged_adamw_8bit/32bit): its
+    kernels do not take FSDP2's sharded (DTensor) parameters (Axolotl refuses the pair for the same
+    reason)."""
+    if cfg.distributed_strategy in ("fsdp2", "deepspeed") and cfg.optimizer in BNB_OPTIMIZERS:
         name = "FSDP2" if cfg.distributed_strategy == "fsdp2" else "DeepSpeed ZeRO"
         return _err(
             "HB168",
-            f"optimizer adamw_8bit (bitsandbytes) does not work on {name}'s sharded parameters.",
+            f"optimizer {cfg.optimizer} (bitsandbytes) does not work on {name}'s sharded parameters.",
             f"Use optimizer: adamw_torch_fused or adamw_torch ({name} already shards the optimizer "
             "state over the ranks).",
             "optimizer",
         )
     return []
+
+
+@rule
+def paged_optimizer_without_cuda(cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
+    """A paged optimizer keeps its state in CUDA unified memory, which the driver pages out to CPU
+    RAM when the GPU is full. Without CUDA there is nothing to page: bitsandbytes runs the same
+    update on ordinary CPU tensors (adamw_8bit / 32-bit AdamW), so the run trains as asked."""
+    if cfg.optimizer.startswith("paged_") and not hw.cuda:
+        plain = "adamw_8bit" if cfg.optimizer == "paged_adamw_8bit" else "adamw_torch"
+        return [
+            Finding(
+                "HB195",
+                "info",
+                f"optimizer {cfg.optimizer}: paging needs CUDA unified memory, which {hw.description} "
+                "does not have; bitsandbytes runs the same update without paging (the state is in CPU "
+                "memory already).",
+                f"Nothing to do (or write optimizer: {plain}); paging applies on a CUDA GPU.",
+                "optimizer",
+            )
+        ]
+    return []
+
+
+@rule
+def torchao_optimizer_across_ranks(cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
+    """torchao's low-bit optimizers keep their state as tensor subclasses (codes + scales). Over
+    several ranks that state would go through DDP/FSDP2's distributed state dicts and DeepSpeed's
+    engine, which hellbender has not tested with them: refused rather than trusted."""
+    if cfg.optimizer in TORCHAO_OPTIMIZERS and cfg.distributed_strategy != "single":
+        return _err(
+            "HB196",
+            f"optimizer {cfg.optimizer} (torchao low-bit state) is supported in a single process only, "
+            f"not with {cfg.distributed_strategy}.",
+            "Train in one process, or use optimizer: adamw_torch_fused (FSDP2 and DeepSpeed shard its "
+            "state over the ranks) or adamw_8bit (DDP).",
+            "optimizer",
+        )
+    return []
+
+
+@rule
+def torchao_optimizer_trains_embeddings(
+    cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfig
+) -> list[Finding]:
+    """torchao's low-bit state on a trained embedding: rows of tokens absent from a batch get no
+    gradient, their second moment (tiny next to the largest one of its block) is stored as 0 while
+    the first moment is not, and the next update of those rows is lr × m / eps — orders of
+    magnitude too large (the "zero-point" problem of low-bit second moments; measured in
+    tests/unit/test_optim_lowbit.py). bitsandbytes' adamw_8bit did not show it there, nor torchao's
+    4-bit state, whose second-moment code book has no 0."""
+    if cfg.optimizer not in ("adamw_torch_8bit", "adamw_torch_fp8"):
+        return []
+    saved = [m for m in cfg.lora_modules_to_save or [] if "embed" in m]
+    full = cfg.adapter is None and (
+        not cfg.unfrozen_parameters or any("embed" in p for p in cfg.unfrozen_parameters)
+    )
+    if not (full or saved):
+        return []
+    what = f"lora_modules_to_save {saved}" if saved else "the full fine-tune"
+    return _warn(
+        "HB194",
+        f"optimizer {cfg.optimizer} with trained embeddings ({what}): torchao's 8-bit/fp8 state can "
+        "round the second moment of rarely seen tokens' rows to 0 and blow their update up to lr × m / eps.",
+        "Keep the embeddings frozen (an adapter, or unfrozen_parameters without them), or use "
+        "optimizer: adamw_8bit (bitsandbytes), adamw_torch_4bit or adamw_torch.",
+        "optimizer",
+    )
+
+
+@rule
+def torchao_installed(cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
+    """fp8 and the torchao optimizers need torchao installed (checked without importing it)."""
+    if not (cfg.fp8 or cfg.optimizer in TORCHAO_OPTIMIZERS):
+        return []
+    from importlib.util import find_spec
+
+    if find_spec("torchao") is not None:
+        return []
+    key = "fp8" if cfg.fp8 else "optimizer"
+    what = "fp8" if cfg.fp8 else f"optimizer {cfg.optimizer}"
+    if not hw.local:  # checked for another machine: what is installed here says nothing
+        return _warn(
+            "HB197",
+            f"{what} needs torchao, not installed on this machine; the target, {hw.description}, needs it.",
+            "pip install 'hellbender[torchao]' on the machine that trains.",
+            key,
+        )
+    return _err(
+        "HB197", f"{what} needs torchao, which is not installed.", "pip install 'hellbender[torchao]'", key
+    )
 
 
 @rule
@@ -723,8 +851,9 @@ def resume_both(cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfig) -> lis
 
 @rule
 def adamw_8bit_needs_bnb(cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
-    """adamw_8bit and 4/8-bit bases need bitsandbytes installed (checked without importing it)."""
-    if cfg.optimizer == "adamw_8bit" or cfg.load_in_4bit or cfg.load_in_8bit:
+    """adamw_8bit, the paged optimizers and 4/8-bit bases need bitsandbytes installed (checked
+    without importing it)."""
+    if cfg.optimizer in BNB_OPTIMIZERS or cfg.load_in_4bit or cfg.load_in_8bit:
         from importlib.util import find_spec
 
         if find_spec("bitsandbytes") is None:
@@ -734,13 +863,13 @@ def adamw_8bit_needs_bnb(cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfi
                     "this config needs bitsandbytes (adamw_8bit or a 4/8-bit base), not installed on this "
                     f"machine; the target, {hw.description}, needs it.",
                     "pip install 'hellbender[quant]' on the machine that trains.",
-                    "optimizer" if cfg.optimizer == "adamw_8bit" else "load_in_4bit",
+                    "optimizer" if cfg.optimizer in BNB_OPTIMIZERS else "load_in_4bit",
                 )
             return _err(
                 "HB144",
                 "this config needs bitsandbytes (adamw_8bit or a 4/8-bit base), which is not installed.",
                 "pip install 'hellbender[quant]'",
-                "optimizer" if cfg.optimizer == "adamw_8bit" else "load_in_4bit",
+                "optimizer" if cfg.optimizer in BNB_OPTIMIZERS else "load_in_4bit",
             )
     return []
 
@@ -886,6 +1015,111 @@ def hub_options_without_repo(cfg: ResolvedConfig, hw: Hardware, raw: HellbenderC
     return []
 
 
+# ------------------------------------------------------------------ context parallelism
+
+# How Axolotl's ring_attn_func cuts a row: zigzag (2N chunks) or another layout (N shares). The same
+# mapping as hellbender.distributed.context_parallel.AXOLOTL_RING_ATTN_FUNCS (a later stage than
+# config; tests/unit/test_context_parallel_training_pieces.py checks the two agree).
+_ZIGZAG_RING_ATTN_FUNCS = ("varlen_llama3", "batch_zigzag")
+
+
+def context_parallel_multiple(cfg: ResolvedConfig) -> int:
+    """What a row's length must be a multiple of for ``cfg``'s context-parallel layout: 2·cp for
+    zigzag (the ring's default with sample_packing), cp for contiguous, stripe and Ulysses."""
+    cp = cfg.context_parallel_size
+    if cfg.context_parallel_strategy == "ulysses":
+        return cp
+    func = cfg.ring_attn_func or ("varlen_llama3" if cfg.sample_packing else "batch_ring")
+    return 2 * cp if func in _ZIGZAG_RING_ATTN_FUNCS else cp
+
+
+@rule
+def context_parallel_keys(cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
+    """ring_attn_func and heads_k_stride configure the ring: an error with Ulysses, and like
+    context_parallel_strategy, no effect (a warning) without context parallelism."""
+    given = [
+        k
+        for k in ("context_parallel_strategy", "ring_attn_func", "heads_k_stride")
+        if k in raw.model_fields_set
+    ]
+    if cfg.context_parallel_size == 1:
+        if given:
+            return _warn(
+                "HB155",
+                f"{', '.join(given)} {'configures' if len(given) == 1 else 'configure'} context "
+                "parallelism, which is off (context_parallel_size 1).",
+                "Remove them, or set context_parallel_size to the ranks that split each sequence.",
+                given[0],
+            )
+        return []
+    ring_only = [k for k in ("ring_attn_func", "heads_k_stride") if getattr(cfg, k) is not None]
+    if cfg.context_parallel_strategy == "ulysses" and ring_only:
+        return _err(
+            "HB155",
+            f"{', '.join(ring_only)} {'configures' if len(ring_only) == 1 else 'configure'} the ring "
+            "strategy; context_parallel_strategy is ulysses.",
+            f"Remove {', '.join(ring_only)}, or set context_parallel_strategy: ring.",
+            ring_only[0],
+        )
+    return []
+
+
+@rule
+def context_parallel_sequence_len(cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
+    """Context parallelism cuts every row into equal shares. Rows padded to sequence_len
+    (pad_to_sequence_len, the default with packing) need a sequence_len the layout can cut; rows of
+    varying width are padded to a multiple by the loop instead (never-trained padding)."""
+    if cfg.context_parallel_size == 1 or not cfg.pad_to_sequence_len:
+        return []
+    multiple = context_parallel_multiple(cfg)
+    if cfg.sequence_len % multiple == 0:
+        return []
+    layout = (
+        "zigzag: 2 chunks per rank" if multiple == 2 * cfg.context_parallel_size else "one share per rank"
+    )
+    above = cfg.sequence_len + (-cfg.sequence_len % multiple)
+    return _err(
+        "HB153",
+        f"sequence_len {cfg.sequence_len} cannot be cut into equal shares for context_parallel_size "
+        f"{cfg.context_parallel_size} ({layout}): it must be a multiple of {multiple}.",
+        f"Set sequence_len to a multiple of {multiple}, e.g. {above}.",
+        "sequence_len",
+    )
+
+
+@rule
+def context_parallel_unsupported(cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
+    """What context parallelism does not run with yet: DeepSpeed (its engine has sequence-parallel
+    groups of its own; DDP and FSDP2 over the dp × cp ranks are implemented and tested),
+    torch_compile, the losses that shift labels inside their kernels (cut, liger), an attention
+    backend other than sdpa/eager (CP replaces it with its own ring/Ulysses attention), and
+    eval_table_size (rank 0 would generate alone with an attention that needs its group)."""
+    if cfg.context_parallel_size == 1:
+        return []
+    reasons: list[tuple[str, str]] = []
+    if cfg.distributed_strategy == "deepspeed":
+        reasons.append(("deepspeed", "DeepSpeed (its engine has its own sequence-parallel groups)"))
+    if cfg.torch_compile:
+        reasons.append(("torch_compile", "torch_compile"))
+    if cfg.loss_method not in ("plain", "chunked"):
+        reasons.append(("loss_method", f"the {cfg.loss_method} loss (it shifts labels inside its kernel)"))
+    if cfg.attn_implementation not in ("sdpa", "eager"):
+        reasons.append(("attn_implementation", f"attn_implementation {cfg.attn_implementation}"))
+    if cfg.eval_table_size:
+        reasons.append(("eval_table_size", "eval_table_size (sample generations)"))
+    if not reasons:
+        return []
+    return _err(
+        "HB156",
+        f"context parallelism (context_parallel_size {cfg.context_parallel_size}) is not supported with "
+        f"{'; '.join(r for _, r in reasons)}.",
+        "Remove it, or train without context parallelism. Context parallelism runs with DDP or "
+        "FSDP2, the plain or chunked loss, and attn_implementation sdpa or eager, whose attention "
+        "it replaces with its own.",
+        reasons[0][0],
+    )
+
+
 @rule
 def not_yet_implemented(cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
     """Options that parse (so Axolotl configs load) but whose feature has not landed: setting one is
@@ -946,6 +1180,48 @@ def sequence_len_vs_model(cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConf
             "sequence_len",
         )
     return []
+
+
+@rule
+def context_parallel_vs_model(cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfig) -> list[Finding]:
+    """What context parallelism needs of the model (config.json; skipped when unreadable, HB150
+    says so): Ulysses splits the attention heads over the ranks, heads_k_stride must divide the
+    key/value heads, and the ring/Ulysses attention has no attention dropout."""
+    if cfg.context_parallel_size == 1:
+        return []
+    model_cfg = read_model_config(cfg.base_model_config or cfg.base_model)
+    if model_cfg is None:
+        return []
+    model_cfg = {**model_cfg, **(cfg.overrides_of_model_config or {})}
+    cp = cfg.context_parallel_size
+    heads, kv_heads = model_cfg.get("num_attention_heads"), model_cfg.get("num_key_value_heads")
+    kv_heads = kv_heads if kv_heads is not None else heads
+    out: list[Finding] = []
+    if cfg.context_parallel_strategy == "ulysses" and isinstance(heads, int) and heads % cp:
+        out += _err(
+            "HB154",
+            f"context_parallel_strategy ulysses splits the model's {heads} attention heads over "
+            f"context_parallel_size {cp} ranks, which does not divide them.",
+            f"Use context_parallel_strategy: ring, or a context_parallel_size dividing {heads}.",
+            "context_parallel_strategy",
+        )
+    stride = cfg.heads_k_stride
+    if stride is not None and isinstance(kv_heads, int) and kv_heads % stride:
+        out += _err(
+            "HB154",
+            f"heads_k_stride {stride} does not divide the model's {kv_heads} key/value heads.",
+            f"Use a divisor of {kv_heads} (1 exchanges one head at a time), or remove heads_k_stride.",
+            "heads_k_stride",
+        )
+    dropout = model_cfg.get("attention_dropout")
+    if isinstance(dropout, int | float) and dropout > 0:
+        out += _err(
+            "HB154",
+            f"the model's attention_dropout is {dropout}; context parallelism's attention has no dropout.",
+            "Set overrides_of_model_config: {attention_dropout: 0.0}, or train without context parallelism.",
+            "context_parallel_size",
+        )
+    return out
 
 
 def check(cfg: ResolvedConfig, hw: Hardware, raw: HellbenderConfig | None = None) -> list[Finding]:

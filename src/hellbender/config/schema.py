@@ -27,8 +27,32 @@ AttnImplementation = Literal[
     "eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3", "xformers"
 ]
 DatasetType = Literal["alpaca", "completion", "input_output", "chat_template", "user_defined"]
-# "adamw_bnb_8bit" is the Hugging Face / Axolotl spelling of adamw_8bit; normalize maps it.
-Optimizer = Literal["adamw_torch", "adamw_torch_fused", "adamw_8bit", "adamw_bnb_8bit", "sgd"]
+# "adamw_bnb_8bit" is the Hugging Face / Axolotl spelling of adamw_8bit, and ao_adamw_{8bit,4bit,fp8}
+# Axolotl's of adamw_torch_{8bit,4bit,fp8} (torchao); normalize maps them (OPTIMIZER_ALIASES).
+Optimizer = Literal[
+    "adamw_torch",
+    "adamw_torch_fused",
+    "adamw_8bit",
+    "adamw_bnb_8bit",
+    "paged_adamw_8bit",
+    "paged_adamw_32bit",
+    "adamw_torch_8bit",
+    "adamw_torch_4bit",
+    "adamw_torch_fp8",
+    "ao_adamw_8bit",
+    "ao_adamw_4bit",
+    "ao_adamw_fp8",
+    "sgd",
+]
+OPTIMIZER_ALIASES: dict[str, str] = {
+    "adamw_bnb_8bit": "adamw_8bit",
+    "ao_adamw_8bit": "adamw_torch_8bit",
+    "ao_adamw_4bit": "adamw_torch_4bit",
+    "ao_adamw_fp8": "adamw_torch_fp8",
+}
+# The optimizers of each optional library (after OPTIMIZER_ALIASES).
+BNB_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
+TORCHAO_OPTIMIZERS = ("adamw_torch_8bit", "adamw_torch_4bit", "adamw_torch_fp8")
 Scheduler = Literal[
     "cosine",
     "linear",
@@ -562,7 +586,11 @@ class HellbenderConfig(_Strict):
         None, ge=1, le=MAX_COUNT, description="Stop after this many optimizer steps."
     )
     learning_rate: float = Field(2e-5, gt=0, le=MAX_LEARNING_RATE, description="Peak learning rate.")
-    optimizer: Optimizer = Field("adamw_torch", description="Optimizer.")
+    optimizer: Optimizer = Field(
+        "adamw_torch",
+        description="Optimizer: adamw_torch(_fused); adamw_8bit, paged_adamw_8bit/32bit (bitsandbytes, "
+        "paged: CUDA); adamw_torch_8bit/4bit/fp8 (torchao low-bit state); sgd.",
+    )
     lr_scheduler: Scheduler = Field(
         "cosine", description="Learning-rate schedule (HF/Axolotl names; see docs/axolotl.md)."
     )
@@ -586,7 +614,14 @@ class HellbenderConfig(_Strict):
     )
     fp16: bool = Field(False, description="float16 mixed precision (GPU).")
     tf32: bool = Field(False, description="Allow TF32 matmuls (Ampere+ GPUs).")
-    fp8: bool = Field(False, description="FP8 matmuls (Ada/Hopper GPUs; wants torch_compile).")
+    fp8: bool = Field(
+        False,
+        description="FP8 training: linear layers become torchao Float8Linear (CUDA ≥ 8.9 or CPU; "
+        "wants torch_compile).",
+    )
+    fp8_enable_fsdp_float8_all_gather: bool = Field(
+        False, description="Under FSDP2, all-gather fp8 weights (torchao); needs fp8."
+    )
     torch_compile: bool = Field(False, description="Compile the model with torch.compile.")
     torch_compile_backend: str | None = Field(None, description="torch.compile backend (default inductor).")
     qat: dict[str, Any] | None = Field(None, description="Quantization-aware training settings (torchao).")
@@ -668,9 +703,34 @@ class HellbenderConfig(_Strict):
         description="Seconds a collective waits for the other ranks before the run fails (the process "
         "group's timeout).",
     )
-    context_parallel_size: int = Field(1, ge=1, le=MAX_WIDTH, description="Ranks that split one sequence.")
+    context_parallel_size: int = Field(
+        1,
+        ge=1,
+        le=MAX_WIDTH,
+        description="Ranks that split one sequence (context parallelism; docs/distributed.md): each "
+        "holds 1/N of every row's tokens and activations; must divide the world size.",
+    )
     sequence_parallel_degree: int | None = Field(
         None, ge=1, le=MAX_WIDTH, description="Legacy alias of context_parallel_size."
+    )
+    context_parallel_strategy: Literal["ring", "ulysses"] = Field(
+        "ring",
+        description="How context-parallel ranks exchange attention: ring (K/V blocks passed rank to "
+        "rank; any head count) or ulysses (all-to-all over heads; num_attention_heads divisible by "
+        "context_parallel_size). hellbender's own key.",
+    )
+    ring_attn_func: Literal["varlen_llama3", "batch_ring", "batch_zigzag", "batch_stripe"] | None = Field(
+        None,
+        description="Axolotl's ring-attention variant, read as how rows are cut: varlen_llama3 and "
+        "batch_zigzag zigzag (2N chunks, rank r keeps r and 2N-1-r), batch_ring contiguous, "
+        "batch_stripe token t on rank t mod N. Unset: varlen_llama3 with sample_packing, else batch_ring.",
+    )
+    heads_k_stride: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_WIDTH,
+        description="Ring: key/value heads sent per exchange (Axolotl's; unset: all at once); must "
+        "divide the model's num_key_value_heads. Changes memory in flight, not the result.",
     )
     tensor_parallel_size: int = Field(1, ge=1, le=MAX_WIDTH, description="Ranks that split each layer.")
     dp_shard_size: int | None = Field(

@@ -41,7 +41,7 @@ masks of the batch, so every layer, forward and backward, reuses them.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
@@ -49,6 +49,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from hellbender.config.schema import ResolvedConfig
 from hellbender.data.tokenize import IGNORE_INDEX
 from hellbender.distributed.ring_attention import RingBlock, RingGroup, plan_ring_blocks, ring_attention
 from hellbender.errors import HellbenderError
@@ -63,11 +64,14 @@ __all__ = [
     "ContextParallelError",
     "ContextParallelPlan",
     "Layout",
+    "ShardingCollator",
     "Strategy",
+    "TrainingInputs",
     "context_parallel_attention",
     "model_inputs",
     "pad_to_multiple",
     "plan_from_axolotl",
+    "plan_from_config",
     "register_context_parallel_attention",
     "shard_batch",
     "shard_indices",
@@ -76,6 +80,7 @@ __all__ = [
     "shift_labels",
     "ulysses_attention",
     "unshard_sequence",
+    "use_context_parallel_attention",
 ]
 
 Layout = Literal["zigzag", "contiguous", "stripe"]
@@ -300,6 +305,70 @@ def plan_from_axolotl(
             f"heads; use a divisor of {num_key_value_heads} (1 exchanges one head at a time)"
         )
     return ContextParallelPlan(strategy, layout, heads_k_stride)
+
+
+def plan_from_config(cfg: ResolvedConfig) -> ContextParallelPlan:
+    """The plan a config asks for: ``context_parallel_strategy: ulysses`` (contiguous shares: Ulysses
+    gathers the whole sequence, so the cut does not change its work), else the ring as Axolotl's
+    ``ring_attn_func`` / ``heads_k_stride`` say (:func:`plan_from_axolotl`)."""
+    if cfg.context_parallel_strategy == "ulysses":
+        return ContextParallelPlan("ulysses", "contiguous")
+    return plan_from_axolotl(cfg.ring_attn_func, cfg.heads_k_stride, sample_packing=cfg.sample_packing)
+
+
+# ------------------------------------------------------------------------------ the training loop
+
+
+class ShardingCollator:
+    """A collator whose micro-batches are this rank's share (what the training loop feeds a rank).
+
+    Every rank of a CP group collates the *same* micro-batch (the loop deals micro-batches by
+    data-parallel rank), pads it to a length the layout can cut (:func:`pad_to_multiple`; a no-op
+    for ``pad_to_sequence_len`` rows of a ``sequence_len`` rule HB153 accepted) and keeps its share
+    (:func:`shard_batch`): ``shift_labels`` are the loss targets and ``num_trained_tokens`` the
+    share's count, so the loop's sums over all ranks count each token once. The whole batch's
+    document ids travel along as ``cp_document_ids``, from which :class:`TrainingInputs` builds the
+    context. Holds no process group, so DataLoader workers can run it.
+    """
+
+    def __init__(
+        self, collate: Callable[[Sequence[Sequence[Mapping[str, Any]]]], dict[str, torch.Tensor]],
+        pad_token_id: int, plan: ContextParallelPlan, cp_size: int, cp_rank: int,
+    ) -> None:  # fmt: skip
+        self.collate, self.pad_token_id, self.plan = collate, pad_token_id, plan
+        self.cp_size, self.cp_rank = cp_size, cp_rank
+
+    def __call__(self, rows: Sequence[Sequence[Mapping[str, Any]]]) -> dict[str, torch.Tensor]:
+        whole = pad_to_multiple(self.collate(rows), self.cp_size, self.plan.layout, self.pad_token_id)
+        local = shard_batch(whole, self.cp_size, self.cp_rank, self.plan.layout)
+        local["cp_document_ids"] = whole["document_ids"]
+        return local
+
+
+@dataclass(frozen=True)
+class TrainingInputs:
+    """The model inputs of a :class:`ShardingCollator` batch: its share's tokens, with the context
+    of the whole batch (built per micro-batch, on the batch's device, over ``group``)."""
+
+    plan: ContextParallelPlan
+    group: dist.ProcessGroup | None
+
+    def __call__(self, local_batch: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+        context = ContextParallelContext(local_batch["cp_document_ids"], self.plan, group=self.group)
+        return model_inputs(local_batch, context)
+
+
+def use_context_parallel_attention(model: torch.nn.Module) -> None:
+    """Make ``model`` attend through :func:`register_context_parallel_attention`'s function (every
+    layer, the model's config included), before anything wraps or compiles it."""
+    register_context_parallel_attention()
+    setter = getattr(model, "set_attn_implementation", None)
+    if setter is None:
+        raise ContextParallelError(
+            "context parallelism needs a transformers model (set_attn_implementation); got "
+            f"{type(model).__name__}"
+        )
+    setter(ATTENTION_NAME)
 
 
 # ------------------------------------------------------------------------------------ the context

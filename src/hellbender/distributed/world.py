@@ -7,6 +7,11 @@ so a rank that dies or hangs fails the others in bounded time instead of blockin
 
 A single process (no ``WORLD_SIZE`` or ``WORLD_SIZE=1``) gets ``World()``: rank 0 of 1, every
 collective the identity, no process group at all.
+
+Context parallelism (``context_parallel_size`` cp > 1) arranges the W ranks as dp × cp: adjacent
+ranks form a CP group (rank = dp_rank × cp + cp_rank), which shares one micro-batch and splits its
+sequence; :attr:`World.cp_group` is this rank's group. Data is dealt by ``dp_rank`` over
+``dp_size``; every other reduction (token counts, gradients) stays over all W ranks.
 """
 
 from __future__ import annotations
@@ -15,8 +20,9 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Any
 
 import torch
 
@@ -36,10 +42,27 @@ class World:
     rank: int = 0
     size: int = 1
     local_rank: int = 0
+    cp_size: int = 1  # ranks sharing one sequence (context parallelism); divides size
+    cp_group: Any = field(default=None, compare=False)  # this rank's CP ProcessGroup (None: cp_size 1)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def dp_size(self) -> int:
+        """Ranks that see different data: ``size ÷ cp_size``."""
+        return self.size // self.cp_size
+
+    @property
+    def dp_rank(self) -> int:
+        """Which data-parallel share this rank trains (the same for every rank of a CP group)."""
+        return self.rank // self.cp_size
+
+    @property
+    def cp_rank(self) -> int:
+        """This rank's position in its CP group: which part of each sequence it holds."""
+        return self.rank % self.cp_size
 
     @property
     def distributed(self) -> bool:
@@ -113,11 +136,12 @@ def world_from_env() -> tuple[int, int, int]:
 
 
 @contextlib.contextmanager
-def process_group(timeout_seconds: float) -> Iterator[World]:
+def process_group(timeout_seconds: float, context_parallel_size: int = 1) -> Iterator[World]:
     """Join torchrun's ranks for the block (NCCL on CUDA, gloo on CPU); ``World()`` alone.
 
     ``timeout_seconds`` bounds every collective (gloo and NCCL both honour it), so a peer that
-    died makes the survivors fail instead of hang.
+    died makes the survivors fail instead of hang. ``context_parallel_size`` > 1 also builds the
+    CP groups (:func:`context_parallel_world`).
     """
     rank, size, local_rank = world_from_env()
     if size == 1:
@@ -126,16 +150,36 @@ def process_group(timeout_seconds: float) -> Iterator[World]:
     import torch.distributed as dist
 
     if dist.is_initialized():  # a caller (a test, a notebook) set it up: use it, leave it up
-        yield World(dist.get_rank(), dist.get_world_size(), local_rank)
+        yield context_parallel_world(
+            World(dist.get_rank(), dist.get_world_size(), local_rank), context_parallel_size
+        )
         return
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
     dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_seconds))
     try:
-        yield World(rank, size, local_rank)
+        yield context_parallel_world(World(rank, size, local_rank), context_parallel_size)
     finally:
         dist.destroy_process_group()
+
+
+def context_parallel_world(world: World, cp_size: int) -> World:
+    """``world`` with its CP groups: ranks ``[k·cp, (k+1)·cp)`` share a sequence (adjacent ranks,
+    so on a multi-GPU node the ring's traffic stays on the fastest links). A collective: every
+    rank builds every group, in the same order, as ``new_group`` requires."""
+    if cp_size == 1:
+        return world
+    if cp_size < 1 or world.size % cp_size:
+        raise ValueError(f"context_parallel_size {cp_size} does not divide the {world.size} ranks")
+    import torch.distributed as dist
+
+    mine = None
+    for first in range(0, world.size, cp_size):
+        group = dist.new_group(list(range(first, first + cp_size)))
+        if first <= world.rank < first + cp_size:
+            mine = group
+    return World(world.rank, world.size, world.local_rank, cp_size, mine)
 
 
 def rank_device(world: World) -> torch.device:

@@ -38,18 +38,25 @@ from hellbender.kernels.model_parts import decoder, output_head
 LossFn = Callable[[nn.Module, Mapping[str, Any], torch.Tensor], torch.Tensor]
 
 
-def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor, *, shifted: bool = False) -> torch.Tensor:
     """Sum of next-token cross-entropy over trained tokens, accumulated in fp32: the reference
     every other method is tested against.
 
     ``logits`` (B, L, V) in any float dtype, ``labels`` (B, L) aligned with the inputs (not
-    shifted; -100 = not trained). A **sum**, never a mean: the loop divides by the trained tokens
-    of the whole optimizer step (see :mod:`hellbender.train.loop`). Logits are upcast to fp32
-    before the softmax: in bf16 the log-sum-exp over a large vocabulary loses enough precision to
-    bias the loss.
+    shifted; -100 = not trained). With ``shifted``, ``labels`` are already the next-token targets
+    aligned with the logits (``labels[:, t]`` is what position t predicts, as
+    :func:`~hellbender.kernels.chunked_ce.shifted_targets` builds them): context parallelism cuts a
+    row after shifting, so a rank's last target lives in the next rank's tokens. A **sum**, never a
+    mean: the loop divides by the trained tokens of the whole optimizer step (see
+    :mod:`hellbender.train.loop`). Logits are upcast to fp32 before the softmax: in bf16 the
+    log-sum-exp over a large vocabulary loses enough precision to bias the loss.
     """
     if logits.shape[:-1] != labels.shape:
         raise ValueError(f"logits {tuple(logits.shape)} do not match labels {tuple(labels.shape)}")
+    if shifted:
+        flat = logits.reshape(-1, logits.shape[-1]).float()
+        targets = labels.reshape(-1).to(flat.device)
+        return F.cross_entropy(flat, targets, ignore_index=IGNORE_INDEX, reduction="sum")
     shift_logits = logits[:, :-1, :].reshape(-1, logits.shape[-1]).float()
     shift_labels = labels[:, 1:].reshape(-1).to(shift_logits.device)
     return F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum")
@@ -62,7 +69,7 @@ def hidden_states(model: nn.Module, model_inputs: Mapping[str, Any]) -> torch.Te
     return hidden
 
 
-def build_loss(method: LossMethod, *, num_chunks: int = 8) -> LossFn:
+def build_loss(method: LossMethod, *, num_chunks: int = 8, shifted: bool = False) -> LossFn:
     """The loss function for ``method`` (``cfg.loss_method``), chosen once at setup.
 
     The returned function takes ``model``, ``model_inputs`` (what the model's forward takes:
@@ -71,7 +78,14 @@ def build_loss(method: LossMethod, *, num_chunks: int = 8) -> LossFn:
     unshifted, -100 where not trained. It returns the fp32 sum of the causal-LM loss over the
     trained tokens; the loop divides by the step's trained-token count. ``num_chunks`` is
     ``cfg.chunked_cross_entropy_num_chunks`` (used by the chunked method only).
+
+    ``shifted``: the function takes next-token targets aligned with the logits instead of labels
+    (context parallelism's ``shift_labels``, see :func:`causal_lm_loss_sum`); the plain and
+    chunked methods only (the others shift inside their kernels; rule HB156 refuses them with
+    context parallelism).
     """
+    if shifted and method not in ("plain", "chunked"):
+        raise ValueError(f"loss method {method!r} takes unshifted labels only (plain and chunked take both)")
 
     def inputs_of(model_inputs: Mapping[str, Any]) -> dict[str, Any]:
         if "labels" in model_inputs:
@@ -83,7 +97,7 @@ def build_loss(method: LossMethod, *, num_chunks: int = 8) -> LossFn:
     if method == "plain":
 
         def plain(model: nn.Module, model_inputs: Mapping[str, Any], labels: torch.Tensor) -> torch.Tensor:
-            return causal_lm_loss_sum(model(**inputs_of(model_inputs)).logits, labels)
+            return causal_lm_loss_sum(model(**inputs_of(model_inputs)).logits, labels, shifted=shifted)
 
         return plain
     if method == "liger":
@@ -101,7 +115,7 @@ def build_loss(method: LossMethod, *, num_chunks: int = 8) -> LossFn:
             return chunked_linear_cross_entropy_sum(
                 hidden,
                 head.weight,
-                shifted_targets(labels.to(hidden.device)),
+                labels.to(hidden.device) if shifted else shifted_targets(labels.to(hidden.device)),
                 bias=head.bias,
                 num_chunks=num_chunks,
                 softcap=head.softcap,

@@ -31,7 +31,7 @@ from torch import nn
 
 from hellbender.config.schema import ResolvedConfig
 from hellbender.kernels.liger import LIGER_KEYS
-from hellbender.kernels.model_parts import model_device, output_head
+from hellbender.kernels.model_parts import decoder_layers, model_device, output_head
 from hellbender.kernels.patching import Patches
 
 logger = logging.getLogger(__name__)
@@ -111,6 +111,13 @@ def _apply(model: nn.Module, cfg: ResolvedConfig, patches: Patches) -> None:
     if cfg.loss_method in ("chunked", "cut", "liger_fused_linear"):
         output_head(model)  # refuses heads a fused loss cannot reproduce, before the first step
         patches.note(f"loss: {cfg.loss_method} (hellbender.kernels.loss.build_loss)")
+
+    if cfg.fp8:  # swaps the layers' linear modules, so before torch.compile traces them
+        from hellbender.quant.fp8 import convert_to_fp8
+
+        converted, undo = convert_to_fp8(model, decoder_layers(model))
+        patches.on_undo(undo)
+        patches.note(f"fp8: {len(converted)} linear layers → torchao Float8Linear (tensorwise scaling)")
 
     if cfg.torch_compile:
         from hellbender.kernels.compile import compile_layers

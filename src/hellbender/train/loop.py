@@ -42,7 +42,11 @@ or the plain model) runs forward and backward, keeps gradients local until a ste
 micro-batch, computes the global gradient norm, and gathers what a checkpoint saves. Every rank
 draws the same micro-batches from the same sampler and takes its share of each step
 (:func:`rank_batches`), so N ranks with ``gradient_accumulation_steps`` G train exactly what one
-process with N × G does (tests/invariants/test_distributed.py).
+process with N × G does (tests/invariants/test_distributed.py). With context parallelism the
+micro-batches are dealt by data-parallel rank, each rank of a CP group takes its share of the
+sequence (:func:`batching`) and its share's trained-token count, and :class:`Forward` feeds the
+share with its ring/Ulysses context: the token sums and the ``world.size`` scaling above stay
+exact as they are (tests/invariants/test_context_parallel_training.py).
 
 Precision (bf16). The loop runs ``torch.autocast`` to the compute dtype whenever the trainable
 weights are fp32 (fp32 master weights: a bf16 weight cannot absorb an update smaller than 1/256 of
@@ -80,6 +84,7 @@ from hellbender.config.schema import MAX_EPOCHS, ResolvedConfig
 from hellbender.data.errors import EmptyTrainingSetError
 from hellbender.data.packing import BatchSampler, Collator
 from hellbender.data.tokenize import IGNORE_INDEX
+from hellbender.distributed.context_parallel import ShardingCollator, TrainingInputs, plan_from_config
 from hellbender.distributed.parallel import Parallel, wrap_model
 from hellbender.distributed.world import World, rank_device
 from hellbender.errors import HellbenderError, OptionError
@@ -94,6 +99,8 @@ from hellbender.train.run_config import check_resume_config, resolved_config_tex
 from hellbender.train.samples import eval_prompts, generate, write_samples
 
 Autocast = Callable[[], AbstractContextManager[Any]]
+# rows of samples → one collated micro-batch (a Collator, or its context-parallel share)
+Collate = Callable[[Sequence[Sequence[Mapping[str, Any]]]], dict[str, Any]]
 
 logger = logging.getLogger(__name__)
 
@@ -167,12 +174,19 @@ class Samples:
 
 
 def batching(
-    samples: Samples, cfg: ResolvedConfig, pad_token_id: int, *, evaluation: bool = False
-) -> tuple[BatchSampler, Collator]:
+    samples: Samples,
+    cfg: ResolvedConfig,
+    pad_token_id: int,
+    *,
+    evaluation: bool = False,
+    world: World = World(),
+) -> tuple[BatchSampler, Collate]:
     """The sampler and collator of the training (or, with ``evaluation``, the eval) data.
 
     With ``pad_to_sequence_len`` every batch is (micro_batch_size, sequence_len): an epoch's short
     last micro-batch gets filler rows (no trained token) rather than a new shape or dropped samples.
+    With context parallelism (``world.cp_size`` > 1) a batch is this rank's share of the sequence
+    (:class:`~hellbender.distributed.context_parallel.ShardingCollator`).
     """
     rows = cfg.eval_batch_size if evaluation else cfg.micro_batch_size
     sampler = BatchSampler(
@@ -196,6 +210,9 @@ def batching(
         attn_implementation=cfg.attn_implementation,
         micro_batch_size=rows,
     )
+    if world.cp_size > 1:
+        plan = plan_from_config(cfg)
+        return sampler, ShardingCollator(collate, pad_token_id, plan, world.cp_size, world.cp_rank)
     return sampler, collate
 
 
@@ -206,19 +223,21 @@ def _to(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
 
 
 def rank_batches(
-    group: Sequence[list[list[int]]], samples: Samples, collate: Collator, world: World, device: torch.device
+    group: Sequence[list[list[int]]], samples: Samples, collate: Collate, world: World, device: torch.device
 ) -> list[dict[str, Any]]:
     """This rank's micro-batches of ``group`` (the micro-batches every rank takes together),
     collated, on ``device``.
 
-    Rank r takes micro-batches r, r + W, r + 2W, … (W ranks), so the ranks together take each
-    exactly once. When W does not divide the group (an epoch's last step), the ranks short of
-    one get a *filler*: a real micro-batch with every label ignored and its counts zeroed. It
-    adds nothing to the loss or the gradient, but every rank runs the same number of forwards
-    and backwards — which DDP's gradient all-reduce and FSDP2's all-gathers require of them.
+    Data-parallel rank r takes micro-batches r, r + D, r + 2D, … (D data-parallel ranks: all W
+    ranks, or W ÷ cp with context parallelism, whose CP group shares each micro-batch and
+    ``collate`` cuts it), so the ranks together take each exactly once. When D does not divide the
+    group (an epoch's last step), the ranks short of one get a *filler*: a real micro-batch with
+    every label ignored and its counts zeroed. It adds nothing to the loss or the gradient, but
+    every rank runs the same number of forwards and backwards — which DDP's gradient all-reduce
+    and FSDP2's all-gathers require of them.
     """
-    mine = list(group[world.rank :: world.size])
-    rounds = math.ceil(len(group) / world.size)
+    mine = list(group[world.dp_rank :: world.dp_size])
+    rounds = math.ceil(len(group) / world.dp_size)
     batches = [_to(collate(samples.rows(mb)), device) for mb in mine]
     if len(mine) < rounds:
         batches.append(_filler(_to(collate(samples.rows(group[0])), device)))
@@ -227,9 +246,12 @@ def rank_batches(
 
 def _filler(batch: dict[str, Any]) -> dict[str, Any]:
     """``batch`` trained on nothing: every label ignored, no token counted."""
+    ignored: dict[str, Any] = {
+        k: torch.full_like(batch[k], IGNORE_INDEX) for k in ("labels", "shift_labels") if k in batch
+    }
     return {
         **batch,
-        "labels": torch.full_like(batch["labels"], IGNORE_INDEX),
+        **ignored,
         "num_trained_tokens": torch.zeros_like(batch["num_trained_tokens"]),
         "num_tokens": torch.zeros_like(batch["num_tokens"]),
     }
@@ -345,30 +367,52 @@ def autocast_for(cfg: ResolvedConfig, model: torch.nn.Module, device: torch.devi
 
 @dataclass(frozen=True)
 class Forward:
-    """Everything a forward pass needs that does not change between micro-batches."""
+    """Everything a forward pass needs that does not change between micro-batches.
+
+    ``inputs`` turns a collated micro-batch into the model's keyword arguments and ``targets`` names
+    the batch's loss targets: the attention backend's masks and ``labels``, or — with context
+    parallelism — this rank's share with its ring/Ulysses context and the pre-shifted
+    ``shift_labels`` (:class:`~hellbender.distributed.context_parallel.TrainingInputs`). Chosen once
+    at setup, so :meth:`loss_sum` is the same code for both.
+    """
 
     loss_fn: LossFn
     autocast: Autocast
-    attn_implementation: str
-    mask_dtype: torch.dtype
+    inputs: Callable[[Mapping[str, Any]], Mapping[str, Any]]
+    targets: str = "labels"
 
     @classmethod
     def build(
-        cls, cfg: ResolvedConfig, model: torch.nn.Module, device: torch.device | None = None
+        cls,
+        cfg: ResolvedConfig,
+        model: torch.nn.Module,
+        device: torch.device | None = None,
+        world: World = World(),
     ) -> Forward:
         device = device or next(model.parameters()).device
+        shifted = world.cp_size > 1
+        inputs: Callable[[Mapping[str, Any]], Mapping[str, Any]] = (
+            TrainingInputs(plan_from_config(cfg), world.cp_group)
+            if shifted
+            else functools.partial(
+                model_inputs,
+                attn_implementation=cfg.attn_implementation,
+                dtype=getattr(torch, cfg.compute_dtype),
+            )
+        )
         return cls(
-            loss_fn=build_loss(cfg.loss_method, num_chunks=cfg.chunked_cross_entropy_num_chunks),
+            loss_fn=build_loss(
+                cfg.loss_method, num_chunks=cfg.chunked_cross_entropy_num_chunks, shifted=shifted
+            ),
             autocast=autocast_for(cfg, model, device),
-            attn_implementation=cfg.attn_implementation,
-            mask_dtype=getattr(torch, cfg.compute_dtype),
+            inputs=inputs,
+            targets="shift_labels" if shifted else "labels",
         )
 
     def loss_sum(self, model: torch.nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
         """fp32 sum of the loss over the micro-batch's trained tokens."""
         with self.autocast():
-            inputs = model_inputs(batch, self.attn_implementation, dtype=self.mask_dtype)
-            return self.loss_fn(model, inputs, batch["labels"])
+            return self.loss_fn(model, self.inputs(batch), batch[self.targets])
 
 
 # ---------------------------------------------------------------- evaluation
@@ -393,7 +437,7 @@ def evaluate(
     default ``forward`` (built from ``cfg`` if not given) on ``model``.
     """
     samples = data if isinstance(data, Samples) else Samples(data)
-    sampler, collate = batching(samples, cfg, pad_token_id, evaluation=True)
+    sampler, collate = batching(samples, cfg, pad_token_id, evaluation=True, world=world)
     if loss_sum is None:
         loss_sum = functools.partial((forward or Forward.build(cfg, model)).loss_sum, model)
     device = next(model.parameters()).device
@@ -401,9 +445,10 @@ def evaluate(
     model.eval()
     total_loss, tokens = 0.0, 0.0
     micro_batches = list(sampler)
-    for first in range(0, len(micro_batches), world.size):
+    for first in range(0, len(micro_batches), world.dp_size):
         # One micro-batch per rank at a time: only this rank's and, at most, one filler in memory.
-        for batch in rank_batches(micro_batches[first : first + world.size], samples, collate, world, device):
+        group = micro_batches[first : first + world.dp_size]
+        for batch in rank_batches(group, samples, collate, world, device):
             total_loss += float(loss_sum(batch))
             tokens += float(batch["num_trained_tokens"])
     model.train(was_training)
@@ -451,7 +496,7 @@ class _StepData(torch.utils.data.Dataset[list[dict[str, Any]]]):
     """Step ``i`` → this rank's collated micro-batches of ``steps[i]``, on the CPU (what a
     DataLoader worker builds)."""
 
-    def __init__(self, steps: list[_Step], samples: Samples, collate: Collator, world: World) -> None:
+    def __init__(self, steps: list[_Step], samples: Samples, collate: Collate, world: World) -> None:
         self.steps, self.samples, self.collate, self.world = steps, samples, collate, world
 
     def __len__(self) -> int:
@@ -541,6 +586,12 @@ class _Run:
                 f"this run has {world.size} rank(s) but its config was resolved for world_size "
                 f"{cfg.world_size}: load the config in the process that trains (WORLD_SIZE is read then)"
             )
+        if world.cp_size != cfg.context_parallel_size:
+            raise OptionError(
+                f"this run's ranks form context-parallel groups of {world.cp_size} but its config asks for "
+                f"context_parallel_size {cfg.context_parallel_size}: join the ranks with "
+                "hellbender.distributed.world.process_group(timeout, cfg.context_parallel_size)"
+            )
         # A rank whose model is still on the meta device (rank 0 alone loaded the weights, which
         # reach this rank when the model is sharded) runs on its own device.
         self.device = next(model.parameters()).device
@@ -550,7 +601,7 @@ class _Run:
         self.eval_samples = Samples(eval_data) if eval_data is not None and len(eval_data) else None
         if cfg.save_strategy == "best" and self.eval_samples is None:
             raise OptionError("save_strategy: best needs an evaluation set (val_set_size or test_datasets)")
-        self.sampler, self.collate = batching(self.samples, cfg, pad_token_id)
+        self.sampler, self.collate = batching(self.samples, cfg, pad_token_id, world=world)
         self.plan = plan_steps(self.sampler, cfg)
         self.eval_at: frozenset[int] = frozenset()  # global steps that evaluate
         if self.eval_samples is not None and cfg.eval_strategy != "no":  # and always after the last step
@@ -575,7 +626,7 @@ class _Run:
             if not ckpt.is_sharded(resume_from):
                 # Into the whole model on every rank, before it is spread over them.
                 ckpt.load_model_weights(model, resume_from)
-        self.forward = Forward.build(cfg, model, self.device)
+        self.forward = Forward.build(cfg, model, self.device, world)
         # DDP wraps the model; FSDP2 replaces its parameters by shards: before the optimizer.
         self.parallel: Parallel = wrap_model(model, cfg, world, self.device, self.forward.loss_sum)
         self.params = [p for p in model.parameters() if p.requires_grad]

@@ -18,9 +18,10 @@ from typing import Any
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from hellbender.config.schema import ResolvedConfig
+from hellbender.config.schema import BNB_OPTIMIZERS, TORCHAO_OPTIMIZERS, ResolvedConfig
 from hellbender.config.unfrozen import unfrozen_pattern
 from hellbender.errors import OptionError, UnavailableError
+from hellbender.quant import import_torchao
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -79,20 +80,109 @@ def build_optimizer(cfg: ResolvedConfig, model: torch.nn.Module) -> torch.optim.
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=cfg.adam_epsilon, foreach=True)
     if cfg.optimizer == "adamw_torch_fused":
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=cfg.adam_epsilon, fused=True)
-    if cfg.optimizer == "adamw_8bit":
-        try:
-            import bitsandbytes as bnb
-        except ImportError as exc:  # the config rule HB144 reports this earlier; kept for API users
-            raise UnavailableError(
-                "optimizer: adamw_8bit needs bitsandbytes, which is not installed: "
-                "pip install 'hellbender[quant]'"
-            ) from exc
-        # bitsandbytes >= 0.48 runs the 8-bit optimizer on CPU as well (checked in the unit tests).
-        return bnb.optim.AdamW8bit(groups, lr=lr, betas=betas, eps=cfg.adam_epsilon)
+    if cfg.optimizer in BNB_OPTIMIZERS:
+        return _bitsandbytes(cfg.optimizer, groups, lr, betas, cfg.adam_epsilon)
+    if cfg.optimizer in TORCHAO_OPTIMIZERS:
+        return _torchao(cfg.optimizer, groups, lr, betas, cfg.adam_epsilon)
     if cfg.optimizer == "sgd":
         # Plain SGD, as Axolotl's `sgd` (HF Trainer's): no momentum; weight decay is L2 here.
         return torch.optim.SGD(groups, lr=lr)
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
+
+
+def _bitsandbytes(
+    name: str, groups: list[dict[str, Any]], lr: float, betas: tuple[float, float], eps: float
+) -> torch.optim.Optimizer:
+    """bitsandbytes' AdamW with 8-bit block-wise state (``adamw_8bit``), or its paged variants.
+
+    Paged optimizers keep their state in CUDA unified memory, which the driver moves to CPU RAM
+    when the GPU runs out; without CUDA, bitsandbytes (>= 0.48) runs the same update on ordinary
+    tensors (the config rule HB195 says so). Tensors under 4096 elements keep 32-bit state
+    (bitsandbytes' ``min_8bit_size``).
+    """
+    try:
+        import bitsandbytes as bnb
+    except ImportError as exc:  # the config rule HB144 reports this earlier; kept for API users
+        raise UnavailableError(
+            f"optimizer: {name} needs bitsandbytes, which is not installed: pip install 'hellbender[quant]'"
+        ) from exc
+    cls = {
+        "adamw_8bit": bnb.optim.AdamW8bit,
+        "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+        "paged_adamw_32bit": bnb.optim.PagedAdamW32bit,
+    }[name]
+    optimizer: torch.optim.Optimizer = cls(groups, lr=lr, betas=betas, eps=eps)
+    return optimizer
+
+
+def _torchao(
+    name: str, groups: list[dict[str, Any]], lr: float, betas: tuple[float, float], eps: float
+) -> torch.optim.Optimizer:
+    """torchao's AdamW with 8-bit, 4-bit or fp8 (e4m3) block-wise state.
+
+    The update runs in fp32 on the dequantized state and is compiled per parameter shape with
+    ``torch.compile`` (so the first step of a new model pays a compile, on CPU too); tensors under
+    4096 elements (or not a multiple of the block) keep fp32 state. Its learning rate is a tensor
+    in each group (``group["lr"]``): the ``LambdaLR`` of :func:`build_scheduler` writes into it.
+    """
+    try:
+        ao_optim = import_torchao("torchao.optim")
+    except ImportError as exc:  # the config rule HB197 reports this earlier; kept for API users
+        raise UnavailableError(
+            f"optimizer: {name} needs torchao, which is not installed: pip install 'hellbender[torchao]'"
+        ) from exc
+    cls = {
+        "adamw_torch_8bit": ao_optim.AdamW8bit,
+        "adamw_torch_4bit": ao_optim.AdamW4bit,
+        "adamw_torch_fp8": ao_optim.AdamWFp8,
+    }[name]
+    optimizer: torch.optim.Optimizer = cls(groups, lr=lr, betas=betas, eps=eps)
+    return optimizer
+
+
+# Optimizer-state bytes per trainable parameter, in theory: Adam's two moments at 4 bytes each, or
+# quantized to 1 byte (8-bit, fp8) / half a byte (4-bit) plus one fp32 scale per block (256
+# values for bitsandbytes and torchao's 8-bit and fp8, 128 for torchao's 4-bit). Tensors under 4096
+# elements keep fp32 state in every low-bit optimizer; the code books (256 or 16 fp32 values per
+# state, per tensor in torchao) and the step counters are left out. bench/memory.py measures them.
+STATE_BYTES_PER_PARAM: dict[str, float] = {
+    "adamw_torch": 8.0,
+    "adamw_torch_fused": 8.0,
+    "paged_adamw_32bit": 8.0,
+    "adamw_8bit": 2 * (1 + 4 / 256),
+    "paged_adamw_8bit": 2 * (1 + 4 / 256),
+    "adamw_torch_8bit": 2 * (1 + 4 / 256),
+    "adamw_torch_fp8": 2 * (1 + 4 / 256),
+    "adamw_torch_4bit": 2 * (0.5 + 4 / 128),
+    "sgd": 0.0,
+}
+
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes the optimizer's state tensors hold, as stored: a quantized state counts its codes,
+    scales and code book (a tensor subclass is taken apart with ``__tensor_flatten__``), and a
+    tensor shared by several parameters (bitsandbytes' code book) counts once."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+
+    def add(tensor: torch.Tensor) -> None:
+        nonlocal total
+        flatten = getattr(type(tensor), "__tensor_flatten__", None)
+        if flatten is not None:
+            names, _ = flatten(tensor)
+            for inner in names:
+                add(getattr(tensor, inner))
+            return
+        key = (tensor.untyped_storage().data_ptr(), int(tensor.storage_offset()))
+        if key not in seen:
+            seen.add(key)
+            total += tensor.numel() * tensor.element_size()
+
+    for state in optimizer.state.values():
+        for value in state.values():
+            if isinstance(value, torch.Tensor):
+                add(value)
+    return total
 
 
 def warmup_steps(cfg: ResolvedConfig, total_steps: int) -> int:

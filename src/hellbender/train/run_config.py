@@ -75,9 +75,10 @@ RESUME_POLICY: dict[str, tuple[Policy, str]] = {
         learning_rate optimizer lr_scheduler cosine_min_lr_ratio warmup_steps warmup_ratio weight_decay
         adam_beta1 adam_beta2 adam_epsilon"""),
     **_keys("apply", "the run no longer matches an uninterrupted one", """
-        max_grad_norm compute_dtype tf32 fp8"""),
+        max_grad_norm compute_dtype tf32 fp8 fp8_enable_fsdp_float8_all_gather"""),
     **_keys("accept", "does not change the numbers", """
         attn_implementation flash_attention flex_attention sdp_attention xformers_attention
+        context_parallel_strategy ring_attn_func heads_k_stride
         eager_attention gradient_checkpointing gradient_checkpointing_kwargs activation_offloading
         chunked_cross_entropy chunked_cross_entropy_num_chunks cut_cross_entropy liger_rms_norm
         liger_glu_activation liger_rope liger_layer_norm liger_cross_entropy
