@@ -481,6 +481,13 @@ def train(
 )
 @click.option("--write", is_flag=True, help="With --fit: apply the change to CONFIG (comments kept).")
 @click.option(
+    "--margin",
+    type=click.FloatRange(0.0, 0.9),
+    default=0.1,
+    show_default=True,
+    help="With --fit: keep this fraction of the budget free (the plan's measured error; docs/memory.md).",
+)
+@click.option(
     "--allow-quantized-base",
     is_flag=True,
     help="With --fit: may also propose LoRA on a 4-bit base (QLoRA), which changes what is learned.",
@@ -495,6 +502,7 @@ def plan(
     as_json: bool,
     budget: str | None,
     write: bool,
+    margin: float,
     allow_quantized_base: bool,
     allow_unknown: bool,
 ) -> None:
@@ -527,7 +535,8 @@ def plan(
             click.echo("\n".join(render(shape, prediction, cfg, memory)))
         return
     assert limit is not None
-    found = fit(shape, cfg, limit, target=target, allow_quantized_base=allow_quantized_base)
+    planned_limit = int(limit * (1 - margin))
+    found = fit(shape, cfg, planned_limit, target=target, allow_quantized_base=allow_quantized_base)
     if found is None:
         message = f"no combination of the memory options fits {budget} (the least predicted needs more)"
         click.echo(json.dumps({"fits": False, "budget_bytes": limit}) if as_json else f"ERROR: {message}")
@@ -549,7 +558,10 @@ def plan(
                                "slowdown_factor": found.factor, "changes_learning": found.changes_learning,
                                "before": prediction.as_json(), "after": final.as_json()}, indent=2))
     else:
-        click.echo(f"before: peak {prediction.peak_bytes / 2**30:.2f} GiB; budget {limit / 2**30:.2f} GiB")
+        click.echo(
+            f"before: peak {prediction.peak_bytes / 2**30:.2f} GiB; budget {limit / 2**30:.2f} GiB "
+            f"({margin:.0%} kept free: plan for {limit * (1 - margin) / 2**30:.2f} GiB)"
+        )
         if not found.changes:
             click.echo("fits as it is: no change needed")
         for key, value in found.changes.items():
