@@ -53,17 +53,12 @@ from typing import Any
 
 import pytest
 import torch
-from test_distributed import hellbender, records, weights
+from test_distributed import ROWS, hellbender, records, weights
 
 from hellbender.testing.projects import write_tiny_project
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_multi_rank_test_at_a_time")]
 
-ROWS = [
-    {"instruction": f"Repeat {w} {n} times.", "input": "", "output": " ".join([w] * n)}
-    for w, n in [("red", 2), ("blue", 3), ("green", 1), ("cat", 4), ("dog", 2), ("sun", 5), ("moon", 1),
-                 ("tree", 3), ("rock", 2), ("fish", 6), ("bird", 2), ("star", 4)]
-]  # fmt: skip
 GLOBAL_BATCH = 2  # micro-batches per optimizer step, over all data-parallel ranks
 SETTINGS: dict[str, Any] = {
     "sample_packing": True,

@@ -13,7 +13,7 @@ selective checkpointing         1.00       0.87–0.93
 full checkpointing              1.15       1.06–1.16
 TiledMLP                        1.05       0.95–1.09
 disk activation offloading      1.20       1.15–1.17 (with checkpointing)
-8-bit optimizer state           1.05       (an extra quantize per step; not measured here)
+8-bit optimizer state (GPU)     1.05       (an extra quantize per step; CPU: not proposed)
 micro-batch halved (×2 accum.)  1.05       per halving: smaller matmuls, more loop overhead
 FSDP2 sharding (several ranks)  1.10       one all-gather and reduce-scatter per layer
 ==============================  =========  ===================================================
@@ -73,7 +73,9 @@ def _candidates(
         offload.append(("disk", 1.2))
     eight_bit = EIGHT_BIT["cpu" if target == "cpu" else "cuda"]
     optim: list[tuple[str, float]] = [(cfg.optimizer, 1.0)]
-    if cfg.optimizer in ("adamw_torch", "adamw_torch_fused", "paged_adamw_32bit"):
+    # Not on a CPU: bitsandbytes' CPU update took 51 s against AdamW's 6.6 s for SmolLM2-135M
+    # (bench/memory.py --optimizers), and a fitted run with it measured 26% over its prediction.
+    if target != "cpu" and cfg.optimizer in ("adamw_torch", "adamw_torch_fused", "paged_adamw_32bit"):
         optim.append((eight_bit, 1.05))
     shard: list[tuple[bool, float]] = [(False, 1.0)]
     if world > 1 and cfg.distributed_strategy == "ddp":
