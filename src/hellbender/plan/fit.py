@@ -89,8 +89,8 @@ def _candidates(
         q,
         f_q,
     ) in itertools.product(micro, checkpointing, loss, tiled, offload, optim, shard, quantize):
-        if off == "disk" and not ck:
-            continue  # offloading moves what checkpointing keeps (rule HB108)
+        if off == "disk" and ck is not True:
+            continue  # offloading moves what full checkpointing keeps (rule HB108; selective: see estimate)
         changes: dict[str, Any] = {}
         factor = f_ck * f_ch * f_tl * f_off * f_opt * f_sh * f_q
         if mb != cfg.micro_batch_size:
