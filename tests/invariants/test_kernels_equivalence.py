@@ -350,3 +350,52 @@ def test_packed_rows_through_the_real_collator_match_plain_path() -> None:
     assert grads.keys() == ref_grads.keys()
     for name in ref_grads:
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["plain", "chunked"])
+@pytest.mark.parametrize("attn", ["sdpa", "sdpa_documents"])
+@pytest.mark.parametrize("lora", [False, True])
+def test_loss_on_trained_positions_only_equals_full_logits(method: str, attn: str, lora: bool) -> None:
+    """The plain and chunked losses run the head only where a token is trained (and per-document
+    attention runs a micro-batch's rows as one row): the loss and every gradient equal the full
+    logits of the untouched model through ``causal_lm_loss_sum``, and the head really ran on fewer
+    rows than there are positions."""
+    import numpy as np
+
+    from hellbender.data.packing import Collator
+    from hellbender.kernels.loss import build_loss, causal_lm_loss_sum
+    from hellbender.models.attention import model_inputs, use_document_attention
+
+    gen = np.random.default_rng(1)
+    docs = []
+    for n in (7, 9, 5, 12, 6):
+        ids = gen.integers(4, VOCAB, n)
+        labels = ids.copy()
+        labels[: n // 2] = -100  # a masked prompt
+        docs.append({"input_ids": ids.tolist(), "labels": labels.tolist()})
+    rows = [[docs[0], docs[1], docs[2]], [docs[3], docs[4]]]
+    batch = Collator(3, sequence_len=T + 8, pad_to_sequence_len=True, attn_implementation="sdpa")(rows)
+    model = _model(lora)
+
+    def grads() -> dict[str, torch.Tensor]:
+        out = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        return out
+
+    ref = causal_lm_loss_sum(model(**model_inputs(batch, "sdpa")).logits, batch["labels"])
+    ref.backward()
+    ref_grads = grads()
+    if attn == "sdpa_documents":
+        assert use_document_attention(model)
+    with _Shapes() as shapes:
+        loss = build_loss(method, num_chunks=2)(model, model_inputs(batch, attn), batch["labels"])
+    loss.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+    got = grads()
+    assert got.keys() == ref_grads.keys() and got
+    for name in ref_grads:
+        torch.testing.assert_close(got[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    head_rows = sum(shape[-2] for op, shape in shapes.log if shape and shape[-1] == VOCAB and "mm" in op)
+    positions = batch["input_ids"].numel()
+    trained = int((batch["labels"] != -100).sum())
+    assert 0 < head_rows < positions and head_rows >= trained - 2, (head_rows, positions, trained)

@@ -17,6 +17,7 @@ from transformers import LlamaForCausalLM
 from hellbender.data.packing import IGNORE_INDEX, BatchSampler, Collator
 from hellbender.kernels.loss import causal_lm_loss_sum
 from hellbender.models.attention import (
+    DOCUMENT_SDPA,
     XFORMERS_BIAS_KWARG,
     AttentionBackendError,
     check_backend_trainable,
@@ -24,6 +25,7 @@ from hellbender.models.attention import (
     flex_document_block_mask,
     model_inputs,
     register_block_diagonal_attention,
+    use_document_attention,
     xformers_seqlens,
 )
 from hellbender.testing.tiny import build_tiny_model
@@ -39,8 +41,13 @@ def tiny_llama(attn: str, dtype: torch.dtype = torch.float32) -> LlamaForCausalL
     """The project's tiny Llama (seed 0, so every call gives the same weights) on ``attn``.
 
     ``pad_token_id=None``: no embedding row is a frozen zero padding row, so every random token id
-    of these tests is a regular token.
+    of these tests is a regular token. ``DOCUMENT_SDPA``: an sdpa model switched as training
+    switches it (:func:`use_document_attention`).
     """
+    if attn == DOCUMENT_SDPA:
+        model = tiny_llama("sdpa", dtype)
+        assert use_document_attention(model)
+        return model
     return build_tiny_model(
         seed=0,
         dtype=dtype,
@@ -70,7 +77,8 @@ def packed_micro_batch(attn: str) -> tuple[dict, list[list[int]], list[dict]]:
     )
     (micro_batch,) = list(sampler)
     assert any(len(row) > 1 for row in micro_batch), "the test needs rows holding several documents"
-    collate = Collator(0, sequence_len=SEQ_LEN, pad_to_sequence_len=True, attn_implementation=attn)
+    configured = "sdpa" if attn == DOCUMENT_SDPA else attn  # what the config says
+    collate = Collator(0, sequence_len=SEQ_LEN, pad_to_sequence_len=True, attn_implementation=configured)
     batch = collate([[samples[i] for i in row] for row in micro_batch])
     return batch, micro_batch, samples
 
@@ -108,7 +116,7 @@ def grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("attn", ["eager", "sdpa", DOCUMENT_SDPA])
 def test_packed_equals_unpacked_logits_losses_and_gradients(attn: str) -> None:
     model = tiny_llama(attn)
     batch, micro_batch, samples = packed_micro_batch(attn)
@@ -117,7 +125,8 @@ def test_packed_equals_unpacked_logits_losses_and_gradients(attn: str) -> None:
     ref_loss.backward()
     ref_grads = grads(model)
 
-    logits = model(**model_inputs(batch, attn)).logits
+    # (per-document attention runs the rows as one: back to rows, which changes nothing else)
+    logits = model(**model_inputs(batch, attn)).logits.reshape(*batch["input_ids"].shape, VOCAB)
     per_token = F.cross_entropy(
         logits[:, :-1].reshape(-1, VOCAB),
         batch["labels"][:, 1:].reshape(-1),
@@ -171,6 +180,35 @@ def test_position_ids_alone_leak_with_the_cache_but_model_inputs_do_not(attn: st
         if start > 0:
             leaks = max(leaks, (leaky[r, start : start + n] - ref).abs().max().item())
     assert leaks > 1e-2, "position_ids + use_cache=True no longer leaks: transformers changed, revisit"
+
+
+def test_document_attention_without_lengths_is_plain_sdpa_or_refused() -> None:
+    """The per-document function outside training: a forward that brings its own mask or a single
+    unpacked sequence (generation, evaluation of one prompt) is transformers' SDPA, bit for bit;
+    packed ``position_ids`` without the lengths are refused instead of attending across documents."""
+    ours, reference = tiny_llama(DOCUMENT_SDPA), tiny_llama("sdpa")
+    assert ours.config._attn_implementation == DOCUMENT_SDPA
+    ids = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(3))
+    padding = torch.ones_like(ids)
+    padding[1, :3] = 0  # a left-padded row, as batched generation pads
+    with torch.no_grad():
+        for kwargs in ({}, {"attention_mask": padding}):
+            want = reference(input_ids=ids, **kwargs).logits
+            assert torch.equal(ours(input_ids=ids, **kwargs).logits, want)
+        greedy = {"max_new_tokens": 5, "do_sample": False}
+        generated = ours.generate(input_ids=ids[:1], **greedy)
+        assert torch.equal(generated, reference.generate(input_ids=ids[:1], **greedy))
+        batch, _, _ = packed_micro_batch(DOCUMENT_SDPA)
+        with pytest.raises(AttentionBackendError, match="without their lengths"):
+            ours(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+
+
+def test_document_attention_is_not_saved_into_the_config(tmp_path) -> None:
+    """Switching changes this process's attention function only: the saved config.json loads as a
+    plain sdpa (or default) model anywhere."""
+    model = tiny_llama(DOCUMENT_SDPA)
+    model.save_pretrained(tmp_path)
+    assert DOCUMENT_SDPA not in (tmp_path / "config.json").read_text()
 
 
 @pytest.mark.slow

@@ -21,6 +21,7 @@ def run_evaluate(cfg: ResolvedConfig) -> dict[str, float]:
     """Evaluate the trained result (or the base model) on the evaluation split; writes
     ``output_dir/eval_results.json`` and returns ``eval_loss``, ``eval_ppl`` and ``eval_tokens``."""
     from hellbender.data.prepare import prepare_datasets
+    from hellbender.models.attention import use_document_attention
 
     source = trained_source(cfg)
     logger.info("evaluating %s", source.description)
@@ -28,6 +29,8 @@ def run_evaluate(cfg: ResolvedConfig) -> dict[str, float]:
     data = prepare_datasets(source.cfg, tokenizer)
     if data.eval is None or len(data.eval) == 0:
         raise OptionError("no evaluation set: set val_set_size or test_datasets in the config")
+    if source.cfg.per_document_attention:  # as in training: one SDPA call per packed document
+        use_document_attention(model)
     metrics = evaluate(model, data.eval, source.cfg, tokenizer.pad_token_id)
     metrics = {**metrics, "trained": float(source.trained)}
     out = Path(cfg.output_dir).expanduser()

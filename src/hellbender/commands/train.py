@@ -118,7 +118,8 @@ def model_to_train(cfg: ResolvedConfig, tokenizer: Any, world: World = World()) 
     the model on the meta device, and receive their shards from rank 0 once FSDP2 has sharded it
     (:func:`hellbender.distributed.parallel.wrap_model`)."""
     from hellbender.kernels import apply_optimizations
-    from hellbender.models.attention import check_backend_trainable
+    from hellbender.models.adapters import skip_lora_input_casts
+    from hellbender.models.attention import check_backend_trainable, use_document_attention
     from hellbender.models.load import load_model
 
     # Seed right before the model is built: LoRA initialisation does not depend on how much
@@ -127,12 +128,19 @@ def model_to_train(cfg: ResolvedConfig, tokenizer: Any, world: World = World()) 
     empty = loads_on_rank0_only(cfg) and not world.is_main
     model = load_model(cfg, tokenizer, empty=empty)
     use_fp32_master_weights(model, cfg)
+    if cfg.compute_dtype != "float32":
+        # Trained under autocast (hellbender.train.loop.autocast_for): no input casts in LoRA layers.
+        skip_lora_input_casts(model)
     device = pick_device(model) if not empty else rank_device(world)
     if next(model.parameters()).device != device and not empty:  # quantized: placed while loading
         model.to(device)
     check_backend_trainable(cfg.attn_implementation, device)
     if cfg.context_parallel_size > 1:  # every layer attends through the CP ring/Ulysses function
         use_context_parallel_attention(model)
+    elif cfg.per_document_attention:
+        # One causal SDPA call per document instead of a dense block-diagonal mask: the same
+        # numbers for a fraction of the attention work (hellbender.models.attention).
+        use_document_attention(model)
     # Memory/speed options (checkpointing, kernels, compile): after the adapter, before the
     # optimizer sees the parameters. None of them changes the numbers (tested in kernels/).
     apply_optimizations(model, cfg)

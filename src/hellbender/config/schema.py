@@ -85,6 +85,12 @@ GPU_ONLY_BACKENDS: frozenset[str] = frozenset({"flash_attention_2", "flash_atten
 # Backends for which hellbender.models.attention keeps packed documents apart (mask, BlockMask,
 # varlen kwargs or bias): every backend a config may name, so sample packing never leaks.
 DOCUMENT_ISOLATING_BACKENDS: frozenset[str] = frozenset(get_args(AttnImplementation))
+# Model families whose attention is plain scaled dot-product attention, so that training may run
+# it as one causal SDPA call per packed document (hellbender.models.attention.DOCUMENT_SDPA);
+# others (soft-capping, attention sinks, ...) keep the dense document mask.
+PLAIN_CAUSAL_ATTENTION_MODELS: frozenset[str] = frozenset(
+    {"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "phi3"}
+)
 # The keys that replace the plain logits + cross-entropy loss, and the method each one selects.
 # At most one may be on (rule HB117); normalize derives ``loss_method`` from them.
 LOSS_REPLACEMENTS: dict[str, LossMethod] = {
@@ -871,6 +877,16 @@ class ResolvedConfig(HellbenderConfig):
     fallback, and the type checker proves it. None of these fields has a default: a
     ``ResolvedConfig`` can only come out of ``normalize``.
     """
+
+    @property
+    def per_document_attention(self) -> bool:
+        """Whether training attends with one causal SDPA call per packed document instead of the
+        dense document mask (for models of :data:`PLAIN_CAUSAL_ATTENTION_MODELS`): with ``sdpa``,
+        whole sequences on each rank (no context parallelism) and eager layers (compiled ones
+        would recompile for every batch's document lengths)."""
+        return (
+            self.attn_implementation == "sdpa" and self.context_parallel_size == 1 and not self.torch_compile
+        )
 
     gradient_accumulation_steps: int = Field(..., ge=1, description="Micro-batches per optimizer step.")
     batch_size: int = Field(

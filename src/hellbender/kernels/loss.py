@@ -22,6 +22,7 @@ loss (the "tiled loss" of the ALST recipe; derived as ``loss_method`` by
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -32,7 +33,7 @@ from torch import nn
 from hellbender.config.schema import LossMethod
 from hellbender.data.tokenize import IGNORE_INDEX
 from hellbender.kernels.chunked_ce import chunked_linear_cross_entropy_sum, shifted_targets
-from hellbender.kernels.model_parts import decoder, output_head
+from hellbender.kernels.model_parts import decoder, output_head, unwrap
 
 # (model, model inputs without labels, labels) → fp32 loss sum over the trained tokens
 LossFn = Callable[[nn.Module, Mapping[str, Any], torch.Tensor], torch.Tensor]
@@ -94,28 +95,50 @@ def build_loss(method: LossMethod, *, num_chunks: int = 8, shifted: bool = False
             )
         return {"use_cache": False, **model_inputs}
 
+    def targets_of(inputs: Mapping[str, Any], labels: torch.Tensor) -> torch.Tensor:
+        # Next-token targets in the layout of the model's inputs, which may hold the micro-batch's
+        # rows as one (model_inputs flattens them for per-document attention): a row starts a
+        # document, whose first label is never trained, so the targets are the same either way.
+        device = inputs["input_ids"].device
+        shape = inputs["input_ids"].shape
+        if shifted:
+            return labels.to(device).reshape(shape)
+        return shifted_targets(labels.to(device).reshape(shape))
+
     if method == "plain":
 
         def plain(model: nn.Module, model_inputs: Mapping[str, Any], labels: torch.Tensor) -> torch.Tensor:
-            return causal_lm_loss_sum(model(**inputs_of(model_inputs)).logits, labels, shifted=shifted)
+            inputs = inputs_of(model_inputs)
+            targets = targets_of(inputs, labels)
+            keep = trained_positions(targets) if takes_logits_to_keep(model) else None
+            if keep is not None:
+                # The head and the softmax only where a token is trained: the same sum for less work.
+                inputs["logits_to_keep"] = keep
+                targets = targets[:, keep]
+            logits = model(**inputs).logits
+            return causal_lm_loss_sum(logits, targets, shifted=True)
 
         return plain
     if method == "liger":
         from hellbender.kernels.liger import liger_cross_entropy_sum
 
         def liger(model: nn.Module, model_inputs: Mapping[str, Any], labels: torch.Tensor) -> torch.Tensor:
-            return liger_cross_entropy_sum(model(**inputs_of(model_inputs)).logits, labels)
+            inputs = inputs_of(model_inputs)
+            return liger_cross_entropy_sum(model(**inputs).logits, labels.reshape(inputs["input_ids"].shape))
 
         return liger
     if method == "chunked":
 
         def chunked(model: nn.Module, model_inputs: Mapping[str, Any], labels: torch.Tensor) -> torch.Tensor:
-            hidden = hidden_states(model, inputs_of(model_inputs))
+            inputs = inputs_of(model_inputs)
+            hidden = hidden_states(model, inputs)
             head = output_head(model)
+            targets = targets_of(inputs, labels)
+            keep = trained_positions(targets)
             return chunked_linear_cross_entropy_sum(
-                hidden,
+                hidden[:, keep],
                 head.weight,
-                labels.to(hidden.device) if shifted else shifted_targets(labels.to(hidden.device)),
+                targets[:, keep],
                 bias=head.bias,
                 num_chunks=num_chunks,
                 softcap=head.softcap,
@@ -128,7 +151,39 @@ def build_loss(method: LossMethod, *, num_chunks: int = 8, shifted: bool = False
         from hellbender.kernels.liger import liger_fused_linear_cross_entropy_sum as fused_sum
 
     def fused(model: nn.Module, model_inputs: Mapping[str, Any], labels: torch.Tensor) -> torch.Tensor:
-        hidden = hidden_states(model, inputs_of(model_inputs))
-        return fused_sum(hidden, output_head(model), labels.to(hidden.device))
+        inputs = inputs_of(model_inputs)
+        hidden = hidden_states(model, inputs)
+        return fused_sum(hidden, output_head(model), labels.to(hidden.device).reshape(hidden.shape[:-1]))
 
     return fused
+
+
+def trained_positions(targets: torch.Tensor) -> torch.Tensor:
+    """Sequence positions (1D, ascending) where some row has a trained target.
+
+    Only these need the output head and the softmax: with ``train_on_inputs: false`` the prompts,
+    the padding and each document's last token need neither, and the head with its softmax is
+    the largest single cost of a small model's step. At least one position is kept (its target
+    may be ignored), so a micro-batch without a trained token still runs every parameter that a
+    data-parallel engine expects in the backward.
+    """
+    keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
+    if keep.numel() == 0:
+        keep = torch.zeros(1, dtype=torch.long, device=targets.device)
+    return keep
+
+
+_LOGITS_TO_KEEP: dict[type, bool] = {}
+
+
+def takes_logits_to_keep(model: nn.Module) -> bool:
+    """Whether the causal LM inside ``model`` (DDP/DeepSpeed/peft wrappers looked through) takes
+    transformers' ``logits_to_keep`` argument, which runs the head on chosen positions only."""
+    wrapped: Any = model
+    while isinstance(getattr(wrapped, "module", None), nn.Module):
+        wrapped = wrapped.module
+    inner = unwrap(wrapped)
+    kind = type(inner)
+    if kind not in _LOGITS_TO_KEEP:
+        _LOGITS_TO_KEEP[kind] = "logits_to_keep" in inspect.signature(inner.forward).parameters
+    return _LOGITS_TO_KEEP[kind]

@@ -174,6 +174,26 @@ def apply_adapter(model: PreTrainedModel, cfg: ResolvedConfig) -> nn.Module:
     return peft_model
 
 
+def skip_lora_input_casts(model: nn.Module) -> int:
+    """Let peft's LoRA layers take their input in the dtype it arrives in; returns how many.
+
+    peft casts a LoRA layer's input to the dtype of its A weight: under bf16 autocast with fp32
+    adapter weights (hellbender's mixed precision) it turns each bf16 activation into fp32, and
+    autocast turns it straight back into bf16 for the matmul — two full copies of the input per
+    adapted projection, forward and backward, for bit-identical numbers (bf16 → fp32 → bf16 is
+    exact). Only for runs under autocast: without it the cast is what makes the matmul's dtypes
+    agree.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    count = 0
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            module.cast_input_dtype_enabled = False
+            count += 1
+    return count
+
+
 def merge_adapter(model: nn.Module, *, allow_quantized: bool = False) -> nn.Module:
     """Fold the LoRA update into the base weights and drop the peft wrapper (``merge_and_unload``).
 

@@ -13,6 +13,14 @@ arguments of a Hugging Face causal-LM forward that enforce this exactly, per bac
 ``sdpa``
     A 4D bool mask (B, 1, L, L), True = attend, passed straight to
     ``scaled_dot_product_attention``.
+``sdpa_documents`` (:data:`DOCUMENT_SDPA`: what training with ``attn_implementation: sdpa`` runs)
+    No mask: the micro-batch's rows as one row, its document lengths (``document_lengths``, Python
+    ints), and one causal ``scaled_dot_product_attention`` call per document
+    (:func:`sdpa_per_document`). A dense
+    block-diagonal mask costs as much as attention over the whole row — the kernel cannot skip
+    what the mask forbids — while per-document calls compute only the Σ nᵢ² / 2 pairs that are
+    allowed, and need neither the L × L mask nor GQA's repeated keys and values (bench/attention.py
+    measures both). :func:`use_document_attention` switches a model to it.
 ``flex_attention``
     A document-causal ``BlockMask`` (``torch.nn.attention.flex_attention.create_block_mask``),
     also returned untouched by transformers; on CPU its KV tiling sidesteps a torch kernel bug
@@ -42,27 +50,39 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
-from hellbender.config.schema import DOCUMENT_ISOLATING_BACKENDS, GPU_ONLY_BACKENDS
+from hellbender.config.schema import (
+    DOCUMENT_ISOLATING_BACKENDS,
+    GPU_ONLY_BACKENDS,
+    PLAIN_CAUSAL_ATTENTION_MODELS,
+)
 from hellbender.errors import HellbenderError
 
 __all__ = [
     "DOCUMENT_ISOLATING_BACKENDS",
+    "DOCUMENT_LENGTHS_KWARG",
+    "DOCUMENT_SDPA",
     "GPU_ONLY_BACKENDS",
     "XFORMERS_BIAS_KWARG",
     "AttentionBackendError",
+    "attention_name",
     "backend_isolates_documents",
     "check_backend_trainable",
     "document_causal_mask",
+    "document_lengths",
     "flash_varlen_kwargs",
     "flex_document_block_mask",
     "model_inputs",
     "register_block_diagonal_attention",
+    "register_document_attention",
     "register_xformers_attention",
+    "sdpa_per_document",
+    "use_document_attention",
     "xformers_attn_bias",
     "xformers_seqlens",
 ]
@@ -70,6 +90,10 @@ __all__ = [
 # Name of the model-forward kwarg that carries the block-diagonal bias to the registered
 # block-diagonal attention functions (transformers forwards unknown kwargs down to attention).
 XFORMERS_BIAS_KWARG = "block_diagonal_bias"
+# The per-document SDPA attention: its registered name, and the kwarg carrying each row's
+# document lengths to it.
+DOCUMENT_SDPA = "sdpa_documents"
+DOCUMENT_LENGTHS_KWARG = "document_lengths"
 
 
 class AttentionBackendError(HellbenderError, ValueError):
@@ -327,6 +351,183 @@ def register_xformers_attention() -> str:
     return register_block_diagonal_attention("xformers", _xformers_kernel)
 
 
+def document_lengths(batch: Mapping[str, Any]) -> list[list[int]]:
+    """Each row's document lengths, in order (padding counts in its row's last document).
+
+    Read from the collator's ``seq_lens``, whose segments never cross a row; one host read per
+    micro-batch, so that no layer has to synchronise with the device to learn them.
+    """
+    width = int(batch["input_ids"].shape[1])
+    rows: list[list[int]] = []
+    row: list[int] = []
+    for n in batch["seq_lens"].tolist():
+        row.append(int(n))
+        if sum(row) >= width:
+            if sum(row) != width:
+                raise ValueError(f"seq_lens cross a row boundary (row of {width}: {row})")
+            rows.append(row)
+            row = []
+    if row or len(rows) != batch["input_ids"].shape[0]:
+        raise ValueError(f"seq_lens do not tile {batch['input_ids'].shape[0]} rows of {width} tokens")
+    return rows
+
+
+def sdpa_per_document(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    lengths: Sequence[Sequence[int]],
+    *,
+    scale: float | None = None,
+    dropout: float = 0.0,
+) -> torch.Tensor:
+    """Causal attention within each document: (B, H, L, D) query, (B, H_kv, L, D) key/value →
+    (B, L, H, D), as transformers' attention functions return it.
+
+    One ``scaled_dot_product_attention(is_causal=True)`` per document, on views of the row (split,
+    so the backward gathers the pieces with one concatenation). Grouped-query attention goes
+    through ``enable_gqa``: the key/value heads are never copied.
+    """
+    if len(lengths) != query.shape[0]:
+        raise ValueError(f"{len(lengths)} rows of document lengths for a batch of {query.shape[0]}")
+    gqa = key.shape[1] != query.shape[1]
+    rows = []
+    for b, row in enumerate(lengths):
+        sizes = list(row)
+        pieces = zip(
+            torch.split(query[b : b + 1], sizes, dim=2),
+            torch.split(key[b : b + 1], sizes, dim=2),
+            torch.split(value[b : b + 1], sizes, dim=2),
+            strict=True,
+        )
+        outs = [
+            F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, dropout_p=dropout, scale=scale, enable_gqa=gqa
+            )
+            for q, k, v in pieces
+        ]
+        rows.append(outs[0] if len(outs) == 1 else torch.cat(outs, dim=2))
+    out = rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
+    return out.transpose(1, 2).contiguous()
+
+
+def register_document_attention() -> str:
+    """Register :data:`DOCUMENT_SDPA` in transformers' attention and mask interfaces; returns the name.
+
+    With ``document_lengths`` (what :func:`model_inputs` passes for this name) every layer runs
+    :func:`sdpa_per_document`. Without it (generation, or a caller that passes its own mask) the
+    call is transformers' own SDPA attention, unchanged. transformers builds no mask for a name
+    it is told to skip (a whole sequence without a padding mask, see ``documents_mask``), so a
+    training forward costs no L × L mask either; with padding or a KV cache the mask is SDPA's
+    own. A forward whose
+    ``position_ids`` restart inside a row (packed documents) and that carries neither lengths nor
+    a mask is refused: plain causal attention would let the documents see each other.
+    """
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    def documents_mask(
+        *,
+        q_length: int,
+        kv_length: int,
+        q_offset: Any = 0,
+        kv_offset: Any = 0,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor | None:
+        # A whole sequence with no padding mask (a training or evaluation forward): no mask, the
+        # attention function has the document lengths or attends causally. Anything else (padding,
+        # a KV cache): SDPA's own mask, so generation behaves exactly as under ``sdpa``.
+        if attention_mask is None and q_length == kv_length and not isinstance(q_offset, torch.Tensor):
+            if q_offset == 0 and kv_offset == 0:
+                return None
+        mask: torch.Tensor | None = sdpa_mask(
+            q_length=q_length,
+            kv_length=kv_length,
+            q_offset=q_offset,
+            kv_offset=kv_offset,
+            attention_mask=attention_mask,
+            **kwargs,
+        )
+        return mask
+
+    def sdpa_documents(
+        module: torch.nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        dropout: float = 0.0,
+        scaling: float | None = None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, None]:
+        lengths = kwargs.pop(DOCUMENT_LENGTHS_KWARG, None)
+        if lengths is None:
+            position_ids = kwargs.get("position_ids")
+            if (
+                attention_mask is None
+                and query.shape[2] > 1
+                and isinstance(position_ids, torch.Tensor)
+                and bool((position_ids[..., 1:] <= position_ids[..., :-1]).any())
+            ):
+                raise AttentionBackendError(
+                    f"attention {DOCUMENT_SDPA!r} got packed documents (restarting position_ids) "
+                    "without their lengths; call the model with model_inputs(batch, ...)."
+                )
+            out, _ = sdpa_attention_forward(
+                module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+            )
+            return out, None
+        if attention_mask is not None:
+            raise AttentionBackendError(
+                f"attention {DOCUMENT_SDPA!r} takes document lengths or a mask, not both"
+            )
+        window = kwargs.get("sliding_window")
+        if window is not None and max(max(row) for row in lengths) > window:
+            raise AttentionBackendError(
+                f"attention {DOCUMENT_SDPA!r} has no sliding window, and a document of this batch is "
+                f"longer than the model's ({window} tokens)"
+            )
+        return sdpa_per_document(query, key, value, lengths, scale=scaling, dropout=dropout), None
+
+    AttentionInterface.register(DOCUMENT_SDPA, sdpa_documents)
+    AttentionMaskInterface.register(DOCUMENT_SDPA, documents_mask)
+    return DOCUMENT_SDPA
+
+
+def use_document_attention(model: torch.nn.Module) -> bool:
+    """Switch an SDPA transformers model to :data:`DOCUMENT_SDPA`; False (and nothing changed)
+    when the model does not attend through ``sdpa``, cannot switch, or is not a family of
+    :data:`PLAIN_CAUSAL_ATTENTION_MODELS` (softcapping, attention sinks or other score changes
+    that a plain SDPA call would drop keep the dense mask).
+
+    Only the attention *function* changes (the parameters, and hence saved weights, do not), and
+    only in this process: transformers does not write the implementation into ``config.json``.
+    """
+    config = getattr(model, "config", None)
+    setter = getattr(model, "set_attn_implementation", None)
+    if setter is None or getattr(config, "_attn_implementation", None) != "sdpa":
+        return False
+    if getattr(config, "model_type", None) not in PLAIN_CAUSAL_ATTENTION_MODELS:
+        return False
+    setter(register_document_attention())
+    return True
+
+
+def attention_name(model: torch.nn.Module, configured: str) -> str:
+    """The attention implementation ``model`` runs (what :func:`model_inputs` must build inputs
+    for): :data:`DOCUMENT_SDPA` once :func:`use_document_attention` switched it, else the
+    configured one. Looks through DDP / DeepSpeed wrappers (``.module``)."""
+    inner: Any = model
+    while isinstance(getattr(inner, "module", None), torch.nn.Module):
+        inner = inner.module
+    config = getattr(inner, "config", None)
+    if getattr(config, "_attn_implementation", None) == DOCUMENT_SDPA:
+        return DOCUMENT_SDPA
+    return configured
+
+
 def model_inputs(
     batch: Mapping[str, Any], attn_implementation: str, *, dtype: torch.dtype = torch.float32
 ) -> dict[str, Any]:
@@ -347,6 +548,12 @@ def model_inputs(
         inputs["attention_mask"] = _eager_mask(_document_ids(batch).to(device), dtype)
     elif attn_implementation == "sdpa":
         inputs["attention_mask"] = document_causal_mask(_document_ids(batch).to(device))
+    elif attn_implementation == DOCUMENT_SDPA:
+        # The rows as one: documents never cross a row, so attention is the same, and the loss can
+        # then run the head on exactly the trained positions (hellbender.kernels.loss).
+        inputs["input_ids"] = input_ids.reshape(1, -1)
+        inputs["position_ids"] = inputs["position_ids"].reshape(1, -1)
+        inputs[DOCUMENT_LENGTHS_KWARG] = [[n for row in document_lengths(batch) for n in row]]
     elif attn_implementation == "flex_attention":
         inputs["attention_mask"] = flex_document_block_mask(_document_ids(batch).to(device))
     elif attn_implementation in ("flash_attention_2", "flash_attention_3"):

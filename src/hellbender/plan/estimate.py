@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from hellbender.config.deepspeed import offloads, read_deepspeed_config, zero_stage
-from hellbender.config.schema import ResolvedConfig
+from hellbender.config.schema import PLAIN_CAUSAL_ATTENTION_MODELS, ResolvedConfig
 from hellbender.plan.shapes import LINEAR_NAMES, ModelShape, PlanModelError, model_shape
 
 Phase = Literal["load", "forward", "backward", "optimizer"]
@@ -221,11 +221,19 @@ def layer_activation_bytes(
         # repeated k/v heads and the (heads × keys) probabilities per query
         extra = 2 * (shape.q_width - kv) + n * cfg.sequence_len
         per_token += extra * (2 if bf16 else 4)
-    elif dense_mask if dense_mask is not None else cfg.attn_implementation == "sdpa":
+    elif dense_mask if dense_mask is not None else _dense_sdpa_mask(cfg, shape):
         # SDPA given hellbender's (B, 1, L, L) document mask: transformers repeats the k/v heads
         # (no enable_gqa with a mask) and the kernel keeps a float copy of the mask per layer
         per_token += 2 * (shape.q_width - kv) * (2 if bf16 else 4) + cfg.sequence_len * (2 if bf16 else 4)
     return tokens * per_token
+
+
+def _dense_sdpa_mask(cfg: ResolvedConfig, shape: ModelShape) -> bool:
+    """SDPA gets hellbender's dense (B, 1, L, L) document mask, rather than one causal call per
+    document (``cfg.per_document_attention``, for the plain-attention families)."""
+    if cfg.attn_implementation != "sdpa":
+        return False
+    return not (cfg.per_document_attention and shape.model_type in PLAIN_CAUSAL_ATTENTION_MODELS)
 
 
 def predict(shape: ModelShape, cfg: ResolvedConfig, *, target: str = "cpu", bf16: bool | None = None) -> Plan:
@@ -370,7 +378,7 @@ def predict(shape: ModelShape, cfg: ResolvedConfig, *, target: str = "cpu", bf16
     )
 
     # Attention mask: the dense document-causal (B, 1, L, L) mask of SDPA/eager with packing
-    if cfg.attn_implementation in ("sdpa", "eager"):
+    if cfg.attn_implementation == "eager" or _dense_sdpa_mask(cfg, shape):
         mask = cfg.micro_batch_size * cfg.sequence_len**2 * (1 if cfg.attn_implementation == "sdpa" else 4)
         plan.components.append(
             Component("attention mask", mask, ("forward", "backward"), cfg.attn_implementation)
@@ -385,9 +393,11 @@ def predict(shape: ModelShape, cfg: ResolvedConfig, *, target: str = "cpu", bf16
         if not lora:  # each chunk's head-weight gradient, before it is added to the running sum
             loss += shape.vocab * shape.hidden * 4 // split.gradients
     else:
-        # fp32 logits, their shifted copy and the saved log-softmax (bf16 logits add a bf16 copy)
+        # fp32 logits, their shifted copy and the saved log-softmax (bf16 logits add a bf16 copy).
+        # The head runs on trained positions only (kernels/loss.py): counted as if every position
+        # were trained, an upper bound (prompts masked by train_on_inputs: false cost less).
         loss = (3 * 4 + (2 if bf16 else 0)) * vocab_tokens
-        how = "full logits, shifted copy, log-softmax"
+        how = "logits of the trained positions (at most all), log-softmax"
     # The loss peaks at the end of the forward and the start of the backward, before the layers'
     # gradients exist; with checkpointing the backward's own peak comes later, with every gradient.
     loss_phases: tuple[Phase, ...] = ("forward",) if cfg.gradient_checkpointing else ("forward", "backward")

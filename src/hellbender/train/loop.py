@@ -89,7 +89,7 @@ from hellbender.distributed.parallel import Parallel, wrap_model
 from hellbender.distributed.world import World, rank_device
 from hellbender.errors import HellbenderError, OptionError
 from hellbender.kernels import LossFn, activation_offloading, build_loss
-from hellbender.models.attention import model_inputs
+from hellbender.models.attention import attention_name, model_inputs
 from hellbender.plan.estimate import predicted_peak_bytes
 from hellbender.train import checkpoint as ckpt
 from hellbender.train.hub import ModelPusher, pushes_model
@@ -396,7 +396,7 @@ class Forward:
             if shifted
             else functools.partial(
                 model_inputs,
-                attn_implementation=cfg.attn_implementation,
+                attn_implementation=attention_name(model, cfg.attn_implementation),
                 dtype=getattr(torch, cfg.compute_dtype),
             )
         )
