@@ -53,8 +53,8 @@ def test_a_dead_run_is_reported_as_diverged(tmp_path: Path, caplog: pytest.LogCa
 
 
 def test_an_exploding_run_is_reported_as_diverged(tmp_path: Path) -> None:
-    """lr 10 on a full fine-tune: the loss goes from 5.8 to thousands and never reaches NaN."""
-    cfg = make_cfg(tmp_path, max_steps=8, learning_rate=10.0, lr_scheduler="constant")
+    """lr 5 on a full fine-tune: the loss goes from 5.8 to over a thousand and never reaches NaN."""
+    cfg = make_cfg(tmp_path, max_steps=8, learning_rate=5.0, lr_scheduler="constant")
     result = train(cfg, build_tiny_model(seed=0), make_samples(16), None, pad_token_id=PAD)
     losses = list(result.losses.values())
     assert all(math.isfinite(x) for x in losses) and max(losses) > 100 * losses[0]

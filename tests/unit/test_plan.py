@@ -186,7 +186,7 @@ def test_fit_keeps_the_global_batch_and_fits_the_budget() -> None:
     cfg = resolved_config(base_model="x", datasets=DATA, sequence_len=2048, micro_batch_size=4,
                           gradient_accumulation_steps=2)  # fmt: skip
     before = predict(shape, cfg).peak_bytes
-    budget = int(before * 0.6)
+    budget = int(before * 0.7)  # the floor of the candidates is ~0.63 × before
     found = fit(shape, cfg, budget)
     assert found is not None and found.changes
     after = resolved_with(cfg, found.changes)
