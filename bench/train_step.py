@@ -4,10 +4,10 @@ The work is bench/peers.py's (SmolLM2-135M-Instruct, LoRA r=8 on every linear la
 synthetic alpaca rows, packed into rows of ``--seq`` tokens, micro-batch 2 × accumulation 2,
 ``train_on_inputs: false``, bf16 autocast when the CPU has bf16). The model is built once by
 hellbender's own ``model_to_train``; each variant then runs full optimizer steps (forward,
-backward, AdamW) on the *same* micro-batches, variants interleaved round by round so that load
-from other jobs hits them alike. Printed: the median step time per variant, positions/s, model
-FLOPs utilization against the GEMM peak measured in the same process, and each variant's speed
-relative to ``before``.
+backward, AdamW) on the *same* micro-batches, variants interleaved round by round (each round
+starting at another variant) so that load from other jobs and the order hit them alike.
+Printed: the median step time per variant, positions/s, model FLOPs utilization against the
+GEMM peak measured in the same process, and each variant's speed relative to ``before``.
 
 The levers (each switched on the same model between steps):
 
@@ -222,7 +222,10 @@ def main() -> None:
     for v in variants:  # warm-up: first-call allocations, oneDNN primitive caches
         step(0, v)
     for r in range(1, args.rounds + 1):
-        for v in variants:
+        # Each round starts at another variant: the allocator's and caches' state after the
+        # previous step favours whichever runs later, and rotating spreads that over all.
+        shift = (r - 1) % len(variants)
+        for v in variants[shift:] + variants[:shift]:
             seconds, pos, _ = step(r, v)
             times[v].append(seconds)
             positions[v].append(pos)
