@@ -360,13 +360,15 @@ def document_lengths(batch: Mapping[str, Any]) -> list[list[int]]:
     width = int(batch["input_ids"].shape[1])
     rows: list[list[int]] = []
     row: list[int] = []
+    filled = 0  # tokens of the current row covered so far
     for n in batch["seq_lens"].tolist():
         row.append(int(n))
-        if sum(row) >= width:
-            if sum(row) != width:
+        filled += int(n)
+        if filled >= width:
+            if filled != width:
                 raise ValueError(f"seq_lens cross a row boundary (row of {width}: {row})")
             rows.append(row)
-            row = []
+            row, filled = [], 0
     if row or len(rows) != batch["input_ids"].shape[0]:
         raise ValueError(f"seq_lens do not tile {batch['input_ids'].shape[0]} rows of {width} tokens")
     return rows
